@@ -1,0 +1,26 @@
+# Every target sets up its own virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra pip arguments for the environment, e.g. a pinned transformers: make test PIP_EXTRA="transformers==5.17.0"
+PIP_EXTRA ?=
+
+.PHONY: test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]" $(PIP_EXTRA)
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/hybrid-hf demo $(DEMO_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/hybrid-hf bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

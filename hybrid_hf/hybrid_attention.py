@@ -1,0 +1,307 @@
+"""The math of hybrid attention with an adaptive, sharpened local focus.
+
+Plain functions and small modules on `(B, H, N, D)` tensors, with no config objects:
+
+- the context a token's span is predicted from (`causal_prefix_mean`, `masked_mean`),
+- the span predictor (`SpanPredictor`) and the span-dependent temperature (`span_temperature`),
+- the banded local attention with a differentiable soft span (`adaptive_local_attention`),
+- and its dense `O(N^2)` twin (`reference_local_attention`), written for clarity and used only by tests.
+
+This file travels with saved checkpoints (`trust_remote_code`): it imports only `torch` and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def validate_span_settings(
+    max_span: int, ramp: int, tau_min: float | None = None, tau_max: float | None = None
+) -> None:
+    """Raise `ValueError` naming the argument when a span or temperature setting is out of range."""
+    for name, value in (("max_span", max_span), ("ramp", ramp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer (number of tokens), got {value!r}")
+    if tau_min is not None or tau_max is not None:
+        for name, value in (("tau_min", tau_min), ("tau_max", tau_max)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+        if tau_min > tau_max:
+            raise ValueError(f"`tau_min` ({tau_min}) must be <= `tau_max` ({tau_max})")
+
+
+def span_temperature(span_scale: torch.Tensor, tau_min: float, tau_max: float) -> torch.Tensor:
+    """Temperature of the local softmax: `tau_min` for the shortest span, `tau_max` for the longest.
+
+    `span_scale` is the predictor's output in `[0, 1]`; the result has its shape.
+    """
+    return tau_min + (tau_max - tau_min) * span_scale
+
+
+def causal_prefix_mean(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    past_sum: torch.Tensor | None = None,
+    past_count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean of `x` over each position's prefix, padding excluded: `c_t = mean(x_j : j <= t, mask_j)`.
+
+    Args:
+        x: `(B, N, d)` values, e.g. the global branch's output.
+        mask: `(B, N)`, 1 for real tokens and 0 for padding (transformers' `attention_mask` convention).
+        past_sum, past_count: `(B, d)` and `(B,)` running sum and count of earlier positions (cached decoding).
+
+    Returns:
+        `(mean, sum, count)`: the `(B, N, d)` prefix means (0 where no real token has been seen yet), and the
+        running sum and count after the last position, to carry to the next call. Accumulated in float32.
+    """
+    weights = x.new_ones(x.shape[:2], dtype=torch.float32) if mask is None else mask.to(torch.float32)  # (B, N)
+    sums = torch.cumsum(x.float() * weights[..., None], dim=1)  # (B, N, d)
+    counts = torch.cumsum(weights, dim=1)  # (B, N)
+    if past_sum is not None:
+        sums = sums + past_sum[:, None, :]
+        counts = counts + past_count[:, None]
+    mean = sums / counts.clamp_min(1.0)[..., None]
+    return mean.to(x.dtype), sums[:, -1], counts[:, -1]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `x` `(B, N, d)` over the real tokens of each sequence, as `(B, 1, d)` (bidirectional context)."""
+    if mask is None:
+        return x.mean(dim=1, keepdim=True)
+    weights = mask.to(torch.float32)[..., None]  # (B, N, 1)
+    total = (x.float() * weights).sum(dim=1, keepdim=True)
+    return (total / weights.sum(dim=1, keepdim=True).clamp_min(1.0)).to(x.dtype)
+
+
+class SpanPredictor(nn.Module):
+    """`s = sigmoid(W c + b)`: the span scale in `[0, 1]`, per token and head (or per token shared by its heads).
+
+    The weight starts at zero and the bias at `logit(initial_span)`, so every token starts with span
+    `initial_span * max_span` and learns from its context from there.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, span_per_head: bool = True, initial_span: float = 0.5):
+        super().__init__()
+        if not 0.0 < initial_span < 1.0:
+            raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial_span!r}")
+        self.initial_span = initial_span
+        self.proj = nn.Linear(hidden_size, num_heads if span_per_head else 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.fill_(math.log(self.initial_span / (1.0 - self.initial_span)))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """`context` `(B, N, d)` (or `(B, 1, d)`) -> span scale `(B, H, N)` (or `(B, 1, N)` when shared)."""
+        return torch.sigmoid(self.proj(context)).transpose(1, 2)
+
+
+def _check_attention_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    max_span: int,
+    ramp: int,
+    causal: bool,
+    key_mask: torch.Tensor | None,
+    query_offset: int | None,
+) -> int:
+    """Validate the arguments shared by the kernel and the reference; return the query offset."""
+    validate_span_settings(max_span, ramp)
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if tensor.dim() != 4:
+            raise ValueError(f"`{name}` must be a 4-d tensor (B, H, N, D), got shape {tuple(tensor.shape)}")
+    batch, heads, length, head_dim = query.shape
+    if key.shape != value.shape:
+        raise ValueError(f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if key.shape[0] != batch or key.shape[3] != head_dim:
+        raise ValueError(
+            f"`key` must be (B={batch}, H_kv, S, D={head_dim}) to match `query` {tuple(query.shape)}, "
+            f"got {tuple(key.shape)}"
+        )
+    if key.shape[1] == 0 or heads % key.shape[1] != 0:
+        raise ValueError(
+            f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({key.shape[1]})"
+        )
+    keys = key.shape[2]
+    for name, tensor in (("span", span), ("temperature", temperature)):
+        try:
+            torch.broadcast_shapes(tensor.shape, (batch, heads, length))
+        except RuntimeError:
+            raise ValueError(
+                f"`{name}` must broadcast to (B, H, N) = {(batch, heads, length)}, got shape {tuple(tensor.shape)}"
+            ) from None
+    if (temperature <= 0).any():
+        raise ValueError("`temperature` must be positive everywhere")
+    if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
+        raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
+    offset = keys - length if query_offset is None else query_offset
+    if offset < 0 or (causal and offset + length > keys):
+        raise ValueError(
+            f"`query_offset` must place the {length} queries inside the {keys} keys (0 <= offset <= {keys - length}), "
+            f"got {offset}"
+        )
+    return offset
+
+
+def adaptive_local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    max_span: int,
+    ramp: int,
+    causal: bool = True,
+    scaling: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    query_offset: int | None = None,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
+
+    Query `i` sits at absolute position `t = query_offset + i`; key `j` at position `j`. Its distance is
+    `delta = t - j` (causal) or `|t - j|` (bidirectional). With span `z` (clamped to `[0, max_span]`) the key
+    is weighted by the ramp mask of adaptive span,
+
+        m(delta) = clamp((z - delta) / ramp + 1, 0, 1),
+
+    and the attention weights are `softmax(q.k * scaling / temperature + log m)`, computed as
+    `m * exp(...) / sum(m * exp(...))`. **The window's exact edge:** a key is read iff `m > 0`, i.e.
+    `delta < z + ramp`; so at most the keys with `0 <= delta <= max_span + ramp - 1` (causal) or
+    `|t - j| <= max_span + ramp - 1` (bidirectional) are read, and keys at `delta <= z` get full weight.
+    `m(0) = 1`: every query reads itself unless it is padding. A query with no readable key returns zeros.
+
+    Args:
+        query: `(B, H, N, D)`.
+        key, value: `(B, H_kv, S, D)` with `H` a multiple of `H_kv` (grouped-query attention), `S >= N`.
+        span: span in tokens, broadcastable to `(B, H, N)` (e.g. `(B, 1, N)` for one span per token).
+        temperature: positive, broadcastable to `(B, H, N)`.
+        max_span, ramp: positive integers fixing the band (`max_span + ramp` keys on each reachable side).
+        causal: read only keys at or before the query.
+        scaling: logit scale, `D ** -0.5` by default.
+        key_mask: `(B, S)`, 1 for real keys and 0 for padding (left or right padding).
+        query_offset: absolute position of the first query; `S - N` by default (queries are the last `N`
+            positions, as in cached decoding).
+        block_size: queries per block; each block reads `block_size + window - 1` keys.
+
+    Returns:
+        `(B, H, N, D)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
+        at inference it only reaches `max(z) + ramp`, so short learned spans cost less.
+    """
+    offset = _check_attention_inputs(
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset
+    )
+    batch, heads, length, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scaling = head_dim**-0.5 if scaling is None else scaling
+
+    span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
+    temperature = temperature.expand(batch, heads, length)  # (B, H, N)
+    reach = max_span + ramp  # keys at distance <= reach - 1 may be read
+    tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
+    if not tracking and length > 0:
+        reach = min(reach, int(math.ceil(span.max().item())) + ramp)
+    left = reach - 1
+    right = 0 if causal else reach - 1
+
+    # Queries in blocks of `block`; block b reads the keys at positions offset + b * block - left + c, c < width.
+    block = max(1, min(block_size, length))
+    num_blocks = -(-length // block)
+    padded = num_blocks * block
+    width = block + left + right
+    pad_q = padded - length
+
+    # Fold the temperature into the query: (q * scaling / tau) . k
+    q = query * (scaling / temperature).to(query.dtype)[..., None]  # (B, H, N, D)
+    q = F.pad(q, (0, 0, 0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, head_dim)
+    z = F.pad(span, (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1)
+
+    # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
+    start, stop = offset - left, offset + padded + right
+    pad_front, pad_back = max(0, -start), max(0, stop - keys)
+    valid = key.new_ones((batch, keys), dtype=torch.bool) if key_mask is None else key_mask.bool()
+    valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
+    k = F.pad(key, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]  # (B, H_kv, P, D)
+    v = F.pad(value, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]
+    k = k.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, nb, width, D)
+    v = v.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)
+    valid = valid.unfold(1, width, block)[:, None, None, :, None, :]  # (B, 1, 1, nb, 1, width)
+
+    # Distance of slot c from query i of the same block: delta = i + left - c, the same for every block.
+    # Causal: the keys after the query (delta < 0) are put beyond the band, where the soft mask is 0.
+    slots = torch.arange(width, device=query.device)
+    rows = torch.arange(block, device=query.device)
+    delta = rows[:, None] + left - slots[None, :]  # (block, width)
+    distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
+
+    compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(compute)  # (B, H_kv, G, nb, block, width)
+    soft_mask = ((z.to(compute) - distance) / ramp + 1).clamp(0, 1)  # (B, H_kv, G, nb, block, width)
+    readable = valid & (soft_mask > 0)
+    scores = scores.masked_fill(~readable, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max) * soft_mask
+    probs = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
+    out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, nb, block, D)
+    return out.reshape(batch, heads, padded, head_dim)[:, :, :length]
+
+
+def reference_local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    max_span: int,
+    ramp: int,
+    causal: bool = True,
+    scaling: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    query_offset: int | None = None,
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
+    del block_size  # the dense form has no blocks
+    offset = _check_attention_inputs(
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset
+    )
+    batch, heads, length, head_dim = query.shape
+    groups = heads // key.shape[1]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    key = key.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    value = value.repeat_interleave(groups, dim=1)
+
+    positions_q = offset + torch.arange(length, device=query.device)
+    positions_k = torch.arange(key.shape[2], device=query.device)
+    delta = positions_q[:, None] - positions_k[None, :]  # (N, S)
+    distance = delta.clamp_min(0) if causal else delta.abs()
+
+    z = span.clamp(0, max_span).expand(batch, heads, length)[..., None]  # (B, H, N, 1)
+    mask = torch.clamp((z - distance) / ramp + 1, min=0, max=1)  # (B, H, N, S)
+    if causal:
+        mask = mask * (delta >= 0)
+    if key_mask is not None:
+        mask = mask * key_mask[:, None, None, :].to(mask.dtype)
+
+    compute = torch.promote_types(query.dtype, torch.float32)
+    logits = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling
+    logits = logits / temperature.expand(batch, heads, length)[..., None].to(compute)
+    safe_log = torch.log(torch.where(mask > 0, mask, torch.ones_like(mask)))
+    logits = torch.where(mask > 0, logits + safe_log, torch.full_like(logits, float("-inf")))
+    empty = ~(mask > 0).any(dim=-1, keepdim=True)  # (B, H, N, 1): rows with nothing to read
+    probs = torch.softmax(torch.where(empty, torch.zeros_like(logits), logits), dim=-1) * ~empty
+    return torch.matmul(probs, value.to(compute)).to(query.dtype)
