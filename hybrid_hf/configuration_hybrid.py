@@ -51,6 +51,7 @@ class HybridSettings(PreTrainedConfig):
             raise ValueError(f"`span_loss_coef` must be a number >= 0, got {self.span_loss_coef!r}")
         if not isinstance(self.initial_span, (int, float)) or not 0 < self.initial_span < 1:
             raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {self.initial_span!r}")
+        kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
         if self.hybrid_layers is not None:
             layers = getattr(self, "num_hidden_layers", None)

@@ -20,8 +20,7 @@ _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architecture
 
 def hybrid_config_from(host_config, **settings):
     """The hybrid config for a host config: the host's fields plus the hybrid `settings` (validated)."""
-    if host_config.model_type.startswith(HYBRID_PREFIX):
-        raise ValueError(f"the model is already hybrid (model_type {host_config.model_type!r})")
+    _refuse_hybrid(host_config)
     get_architecture(host_config.model_type)  # raises for unsupported architectures
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
@@ -30,8 +29,14 @@ def hybrid_config_from(host_config, **settings):
     return config
 
 
+def _refuse_hybrid(config) -> None:
+    if config.model_type.startswith(HYBRID_PREFIX):
+        raise ValueError(f"the model is already hybrid (model_type {config.model_type!r})")
+
+
 def hybrid_class_for(model: PreTrainedModel) -> type[PreTrainedModel]:
     """The hybrid class matching a host model's class (e.g. `LlamaForCausalLM` -> `HybridLlamaForCausalLM`)."""
+    _refuse_hybrid(model.config)
     arch = get_architecture(model.config.model_type)
     classes = HYBRID_MODEL_CLASSES[host_model_type(model.config.model_type)]
     for task, name in arch.model_classes.items():

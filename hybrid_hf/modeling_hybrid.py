@@ -287,10 +287,16 @@ class HybridModelMixin:
                 setattr(block, arch.attention, HybridAttention(host, config, arch, layer_idx))
         self.base_model.register_forward_pre_hook(_key_mask_hook, with_kwargs=True)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, HybridAttention):  # runs after its children's defaults
-            module.reset_hybrid_parameters()
+    def initialize_weights(self) -> None:
+        """The host's initialisation, then the conversion-time values of the hybrid parameters.
+
+        `from_pretrained` calls this after loading, for the weights missing from the checkpoint; parameters that
+        were loaded keep their values. (Overriding `_init_weights` would not reach layers inside a nested base model,
+        which transformers initialises with that model's own `_init_weights`.)
+        """
+        super().initialize_weights()
+        for layer in hybrid_layers(self):
+            layer.reset_hybrid_parameters()
 
     def forward(self, *args, **kwargs):
         if SPAN_LIST_KWARG in kwargs:  # called by an outer hybrid model, which adds the span loss
