@@ -72,6 +72,7 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     not_new = [key for key in missing if not any(f".{name}." in key for name in NEW_PARAMETER_MODULES)]
     if unexpected or not_new:
         raise RuntimeError(f"conversion left host weights unmatched: missing {not_new}, unexpected {unexpected}")
+    hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)
     for layer in hybrid_layers(hybrid):
         layer.reset_hybrid_parameters()
     hybrid.to(model.device)

@@ -267,3 +267,10 @@ def test_converting_a_hybrid_model_is_refused():
 def test_package_exports():
     assert callable(hybrid_hf.convert) and hybrid_hf.HybridLlamaForCausalLM is HybridLlamaForCausalLM
     assert issubclass(HybridLlamaForCausalLM, LlamaForCausalLM)
+
+
+def test_tied_embeddings_stay_tied():
+    host = tiny_host("llama", tie_word_embeddings=True)
+    hybrid = convert(host, **SETTINGS)
+    assert hybrid.lm_head.weight is hybrid.model.embed_tokens.weight
+    assert hybrid.lm_head.weight.data_ptr() != host.lm_head.weight.data_ptr()
