@@ -306,6 +306,12 @@ class HybridModelMixin:
         if not spans:
             return outputs
         span_loss = self.config.span_loss_coef * _mean_span_scale(spans)
+        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        if labels is not None and num_items is not None:
+            # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
+            # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
+            counted = labels[..., 1:] if get_architecture(self.config.model_type).causal else labels
+            span_loss = span_loss * counted.ne(-100).sum() / num_items
         if isinstance(outputs, tuple):
             if kwargs.get("labels") is not None and self.config.span_loss_coef:
                 outputs = (outputs[0] + span_loss,) + outputs[1:]

@@ -1,0 +1,490 @@
+"""Training helpers for hybrid models: LoRA defaults, span logging, a causal-LM text dataset, perplexity, model cards.
+
+    from hybrid_hf.training import lora_config, add_span_logging, text_dataset, perplexity
+
+    model = hybrid_hf.convert(host, max_span=64, ramp=16, span_loss_coef=0.05)
+    peft_model = peft.get_peft_model(model, lora_config(model))      # LoRA on q/k/v/o + hybrid modules trained
+    trainer = Trainer(model=peft_model, args=..., train_dataset=text_dataset(tokenizer, texts, 256))
+    add_span_logging(trainer)                                        # span/temperature per layer in every log
+    trainer.train()
+    print(perplexity(peft_model, eval_dataset))                      # LM loss only, without the span loss
+
+The `hybrid-hf finetune` command (`hybrid_hf.finetune`) puts these together. This module is not shipped with
+checkpoints (it needs `peft`, `datasets` and `huggingface_hub`); the model files do not import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from .architectures import HYBRID_PREFIX, get_architecture
+from .modeling_hybrid import hybrid_layers
+
+#: hybrid-parameter submodules that LoRA must keep trainable (`modules_to_save`); `local` only when separate.
+HYBRID_MODULES = ("span_predictor", "mix")
+
+#: task of a model class (key of `HostArchitecture.model_classes`) -> PEFT `TaskType` (None: PEFT's generic model).
+PEFT_TASK_TYPES = {
+    "causal_lm": "CAUSAL_LM",
+    "sequence_classification": "SEQ_CLS",
+    "base": "FEATURE_EXTRACTION",
+    "masked_lm": None,  # PEFT has no masked-LM task type; the generic PeftModel trains it fine
+}
+
+#: task -> Hub `pipeline_tag`
+PIPELINE_TAGS = {
+    "causal_lm": "text-generation",
+    "masked_lm": "fill-mask",
+    "sequence_classification": "text-classification",
+    "base": "feature-extraction",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _unwrap(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def model_task(model) -> str:
+    """The task of a (hybrid or host) model from its class: `"causal_lm"`, `"masked_lm"`, `"sequence_classification"`
+    or `"base"`. Matches class names, so remote-code classes (`transformers_modules.*`) work too."""
+    model = _unwrap(model)
+    arch = get_architecture(model.config.model_type)
+    name = type(model).__name__
+    for task, host_name in arch.model_classes.items():
+        if name in (host_name, f"Hybrid{host_name}"):
+            return task
+    raise ValueError(
+        f"{name} is not a supported {model.config.model_type} class; supported: "
+        f"{', '.join(arch.model_classes.values())} (and their Hybrid* forms)"
+    )
+
+
+def hybrid_modules_to_save(model) -> list[str]:
+    """Names of the submodules holding a hybrid model's new parameters, for PEFT's `modules_to_save`."""
+    config = _unwrap(model).config
+    names = list(HYBRID_MODULES)
+    if getattr(config, "local_projections", "shared") == "separate":
+        names.append("local")
+    return names
+
+
+def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwargs: Any):
+    """A `peft.LoraConfig` with the right defaults for a hybrid model (PEFT has none for `hybrid_*` model types).
+
+    A host model of a supported family gets the same targets and no `modules_to_save` (a baseline with the same
+    LoRA budget).
+
+    - `target_modules`: the host family's LoRA targets from `ARCHITECTURES` (e.g. `q_proj, k_proj, v_proj, o_proj`
+      for Llama, `c_attn, c_proj` for GPT-2). With `local_projections="separate"` the local copies (`...local.q_proj`)
+      match the same names, but PEFT trains modules listed in `modules_to_save` fully instead of adding LoRA to them.
+    - `modules_to_save`: `span_predictor` and `mix` (+ `local` for separate local projections), so the hybrid
+      parameters, which start at the conversion values (`mix = [0 | I]`), are fully trained and saved.
+    - `task_type`: from the model class (`CAUSAL_LM`, `SEQ_CLS`, `FEATURE_EXTRACTION`; none for masked LMs).
+
+    Args:
+        model: a hybrid model (`config.model_type` `"hybrid_<host>"`), plain or remote-code, or a host model.
+        r, alpha, dropout: LoRA rank, `lora_alpha` and `lora_dropout`.
+        **kwargs: any other `LoraConfig` field; they replace the defaults above (to add to the hybrid modules, pass
+            `modules_to_save=[*hybrid_modules_to_save(model), "lm_head"]`).
+    """
+    from peft import LoraConfig
+
+    base = _unwrap(model)
+    model_type = base.config.model_type
+    arch = get_architecture(model_type)  # ValueError for unsupported families
+    hybrid = model_type.startswith(HYBRID_PREFIX)
+    settings: dict[str, Any] = {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(arch.target_modules),
+        "modules_to_save": hybrid_modules_to_save(base) if hybrid else None,
+        "task_type": PEFT_TASK_TYPES[model_task(base)],
+    }
+    settings.update(kwargs)
+    return LoraConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Span logging
+
+
+class SpanLoggingCallback(TrainerCallback):
+    """Adds the learned spans and temperatures of the training forwards to every Trainer log.
+
+    At each `on_log`, for every hybrid layer `i` (zero-padded to two digits) the mean over the training forwards
+    since the previous log of:
+
+    - `span/layer_ii`: the span `s * max_span`, in tokens;
+    - `temperature/layer_ii`: the local-softmax temperature `tau_min + (tau_max - tau_min) * s`;
+    - `span/layer_ii/head_h`: the span of head `h` (with `span_per_head=True` and `per_head=True`);
+    - `span/mean`, `temperature/mean`: the means of the layer values.
+
+    Values are collected by forward hooks on each layer's `span_predictor` (registered in `on_train_begin`, removed
+    in `on_train_end`), detached and summed on the model's device, read back only when logging. Only forwards in
+    training mode count (evaluation forwards are skipped). Every token position is averaged with equal weight:
+    padding positions are *not* excluded (the hook sees the span scale, not the mask); for encoders, whose span is
+    one per sequence, sequences count equally. Recomputed forwards under gradient checkpointing count twice with
+    the same values, which leaves the means unchanged. Under DDP each process reports the spans of its own batches
+    (no communication); the loggers write those of process zero.
+
+    Where the values go (checked against transformers 5.x `Trainer.log`): `Trainer.log` appends a *copy* of the
+    logs to `state.log_history` and then calls the callbacks' `on_log` in order with the same `logs` dict. This
+    callback adds its values to `logs` (seen by every callback after it: the progress bar / printer, which the
+    Trainer always adds last) and to the `state.log_history` entry of this log. Reporting integrations
+    (`report_to`: TensorBoard, W&B, MLflow...) are created *before* the callbacks passed to `Trainer(callbacks=...)`,
+    so they would miss the values: use `add_span_logging(trainer)`, which puts this callback first.
+    """
+
+    def __init__(self, per_head: bool = True):
+        self.per_head = per_head
+        self._handles: list = []
+        self._stats: dict[int, list] = {}  # layer_idx -> [sum of s per head (tensor), token count, layer]
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def _hook(self, layer):
+        def record(module, inputs, output) -> None:
+            if not layer.training:
+                return
+            scale = output.detach()  # (B, H, N) or (B, 1, N); (B, *, 1) for encoders
+            sums = scale.float().sum(dim=(0, 2))
+            entry = self._stats.get(layer.layer_idx)
+            if entry is None:
+                self._stats[layer.layer_idx] = [sums, scale.shape[0] * scale.shape[2], layer]
+            else:
+                entry[0] = entry[0] + sums
+                entry[1] += scale.shape[0] * scale.shape[2]
+
+        return record
+
+    def attach(self, model) -> None:
+        """Register the hooks on `model`'s hybrid layers (done by `on_train_begin`)."""
+        self.detach()
+        self._stats.clear()
+        for layer in hybrid_layers(model):
+            self._handles.append(layer.span_predictor.register_forward_hook(self._hook(layer)))
+
+    def detach(self) -> None:
+        """Remove the hooks (done by `on_train_end`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def summary(self, reset: bool = True) -> dict[str, float]:
+        """The log entries for the forwards recorded so far (empty when none); `reset` starts a new period."""
+        values: dict[str, float] = {}
+        spans, temperatures = [], []
+        for layer_idx in sorted(self._stats):
+            sums, count, layer = self._stats[layer_idx]
+            if count == 0:
+                continue
+            config = layer.config
+            scale = (sums / count).cpu().tolist()  # per head (or one shared value)
+            mean_scale = sum(scale) / len(scale)
+            span = mean_scale * config.max_span
+            temperature = config.tau_min + (config.tau_max - config.tau_min) * mean_scale
+            name = f"layer_{layer_idx:02d}"
+            values[f"span/{name}"] = span
+            values[f"temperature/{name}"] = temperature
+            if self.per_head and len(scale) > 1:
+                for head, value in enumerate(scale):
+                    values[f"span/{name}/head_{head}"] = value * config.max_span
+            spans.append(span)
+            temperatures.append(temperature)
+        if spans:
+            values["span/mean"] = sum(spans) / len(spans)
+            values["temperature/mean"] = sum(temperatures) / len(temperatures)
+        if reset:
+            self._stats.clear()
+        return values
+
+    # -- Trainer events --------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        values = self.summary()
+        if not values:
+            return
+        logs.update(values)
+        # `Trainer.log` appended `{**logs, "step": global_step}` just before calling `on_log`.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+
+def add_span_logging(trainer, per_head: bool = True) -> SpanLoggingCallback:
+    """Add a `SpanLoggingCallback` to `trainer` as its *first* callback, so that every logger sees the values.
+
+    (`Trainer(callbacks=[...])` places user callbacks after the `report_to` integrations, which log in their own
+    `on_log` before a later callback could add anything.) Returns the callback.
+    """
+    callback = SpanLoggingCallback(per_head=per_head)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data and evaluation
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence the tokenizer's 'sequence longer than the model maximum' warning while tokenising whole texts."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
+def text_dataset(tokenizer, texts: Iterable[str], seq_len: int):
+    """A causal-LM dataset: the texts tokenised, concatenated and cut into blocks of `seq_len` tokens.
+
+    Like transformers' `run_clm.py`: each text is tokenised with the tokenizer's default special tokens (e.g. a BOS
+    at its start for Llama tokenizers), the token lists are concatenated, and the stream is cut into consecutive
+    blocks of `seq_len` tokens; the incomplete last block is dropped, except when there is no full block, in which
+    case the whole stream (at least 2 tokens) is the one, shorter, block. Columns: `input_ids`, `attention_mask`
+    (all ones) and `labels` (= `input_ids`; the model shifts them).
+
+    Raises:
+        ValueError: `seq_len < 2`, no tokens at all, or a single token (nothing to predict).
+    """
+    from datasets import Dataset
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    ids: list[int] = []
+    with _quiet_transformers():
+        for text in texts:
+            if text and text.strip():
+                ids.extend(tokenizer(text)["input_ids"])
+    if not ids:
+        raise ValueError("the texts contain no tokens")
+    if len(ids) < 2:
+        raise ValueError("the texts contain a single token; at least 2 are needed to predict one")
+    if len(ids) < seq_len:
+        blocks = [ids]
+    else:
+        blocks = [ids[start : start + seq_len] for start in range(0, len(ids) - seq_len + 1, seq_len)]
+    return Dataset.from_dict(
+        {
+            "input_ids": blocks,
+            "attention_mask": [[1] * len(block) for block in blocks],
+            "labels": [list(block) for block in blocks],
+        }
+    )
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model, dataset, batch_size: int = 8) -> float:
+    """Perplexity of a causal LM on a `text_dataset`: `exp` of the mean next-token cross-entropy over all tokens.
+
+    The LM loss only: the model is called without labels (so no span loss is added) and the cross-entropy is
+    computed here from the logits, with labels shifted by one and `-100` ignored, summed over every predicted
+    token of the dataset and divided by their number (not a mean of per-batch means). Rows of different lengths are
+    right-padded. Runs in eval mode under `no_grad`, restoring the model's mode afterwards. Works on PEFT-wrapped
+    models. Returns `inf` if the mean loss overflows `exp`.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    total_tokens = 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            input_ids = rows["input_ids"]
+            labels = rows.get("labels", input_ids)
+            masks = rows.get("attention_mask") or [[1] * len(ids) for ids in input_ids]
+            width = max(len(ids) for ids in input_ids)
+
+            def pad(lists, value):
+                return torch.tensor([list(x) + [value] * (width - len(x)) for x in lists], device=device)
+
+            ids_t, mask_t, labels_t = pad(input_ids, 0), pad(masks, 0), pad(labels, -100)
+            labels_t = labels_t.masked_fill(mask_t == 0, -100)
+            logits = model(input_ids=ids_t, attention_mask=mask_t).logits
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = labels_t[:, 1:].reshape(-1)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+            total_loss += loss.double().cpu()
+            total_tokens += int(shift_labels.ne(-100).sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("the dataset has no token to predict")
+    mean = total_loss.item() / total_tokens
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model card
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.match(name) is not None and not Path(name).exists() and ".." not in name
+
+
+def _markdown_table(rows: dict[str, Any]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| | |", "| --- | --- |"]
+    lines += [f"| {cell(key)} | {cell(value)} |" for key, value in rows.items()]
+    return "\n".join(lines)
+
+
+def _pipeline_tag(config: dict[str, Any]) -> str:
+    """The Hub pipeline tag of a saved config's first architecture (`text-generation` when unknown)."""
+    architectures = config.get("architectures") or []
+    try:
+        arch = get_architecture(config.get("model_type", ""))
+    except ValueError:
+        return "text-generation"
+    for task, name in arch.model_classes.items():
+        if architectures and architectures[0] in (name, f"Hybrid{name}"):
+            return PIPELINE_TAGS[task]
+    return "text-generation"
+
+
+def write_model_card(
+    folder,
+    *,
+    base_model: str | None,
+    settings: dict[str, Any],
+    training_summary: dict[str, Any],
+    pipeline_tag: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write `folder/README.md`: a Hub model card for a hybrid checkpoint, built with `huggingface_hub.ModelCard`.
+
+    Metadata: `base_model` (only when it looks like a Hub id, not a local path, since the Hub rejects paths),
+    `library_name: transformers`, `tags` (hybrid-attention, adaptive-span, custom_code, trust_remote_code, the host
+    family), `pipeline_tag` (from `folder/config.json`'s class when not given) and `license` when given. Body: the
+    hybrid settings, the training summary and a loading snippet with `trust_remote_code=True`.
+
+    Args:
+        folder: a saved hybrid model folder.
+        base_model: the model it was converted / fine-tuned from (hub id or path; paths go in the text only).
+        settings: the hybrid settings (`max_span`, `ramp`, ...), shown as a table.
+        training_summary: what the training did (steps, perplexities...), shown as a table.
+        pipeline_tag, repo_id, license: override the inferred pipeline tag; the id used in the snippet (default:
+            the folder path); the license metadata.
+    Returns:
+        The path of the README.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    host = model_type.removeprefix(HYBRID_PREFIX) if model_type else None
+    if pipeline_tag is None:
+        pipeline_tag = _pipeline_tag(config)
+    tags = ["hybrid-attention", "adaptive-span", "custom_code", "trust_remote_code"]
+    if host:
+        tags.append(host)
+    data = ModelCardData(
+        base_model=base_model if _is_hub_id(base_model) else None,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        license=license,
+    )
+    auto_class = {
+        "text-generation": "AutoModelForCausalLM",
+        "fill-mask": "AutoModelForMaskedLM",
+        "text-classification": "AutoModelForSequenceClassification",
+    }.get(pipeline_tag, "AutoModel")
+    name = repo_id or str(folder)
+    usage = "\n".join(
+        [
+            "```python",
+            f"from transformers import AutoTokenizer, {auto_class}",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+            f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)',
+            *(
+                [
+                    'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
+                    "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+                ]
+                if auto_class == "AutoModelForCausalLM"
+                else []
+            ),
+            "```",
+        ]
+    )
+    base_line = f"`{base_model}`" if base_model else "a host model"
+    body = f"""
+# Hybrid-attention {host or "model"}
+
+{base_line} converted to **hybrid attention** with `hybrid_hf`: every hybrid layer mixes the host's own global
+attention with an adaptive-span local attention, `y = W_mix [local ; global]`. Each token predicts its local span
+`s * max_span` (and a temperature `tau_min + (tau_max - tau_min) * s`: short spans are sharp) from the mean of the
+global output over the positions it can see; the soft span mask is the one of Sukhbaatar et al., 2019
+("Adaptive Attention Span in Transformers"). The modeling code ships with the checkpoint, so loading needs
+`trust_remote_code=True` and only `torch` and `transformers`.
+
+## Usage
+
+{usage}
+
+## Hybrid settings
+
+{_markdown_table(settings)}
+
+## Training
+
+{_markdown_table(training_summary)}
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = folder / "README.md"
+    card.save(path)
+    return path
