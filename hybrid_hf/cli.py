@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -18,6 +19,28 @@ class UsageError(Exception):
     """A bad input from the user: reported as one line, no traceback, exit status 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Transformers' progress bars and info/warning logs off for the duration; restored afterwards."""
+    from transformers.utils import logging
+
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -28,7 +51,7 @@ def run(main, argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError) as error:
-        return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return fail(first_line(error))
     except KeyboardInterrupt:
         return fail("interrupted")
 

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, first_line
 
 #: hybrid settings that only apply when converting a host model
 CONVERSION_SETTINGS = ("max_span", "ramp", "tau_min", "tau_max", "span_per_head", "local_projections",
@@ -95,11 +95,6 @@ class FinetuneResult:
             if "span/mean" in entry:
                 return entry["span/mean"]
         return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_texts(files, what: str) -> list[str]:
@@ -183,7 +178,7 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
         config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError) as error:
         if path.is_dir():
-            raise ValueError(f"{name} is not a model folder ({_first_line(error)})") from None
+            raise ValueError(f"{name} is not a model folder ({first_line(error)})") from None
         raise OSError(
             f"unknown model {name!r}: not a local folder, and not found on the Hugging Face Hub or in its cache"
         ) from None
@@ -198,7 +193,7 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"could not load the tokenizer of {name} ({_first_line(error)})") from None
+        raise ValueError(f"could not load the tokenizer of {name} ({first_line(error)})") from None
     return model, tokenizer, converted
 
 

@@ -17,7 +17,6 @@ with `s` in `[0, 1]` the output of the layer's span predictor (DESIGN section 1,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import quiet_transformers
 from .modeling_hybrid import hybrid_layers
+from .training import model_device
 
 SPAN_HEATMAP = "span_heatmap.png"
 TEMPERATURE_HEATMAP = "temperature_heatmap.png"
@@ -118,7 +119,7 @@ def collect_spans(
 
         return hook
 
-    device = _device_of(model)
+    device = model_device(model)
     handles = []
     was_training = model.training
     try:
@@ -156,12 +157,6 @@ def collect_spans(
         tau_min=float(config.tau_min),
         tau_max=float(config.tau_max),
     )
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _default_plot_layers(record: SpanRecord) -> list[int]:
@@ -391,22 +386,6 @@ def _read_text(args) -> str:
     return text
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Transformers' progress bars and info/warning logs off for the duration; restored afterwards."""
-    from transformers.utils import logging
-
-    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def load_model_and_tokenizer(model_path: str):
     """A hybrid model (causal LM, or base model for encoders) and its tokenizer, both from one folder."""
     import transformers
@@ -420,7 +399,7 @@ def load_model_and_tokenizer(model_path: str):
         raise ValueError(f"model must be a folder (with config.json and a tokenizer), got a file: {model_path}")
     if not (folder / "config.json").is_file():
         raise ValueError(f"no config.json in {model_path}; is it a saved model folder?")
-    with _quiet_transformers():  # progress bars and load reports would break the one-line error contract
+    with quiet_transformers():  # progress bars and load reports would break the one-line error contract
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True)
         except ValueError as error:
@@ -433,7 +412,7 @@ def load_model_and_tokenizer(model_path: str):
             f"convert it first with `hybrid-hf convert {model_path} OUT_DIR` and inspect OUT_DIR"
         )
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -15,7 +15,6 @@ checkpoints (it needs `peft`, `datasets` and `huggingface_hub`); the model files
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from .architectures import HYBRID_PREFIX, get_architecture
+from .cli import quiet_transformers
 from .modeling_hybrid import hybrid_layers
 
 #: hybrid-parameter submodules that LoRA must keep trainable (`modules_to_save`); `local` only when separate.
@@ -251,19 +251,6 @@ def add_span_logging(trainer, per_head: bool = True) -> SpanLoggingCallback:
 # Data and evaluation
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence the tokenizer's 'sequence longer than the model maximum' warning while tokenising whole texts."""
-    from transformers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(previous)
-
-
 def text_dataset(tokenizer, texts: Iterable[str], seq_len: int):
     """A causal-LM dataset: the texts tokenised, concatenated and cut into blocks of `seq_len` tokens.
 
@@ -281,7 +268,7 @@ def text_dataset(tokenizer, texts: Iterable[str], seq_len: int):
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     ids: list[int] = []
-    with _quiet_transformers():
+    with quiet_transformers():
         for text in texts:
             if text and text.strip():
                 ids.extend(tokenizer(text)["input_ids"])
@@ -302,7 +289,7 @@ def text_dataset(tokenizer, texts: Iterable[str], seq_len: int):
     )
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -321,7 +308,7 @@ def perplexity(model, dataset, batch_size: int = 8) -> float:
     """
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64)
