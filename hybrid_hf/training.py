@@ -30,8 +30,10 @@ from .architectures import HYBRID_PREFIX, get_architecture
 from .cli import quiet_transformers
 from .modeling_hybrid import hybrid_layers
 
-#: hybrid-parameter submodules that LoRA must keep trainable (`modules_to_save`); `local` only when separate.
-HYBRID_MODULES = ("span_predictor", "mix")
+#: hybrid submodules trained in full (`modules_to_save`); the mix and separate local projections get LoRA instead.
+HYBRID_MODULES = ("span_predictor",)
+#: hybrid submodules that get LoRA adapters beside the host family's targets.
+HYBRID_LORA_TARGETS = ("mix",)
 
 #: task of a model class (key of `HostArchitecture.model_classes`) -> PEFT `TaskType` (None: PEFT's generic model).
 PEFT_TASK_TYPES = {
@@ -76,12 +78,8 @@ def model_task(model) -> str:
 
 
 def hybrid_modules_to_save(model) -> list[str]:
-    """Names of the submodules holding a hybrid model's new parameters, for PEFT's `modules_to_save`."""
-    config = _unwrap(model).config
-    names = list(HYBRID_MODULES)
-    if getattr(config, "local_projections", "shared") == "separate":
-        names.append("local")
-    return names
+    """Names of the hybrid submodules trained in full under LoRA (PEFT's `modules_to_save`)."""
+    return list(HYBRID_MODULES)
 
 
 def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwargs: Any):
@@ -91,10 +89,11 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
     LoRA budget).
 
     - `target_modules`: the host family's LoRA targets from `ARCHITECTURES` (e.g. `q_proj, k_proj, v_proj, o_proj`
-      for Llama, `c_attn, c_proj` for GPT-2). With `local_projections="separate"` the local copies (`...local.q_proj`)
-      match the same names, but PEFT trains modules listed in `modules_to_save` fully instead of adding LoRA to them.
-    - `modules_to_save`: `span_predictor` and `mix` (+ `local` for separate local projections), so the hybrid
-      parameters, which start at the conversion values (`mix = [0 | I]`), are fully trained and saved.
+      for Llama, `c_attn, c_proj` for GPT-2), plus the hybrid `mix`. With `local_projections="separate"` the local
+      copies (`...local.q_proj`) match the same names and get adapters too. LoRA on the mix keeps it at `[0 | I]`
+      plus a low-rank update: training all `2 d^2` entries of a mix that starts as an exact identity with Adam moves
+      every entry by about the learning rate at the first step, which at LoRA learning rates wrecks the model.
+    - `modules_to_save`: `span_predictor` (small, starts at zero weight), trained in full and saved.
     - `task_type`: from the model class (`CAUSAL_LM`, `SEQ_CLS`, `FEATURE_EXTRACTION`; none for masked LMs).
 
     Args:
@@ -113,7 +112,7 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": list(arch.target_modules),
+        "target_modules": list(arch.target_modules) + (list(HYBRID_LORA_TARGETS) if hybrid else []),
         "modules_to_save": hybrid_modules_to_save(base) if hybrid else None,
         "task_type": PEFT_TASK_TYPES[model_task(base)],
     }
@@ -236,7 +235,7 @@ class SpanLoggingCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
-def add_span_logging(trainer, per_head: bool = True) -> SpanLoggingCallback:
+def add_span_logging(trainer, per_head: bool = False) -> SpanLoggingCallback:
     """Add a `SpanLoggingCallback` to `trainer` as its *first* callback, so that every logger sees the values.
 
     (`Trainer(callbacks=[...])` places user callbacks after the `report_to` integrations, which log in their own

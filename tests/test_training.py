@@ -180,12 +180,12 @@ def mean_span(model, batch) -> float:
 def test_lora_config_defaults():
     model = make_hybrid()
     config = lora_config(model)
-    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert list(config.modules_to_save) == ["span_predictor", "mix"]
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "mix"}
+    assert list(config.modules_to_save) == ["span_predictor"]
     assert config.task_type == "CAUSAL_LM"
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
     separate = lora_config(make_hybrid(local_projections="separate"), r=4, alpha=8, bias="none")
-    assert list(separate.modules_to_save) == ["span_predictor", "mix", "local"]
+    assert list(separate.modules_to_save) == ["span_predictor"]
     assert (separate.r, separate.lora_alpha) == (4, 8)
     assert set(lora_config(model, target_modules=["q_proj"]).target_modules) == {"q_proj"}
     host = lora_config(make_host())  # a host baseline: same targets, nothing else trained
@@ -199,13 +199,13 @@ def test_lora_config_task_types_and_families():
         GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64)), max_span=8, ramp=4
     )
     config = lora_config(gpt2)
-    assert set(config.target_modules) == {"c_attn", "c_proj"}
+    assert set(config.target_modules) == {"c_attn", "c_proj", "mix"}
     assert config.task_type == "CAUSAL_LM"
     bert_config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     bert = hybrid_hf.convert(BertForSequenceClassification(bert_config), max_span=8, ramp=4)
     config = lora_config(bert)
     assert config.task_type == "SEQ_CLS"
-    assert set(config.target_modules) == {"query", "key", "value", "dense"}
+    assert set(config.target_modules) == {"query", "key", "value", "dense", "mix"}
     peft_model = peft.get_peft_model(bert, config)  # PEFT accepts it (classifier added to modules_to_save by PEFT)
     assert any("span_predictor.modules_to_save" in name for name, _ in peft_model.named_parameters())
 
@@ -236,10 +236,9 @@ def test_lora_training_changes_only_adapters_and_hybrid_parameters(tmp_path, dat
                and not torch.equal(p.detach(), trainable_before[name])}
     assert any("lora_B" in name for name in changed)
     assert any("span_predictor.modules_to_save" in name for name in changed)
-    assert any("mix.modules_to_save" in name for name in changed)
+    assert any("mix.lora_B" in name for name in changed)
     if local_projections == "separate":
-        assert any("local.modules_to_save" in name for name in changed)
-        assert not any("local" in name and "lora_" in name for name, _ in peft_model.named_parameters())
+        assert any(".local." in name and "lora_B" in name for name in changed)
 
 
 def test_loss_includes_the_span_loss(tmp_path, dataset):
@@ -321,7 +320,7 @@ def test_span_logging_reaches_log_history_and_every_logger(tmp_path, dataset):
     recorder = Recorder()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3, learning_rate=1e-5), train_dataset=dataset,
                       data_collator=default_data_collator, callbacks=[recorder])
-    callback = add_span_logging(trainer)
+    callback = add_span_logging(trainer, per_head=True)
     assert trainer.callback_handler.callbacks[0] is callback
     trainer.train()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
