@@ -145,7 +145,7 @@ def _check_attention_inputs(
     if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
         raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
     offset = keys - length if query_offset is None else query_offset
-    if offset < 0 or (causal and offset + length > keys):
+    if offset < 0 or offset + length > keys:
         raise ValueError(
             f"`query_offset` must place the {length} queries inside the {keys} keys (0 <= offset <= {keys - length}), "
             f"got {offset}"
@@ -205,13 +205,15 @@ def adaptive_local_attention(
     batch, heads, length, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    if length == 0:
+        return query.new_zeros(query.shape)
     scaling = head_dim**-0.5 if scaling is None else scaling
 
     span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
     temperature = temperature.expand(batch, heads, length)  # (B, H, N)
     reach = max_span + ramp  # keys at distance <= reach - 1 may be read
     tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
-    if not tracking and length > 0:
+    if not tracking:
         reach = min(reach, int(math.ceil(span.max().item())) + ramp)
     left = reach - 1
     right = 0 if causal else reach - 1
@@ -223,17 +225,20 @@ def adaptive_local_attention(
     width = block + left + right
     pad_q = padded - length
 
-    # Fold the temperature into the query: (q * scaling / tau) . k
-    q = query * (scaling / temperature).to(query.dtype)[..., None]  # (B, H, N, D)
-    q = F.pad(q, (0, 0, 0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, head_dim)
+    compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    factor = F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)  # (B, H, padded)
+    factor = factor.view(batch, kv_heads, groups, num_blocks, block, 1)
     z = F.pad(span, (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1)
+    # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
+    q = F.pad(query.to(compute), (0, 0, 0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, head_dim)
+    q = q * factor
 
     # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
     start, stop = offset - left, offset + padded + right
     pad_front, pad_back = max(0, -start), max(0, stop - keys)
     valid = key.new_ones((batch, keys), dtype=torch.bool) if key_mask is None else key_mask.bool()
     valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
-    k = F.pad(key, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]  # (B, H_kv, P, D)
+    k = F.pad(key.to(compute), (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]  # (B, H_kv, P, D)
     v = F.pad(value, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]
     k = k.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, nb, width, D)
     v = v.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)
@@ -246,15 +251,15 @@ def adaptive_local_attention(
     delta = rows[:, None] + left - slots[None, :]  # (block, width)
     distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
 
-    compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(compute)  # (B, H_kv, G, nb, block, width)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, nb, block, width)
     soft_mask = ((z.to(compute) - distance) / ramp + 1).clamp(0, 1)  # (B, H_kv, G, nb, block, width)
     readable = valid & (soft_mask > 0)
     scores = scores.masked_fill(~readable, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(scores - row_max) * soft_mask
-    probs = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))  # rows with nothing to read: zeros
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, nb, block, D)
     return out.reshape(batch, heads, padded, head_dim)[:, :, :length]
 
