@@ -28,10 +28,16 @@ Sections (``--only NAME``, repeatable or comma-separated; all by default):
   ``width = block + window - 1`` as the kernel computes it), beside this machine's float32 matmul GFLOP/s
   (2048 x 2048 @ 2048 x 2048) and a batched matmul of the kernel's own shapes, all in the same run.
 
-Timing (`BenchContext.measure`): one warm-up call, then the median of up to ``--repeats`` timed calls (default
-5). A case whose warm-up took longer than ``--case-budget`` / repeats seconds gets fewer timed calls (at least
-one), so that one slow case does not take the whole run; each row reports how many calls its median is over.
-On CUDA the device is synchronised around every call.
+Timing (`BenchContext.compare`, `BenchContext.measure`): one warm-up call (a second one when the first ran under
+the memory profiler and was short), then the median of up to ``--repeats`` timed calls (default 5). A case whose
+warm-up took longer than ``--case-budget`` / repeats seconds gets fewer timed calls (at least one), so that one
+slow case does not take the whole run; each row reports how many calls its median is over. On CUDA the device
+is synchronised around every call. The functions of one comparison are warmed up one after the other and then
+timed round-robin, so that a change of load during the comparison touches them alike. On a small CPU virtual
+machine, code that allocates large temporaries moves by up to 1.5x from run to run (their pages are fresh from
+the operating system on every call and the first touch of each is a page fault, whose cost varies), compute-bound
+code (SDPA, matmul) by a few percent; other processes sharing the cores make everything slower and noisier (the
+run records the load average before it starts). Read the ratios within one run.
 
 Peak memory ("peak MB"): the largest amount of tensor memory *allocated during one call* on top of what was
 already allocated when it started (inputs, weights), i.e. the working set of the call.
@@ -45,12 +51,17 @@ already allocated when it started (inputs, weights), i.e. the working set of the
   PyTorch's allocator (oneDNN/MKL scratch buffers, Python objects) nor the process RSS; it is the same
   quantity as the CUDA number. The profiler only watches the warm-up call, never a timed one.
 
+Each row of the JSON also has ``page_faults_per_call``: the process's minor page faults per timed call (on CPU,
+every first touch of a freshly mapped 4 KiB page; large temporaries cost this on every call).
+
 Output: ``--out DIR`` (default ``bench_output``) receives ``bench.json`` (metadata and every row), ``bench.md``
 (the Markdown table, also printed) and ``bench.png`` (kernel time against N, and every speed-up).
 
 Adding a section: write ``def bench_NAME(ctx: BenchContext) -> list[dict]`` that builds rows with `make_row`
-(timing each case with ``ctx.measure``; put speed-ups in ``ratios`` and the headline one in ``speedup``), and
-add it to `SECTIONS`. The ``model`` section (converted model against the original) goes there.
+(timing each comparison with ``ctx.compare({name: fn})``, or one function with ``ctx.measure``; a function may
+carry a ``before`` hook, run untimed ahead of each call, as `_grad_step` does to drop old gradients; put
+speed-ups in ``ratios`` and the headline one in ``speedup``), and add it to `SECTIONS`. The ``model`` section
+(converted model against the original) goes there.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +100,7 @@ class Measurement:
 
     times_ms: list[float]
     peak_bytes: int | None = None
+    page_faults: float | None = None  # minor page faults per timed call (CPU; None where unavailable)
 
     @property
     def median_ms(self) -> float:
@@ -112,11 +125,22 @@ def _quiet_stderr_fd() -> Iterator[None]:
         os.close(saved)
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory), or -1 where unavailable."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):  # not on Windows
+        return -1
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Run `fn` once under the memory profiler; peak of the running sum of CPU allocations minus frees."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    activities = [ProfilerActivity.CPU]
+    with _quiet_stderr_fd(), profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -148,6 +172,7 @@ class BenchContext:
     def _warm_up(self, fn: Callable[[], object]) -> tuple[float, int | None]:
         """One warm-up call, measuring its peak memory; returns (seconds, peak bytes or None)."""
         peak: int | None = None
+        _before(fn)
         self.sync()
         start = time.perf_counter()
         if self.memory and self.device.type == "cuda":
@@ -163,6 +188,7 @@ class BenchContext:
             self.sync()
         seconds = time.perf_counter() - start
         if seconds < 0.5 and self.memory:  # it ran under the profiler: warm up once more without it
+            _before(fn)
             fn()
             self.sync()
         return seconds, peak
@@ -175,17 +201,23 @@ class BenchContext:
         """
         repeats = self.repeats if repeats is None else repeats
         warm = {name: self._warm_up(fn) for name, fn in fns.items()}
-        counts = {name: max(1, min(repeats, int(self.case_budget_s / max(seconds, 1e-9)))) for name, (seconds, _) in warm.items()}
+        budget = self.case_budget_s
+        counts = {name: max(1, min(repeats, int(budget / max(seconds, 1e-9)))) for name, (seconds, _) in warm.items()}
         times: dict[str, list[float]] = {name: [] for name in fns}
+        faults: dict[str, int] = {name: 0 for name in fns}
         for round_ in range(max(counts.values(), default=0)):
             for name, fn in fns.items():
                 if round_ < counts[name]:
+                    _before(fn)
                     self.sync()
+                    faults_before = _minor_faults()
                     start = time.perf_counter()
                     fn()
                     self.sync()
                     times[name].append((time.perf_counter() - start) * 1e3)
-        return {name: Measurement(times[name], warm[name][1]) for name in fns}
+                    faults[name] += _minor_faults() - faults_before
+        per_call = {name: faults[name] / len(times[name]) if _minor_faults() >= 0 else None for name in fns}
+        return {name: Measurement(times[name], warm[name][1], per_call[name]) for name in fns}
 
     def measure(self, fn: Callable[[], object], repeats: int | None = None) -> Measurement:
         """Warm up `fn` once (measuring its peak memory), then time the median of up to `repeats` calls."""
@@ -219,13 +251,14 @@ def make_row(
     """One result: `measurement` None means the cell was skipped (say why in `note`)."""
     row: dict = {"section": section, "what": what, "n": n, "mode": mode}
     if measurement is None:
-        row.update(time_ms=None, times_ms=[], repeats=0, peak_mb=None, skipped=True)
+        row.update(time_ms=None, times_ms=[], repeats=0, peak_mb=None, page_faults_per_call=None, skipped=True)
     else:
         row.update(
             time_ms=measurement.median_ms,
             times_ms=measurement.times_ms,
             repeats=len(measurement.times_ms),
             peak_mb=None if measurement.peak_bytes is None else measurement.peak_bytes / MB,
+            page_faults_per_call=measurement.page_faults,
             skipped=False,
         )
     row["ratios"] = dict(extra.pop("ratios", {}) or {})
@@ -241,14 +274,25 @@ def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
 
 
 def _grad_step(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
-    """Forward + backward of `fn().sum()`, the gradients of `leaves` reset before each call."""
+    """Forward + backward of `fn().sum()`. Its `before` hook, which `BenchContext` runs ahead of every call and
+    outside the timing and the memory measurement, drops the gradients of `leaves` left by the previous call."""
 
     def step() -> None:
-        for leaf in leaves:
-            leaf.grad = None
         fn().sum().backward()
 
+    def before() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    step.before = before  # type: ignore[attr-defined]
     return step
+
+
+def _before(fn: Callable[[], object]) -> None:
+    """Run `fn`'s `before` hook, if it has one (see `_grad_step`)."""
+    hook = getattr(fn, "before", None)
+    if hook is not None:
+        hook()
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], None]:
@@ -301,9 +345,8 @@ def bench_kernel(ctx: BenchContext) -> list[dict]:
             if name in measured:
                 row = make_row("kernel", label, n, mode, measured[name], impl=name)
             else:
-                row = make_row(
-                    "kernel", label, n, mode, None, impl=name, note=f"skipped: O(N^2), above --reference-max-n={ref_max}"
-                )
+                note = f"skipped: O(N^2), above --reference-max-n={ref_max}"
+                row = make_row("kernel", label, n, mode, None, impl=name, note=note)
             cells[(name, mode, n)] = row
             rows.append(row)
         del q, k, v, span, temp, impls, calls, leaves
@@ -374,7 +417,8 @@ def bench_seed(ctx: BenchContext) -> list[dict]:
             kw = dict(max_span=max_span, ramp=ramp, causal=direction == "causal")
             calls[direction] = _no_grad(lambda kw=kw: _kernel_on_hidden(x, span, temp, **kw))
         measured = ctx.compare(calls)
-        seed_row = make_row("seed", f"seed slide_win loop (span_len={max_span}, slid_win=32)", n, "forward", measured["seed"])
+        what = f"seed slide_win loop (span_len={max_span}, slid_win=32)"
+        seed_row = make_row("seed", what, n, "forward", measured["seed"])
         rows.append(seed_row)
         for direction in ("causal", "bidirectional"):
             _, width = _kernel_width(n, max_span + ramp, direction == "causal")
@@ -498,13 +542,15 @@ def bench_flops(ctx: BenchContext) -> list[dict]:
         }
     )
     peak = 2 * size**3 / (measured["matmul"].median_ms * 1e-3) / 1e9
-    rows = [make_row("flops", f"matmul {size}x{size} @ {size}x{size}", None, "fp32 matmul", measured["matmul"], gflops=peak)]
+    what = f"matmul {size}x{size} @ {size}x{size}"
+    rows = [make_row("flops", what, None, "fp32 matmul", measured["matmul"], gflops=peak)]
     for name, what, mode in (
         ("bmm", f"the kernel's two bmm alone ({batch} x {block}x{HEAD_DIM} @ {HEAD_DIM}x{width}, ...)", "bmm"),
         ("kernel", f"kernel (ours) causal, max_span={MAX_SPAN} ramp={RAMP}, width={width}", "forward (no grad)"),
     ):
         gflops = flops / (measured[name].median_ms * 1e-3) / 1e9
-        rows.append(make_row("flops", what, n, mode, measured[name], gflops=gflops, ratios={"of matmul": gflops / peak}))
+        ratios = {"of matmul": gflops / peak}
+        rows.append(make_row("flops", what, n, mode, measured[name], gflops=gflops, ratios=ratios))
     return rows
 
 
@@ -557,7 +603,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(14, 6), layout="constrained")
+    fig = Figure(figsize=(15, 7), layout="constrained")
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
 
@@ -572,14 +618,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     if series:
         left.set_xscale("log", base=2)
         left.set_yscale("log")
-        left.legend(fontsize=8)
+        left.legend(fontsize=8, loc="upper left")
     left.set_xlabel("sequence length N")
     left.set_ylabel("median time (ms)")
     left.set_title("kernel section: time vs N")
     left.grid(True, which="both", alpha=0.3)
 
     speedups = [row for row in rows if row.get("speedup") is not None]
-    labels = [f"{r['section']}: {r['what'][:48]} vs {r['speedup_vs']} (N={r['n']}, {r['mode']})" for r in speedups]
+    labels = [
+        textwrap.fill(f"{r['section']}: {r['what']} vs {r['speedup_vs']} (N={r['n']}, {r['mode']})", 70)
+        for r in speedups
+    ]
     values = [r["speedup"] for r in speedups]
     positions = list(range(len(values)))[::-1]
     right.barh(positions, values, color=["tab:green" if value >= 1 else "tab:red" for value in values])
@@ -636,7 +685,7 @@ def _resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available")
+        raise ValueError(f"--device {name} requested but CUDA is not available")
     return device
 
 
@@ -661,7 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         print("error: --repeats and --threads must be >= 1", file=sys.stderr)
         return 2
-    device = _resolve_device(args.device)
+    try:
+        device = _resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: torch.device() of an unknown name
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -700,7 +753,10 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
         ctx.log(f"[bench] {name}: {section_seconds[name]:.1f} s")
     total = time.perf_counter() - started
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
     meta = {
         "device": str(device),
         "device_name": device_name,
@@ -739,7 +795,8 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
     )
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
     (out / "bench.md").write_text(header + table)
-    plot(rows, out / "bench.png", title=f"hybrid_hf bench: {device_name}, {meta['threads']} threads, torch {meta['torch']}")
+    title = f"hybrid_hf bench: {device_name}, {meta['threads']} threads, torch {meta['torch']}"
+    plot(rows, out / "bench.png", title=title)
     print(header + table)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}", file=sys.stderr)
     return 0

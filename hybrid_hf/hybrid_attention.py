@@ -153,6 +153,39 @@ def _check_attention_inputs(
     return offset
 
 
+class _SoftMaskedSoftmax(torch.autograd.Function):
+    """probs = m * exp(s - max) / sum(m * exp(s - max)), max over the readable slots (m > 0); zero rows when none."""
+
+    @staticmethod
+    def compute(scores: torch.Tensor, soft_mask: torch.Tensor) -> torch.Tensor:
+        x = scores  # owned by the caller (fresh matmul output): reused in place
+        x.masked_fill_(soft_mask <= 0, float("-inf"))
+        row_max = x.amax(dim=-1, keepdim=True)
+        row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
+        # exp of -inf / of underflowing values takes a slow path (~4x): clamp first; m = 0 zeroes them exactly.
+        floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+        x.sub_(row_max).clamp_(min=floor).exp_().mul_(soft_mask)
+        total = x.sum(dim=-1, keepdim=True)
+        return x.div_(total.masked_fill_(total <= 0, 1.0))  # rows with nothing to read: zeros
+
+    @staticmethod
+    def forward(ctx, scores, soft_mask):
+        probs = _SoftMaskedSoftmax.compute(scores, soft_mask)
+        ctx.save_for_backward(probs, soft_mask)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, soft_mask = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad, probs).unsqueeze(-1)
+        d_scores = (grad - dot).mul_(probs)  # softmax backward; exactly 0 where probs == 0
+        d_mask = None
+        if ctx.needs_input_grad[1]:
+            # logits = s + log m, so d/dm = d_scores / m where m > 0; d_scores is 0 where m == 0
+            d_mask = d_scores / soft_mask.clamp_min(torch.finfo(soft_mask.dtype).tiny)
+        return d_scores, d_mask
+
+
 def adaptive_local_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -166,7 +199,7 @@ def adaptive_local_attention(
     scaling: float | None = None,
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
 
@@ -193,11 +226,16 @@ def adaptive_local_attention(
         key_mask: `(B, S)`, 1 for real keys and 0 for padding (left or right padding).
         query_offset: absolute position of the first query; `S - N` by default (queries are the last `N`
             positions, as in cached decoding).
-        block_size: queries per block; each block reads `block_size + window - 1` keys.
+        block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
+            the fused inference path).
 
     Returns:
         `(B, H, N, D)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
         at inference it only reaches `max(z) + ramp`, so short learned spans cost less.
+
+    The soft-masked softmax runs in place on the score tensor with a hand-written backward (`_SoftMaskedSoftmax`);
+    at inference on the CPU the whole band goes through one `scaled_dot_product_attention` call with `log m` as its
+    float mask.
     """
     offset = _check_attention_inputs(
         query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset
@@ -217,6 +255,11 @@ def adaptive_local_attention(
         reach = min(reach, int(math.ceil(span.max().item())) + ramp)
     left = reach - 1
     right = 0 if causal else reach - 1
+    compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    # Inference on the CPU in float32/64: one fused SDPA call (whose CPU kernel returns zeros for empty rows).
+    sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
+    if block_size is None:
+        block_size = 32 if sdpa_path else 64
 
     # Queries in blocks of `block`; block b reads the keys at positions offset + b * block - left + c, c < width.
     block = max(1, min(block_size, length))
@@ -225,7 +268,6 @@ def adaptive_local_attention(
     width = block + left + right
     pad_q = padded - length
 
-    compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
     factor = F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)  # (B, H, padded)
     factor = factor.view(batch, kv_heads, groups, num_blocks, block, 1)
     z = F.pad(span, (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1)
@@ -251,15 +293,35 @@ def adaptive_local_attention(
     delta = rows[:, None] + left - slots[None, :]  # (block, width)
     distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
 
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, nb, block, width)
-    soft_mask = ((z.to(compute) - distance) / ramp + 1).clamp(0, 1)  # (B, H_kv, G, nb, block, width)
-    readable = valid & (soft_mask > 0)
-    scores = scores.masked_fill(~readable, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(scores - row_max) * soft_mask
-    total = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(total > 0, total, torch.ones_like(total))  # rows with nothing to read: zeros
+    # Key validity folded into a small (B, 1, 1, nb, block, width) distance tensor, H times smaller than the scores:
+    # +inf for unreadable keys.
+    # m = clamp((z + ramp - distance) / ramp, 0, 1), written so that it is exactly 0 at distance = z + ramp and
+    # exactly 1 at distance = z for integer spans, as in the original (the span gradient jumps at those edges).
+    dist = distance.to(compute).masked_fill(~valid, float("inf"))  # (B, 1, 1, nb, block, width)
+    z = z.to(compute) + ramp  # (B, H_kv, G, nb, block, 1)
+
+    if sdpa_path:
+        # Inference: one fused SDPA call on the blocked layout with the float mask log(m) (-inf outside). The G query
+        # heads of a KV head are stacked along the query axis; k/v stay overlapping strided views (no copy).
+        qb = q.permute(0, 1, 3, 2, 4, 5).reshape(batch * kv_heads, num_blocks, groups * block, head_dim)
+        kb = k.squeeze(2).reshape(batch * kv_heads, num_blocks, width, head_dim)
+        vb = v.squeeze(2).reshape(batch * kv_heads, num_blocks, width, head_dim)
+        # log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at and below log(tiny).
+        tiny = torch.finfo(compute).tiny
+        bias = torch.sub(z.permute(0, 1, 3, 2, 4, 5), dist.permute(0, 1, 3, 2, 4, 5)).div_(ramp).clamp_(tiny, 1).log_()
+        F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
+        bias = bias.reshape(batch * kv_heads, num_blocks, groups * block, width)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)  # empty rows -> zeros
+        out = out.view(batch, kv_heads, num_blocks, groups, block, head_dim).permute(0, 1, 3, 2, 4, 5)
+        return out.reshape(batch, heads, padded, head_dim)[:, :, :length].to(query.dtype)
+
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, nb, block, width), fresh: reused in place
+    soft_mask = torch.sub(z, dist).div_(ramp)
+    soft_mask = soft_mask.clamp(0, 1) if tracking else soft_mask.clamp_(0, 1)
+    if tracking:
+        probs = _SoftMaskedSoftmax.apply(scores, soft_mask)
+    else:
+        probs = _SoftMaskedSoftmax.compute(scores, soft_mask)
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, nb, block, D)
     return out.reshape(batch, heads, padded, head_dim)[:, :, :length]
 
@@ -277,7 +339,7 @@ def reference_local_attention(
     scaling: float | None = None,
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
