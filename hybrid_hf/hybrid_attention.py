@@ -154,7 +154,16 @@ def _check_attention_inputs(
 
 
 class _SoftMaskedSoftmax(torch.autograd.Function):
-    """probs = m * exp(s - max) / sum(m * exp(s - max)), max over the readable slots (m > 0); zero rows when none."""
+    """probs = m * exp(s - max) / sum(m * exp(s - max)), max over the readable slots (m > 0); zero rows when none.
+
+    `apply(scores, reach, distance, ramp)` takes the soft mask as `m = clamp((reach - distance) / ramp, 0, 1)` with
+    `reach = z + ramp` per query and `distance` per slot (+inf where unreadable), and recomputes it in the backward:
+    only the probabilities are saved at the size of the scores.
+    """
+
+    @staticmethod
+    def soft_mask(reach: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Tensor:
+        return torch.sub(reach, distance).div_(ramp).clamp_(0, 1)
 
     @staticmethod
     def compute(scores: torch.Tensor, soft_mask: torch.Tensor) -> torch.Tensor:
@@ -169,21 +178,26 @@ class _SoftMaskedSoftmax(torch.autograd.Function):
         return x.div_(total.masked_fill_(total <= 0, 1.0))  # rows with nothing to read: zeros
 
     @staticmethod
-    def forward(ctx, scores, soft_mask):
-        probs = _SoftMaskedSoftmax.compute(scores, soft_mask)
-        ctx.save_for_backward(probs, soft_mask)
+    def forward(ctx, scores, reach, distance, ramp):
+        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(reach, distance, ramp))
+        ctx.save_for_backward(probs, reach, distance)
+        ctx.ramp = ramp
         return probs
 
     @staticmethod
     def backward(ctx, grad):
-        probs, soft_mask = ctx.saved_tensors
+        probs, reach, distance = ctx.saved_tensors
         dot = torch.linalg.vecdot(grad, probs).unsqueeze(-1)
         d_scores = (grad - dot).mul_(probs)  # softmax backward; exactly 0 where probs == 0
-        d_mask = None
+        d_reach = None
         if ctx.needs_input_grad[1]:
-            # logits = s + log m, so d/dm = d_scores / m where m > 0; d_scores is 0 where m == 0
-            d_mask = d_scores / soft_mask.clamp_min(torch.finfo(soft_mask.dtype).tiny)
-        return d_scores, d_mask
+            # logits = s + log m, so d/dm = d_scores / m where m > 0 (d_scores is 0 where m == 0); then through the
+            # clamp (which passes the gradient on [0, 1], ends included) and the division by the ramp.
+            unclamped = torch.sub(reach, distance).div_(ctx.ramp)
+            inside = (unclamped >= 0) & (unclamped <= 1)
+            d_mask = d_scores / unclamped.clamp_(torch.finfo(unclamped.dtype).tiny, 1)
+            d_reach = (d_mask * inside).sum(dim=-1, keepdim=True).div_(ctx.ramp)
+        return d_scores, d_reach, None, None
 
 
 def adaptive_local_attention(
@@ -316,12 +330,10 @@ def adaptive_local_attention(
         return out.reshape(batch, heads, padded, head_dim)[:, :, :length].to(query.dtype)
 
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, nb, block, width), fresh: reused in place
-    soft_mask = torch.sub(z, dist).div_(ramp)
-    soft_mask = soft_mask.clamp(0, 1) if tracking else soft_mask.clamp_(0, 1)
     if tracking:
-        probs = _SoftMaskedSoftmax.apply(scores, soft_mask)
+        probs = _SoftMaskedSoftmax.apply(scores, z, dist, ramp)
     else:
-        probs = _SoftMaskedSoftmax.compute(scores, soft_mask)
+        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, nb, block, D)
     return out.reshape(batch, heads, padded, head_dim)[:, :, :length]
 
