@@ -4,8 +4,9 @@ By default: SmolLM2-135M (installed from PyPI, no model hub) and Shakespeare's p
 
 1. held-out perplexity of the original model;
 2. conversion (the verification's max logit difference) and the converted model's perplexity, equal to the original's;
-3. the hybrid model fine-tuned with LoRA (plus its span predictor and mix) for a short budget, and the original
-   model fine-tuned with the same LoRA budget and data as the baseline; perplexity of both;
+3. the hybrid model fine-tuned with LoRA (attention projections and the mix; the span predictor in full) for a
+   short budget, and the original model fine-tuned with the same LoRA budget and data as the baseline;
+   perplexity of both;
 4. a generated sample from each; the learned spans and temperatures (`hybrid-hf inspect` plots);
 5. `report.md` in the output folder, which is also a Hub-ready model folder (the fine-tuned hybrid model, merged).
 
@@ -131,7 +132,7 @@ def run(args) -> Path:
         seed=args.seed,
         quiet=True,
     )
-    print(f"[3/5] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r} + span predictor and mix)")
+    print(f"[3/5] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r} on attention and the mix, span predictor trained)")
     tuned = finetune(hybrid, out, force=args.force, base_model=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct", **common)
     print(f"[4/5] fine-tuning the original model as the baseline (same LoRA budget and data)")
     baseline = finetune(host, None, hybrid=False, **common)
