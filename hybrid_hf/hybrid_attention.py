@@ -192,9 +192,10 @@ class _SoftMaskedSoftmax(torch.autograd.Function):
         d_reach = None
         if ctx.needs_input_grad[1]:
             # logits = s + log m, so d/dm = d_scores / m where m > 0 (d_scores is 0 where m == 0); then through the
-            # clamp (which passes the gradient on [0, 1], ends included) and the division by the ramp.
+            # clamp, whose gradient is taken as 1 strictly inside (0, 1) and 0 at and beyond its ends (the ramp's
+            # kinks), and the division by the ramp.
             unclamped = torch.sub(reach, distance).div_(ctx.ramp)
-            inside = (unclamped >= 0) & (unclamped <= 1)
+            inside = (unclamped > 0) & (unclamped < 1)
             d_mask = d_scores / unclamped.clamp_(torch.finfo(unclamped.dtype).tiny, 1)
             d_reach = (d_mask * inside).sum(dim=-1, keepdim=True).div_(ctx.ramp)
         return d_scores, d_reach, None, None
@@ -370,7 +371,9 @@ def reference_local_attention(
     distance = delta.clamp_min(0) if causal else delta.abs()
 
     z = span.clamp(0, max_span).expand(batch, heads, length)[..., None]  # (B, H, N, 1)
-    mask = torch.clamp((z - distance) / ramp + 1, min=0, max=1)  # (B, H, N, S)
+    ramp_value = (z - distance) / ramp + 1  # (B, H, N, S)
+    # clamp to [0, 1], with the kernel's gradient convention at the kinks: 0 at and beyond the ends
+    mask = torch.where(ramp_value >= 1, 1.0, torch.where(ramp_value <= 0, 0.0, ramp_value))
     if causal:
         mask = mask * (delta >= 0)
     if key_mask is not None:
