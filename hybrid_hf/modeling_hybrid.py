@@ -312,11 +312,10 @@ class HybridModelMixin:
             # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
             counted = labels[..., 1:] if get_architecture(self.config.model_type).causal else labels
             span_loss = span_loss * counted.ne(-100).sum() / num_items
-        if isinstance(outputs, tuple):
-            if kwargs.get("labels") is not None and self.config.span_loss_coef:
-                outputs = (outputs[0] + span_loss,) + outputs[1:]
-            return outputs
-        if kwargs.get("labels") is not None and outputs.get("loss") is not None and self.config.span_loss_coef:
+        penalise = labels is not None and self.config.span_loss_coef > 0
+        if isinstance(outputs, tuple):  # return_dict=False: the loss, when there is one, comes first
+            return (outputs[0] + span_loss,) + outputs[1:] if penalise else outputs
+        if penalise and outputs.get("loss") is not None:
             outputs["loss"] = outputs["loss"] + span_loss
         outputs["span_loss"] = span_loss
         return outputs
