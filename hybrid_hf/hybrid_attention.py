@@ -283,12 +283,17 @@ def adaptive_local_attention(
     width = block + left + right
     pad_q = padded - length
 
-    factor = F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)  # (B, H, padded)
-    factor = factor.view(batch, kv_heads, groups, num_blocks, block, 1)
-    z = F.pad(span, (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1)
+    # Layout (B, H_kv, nb, G, block, ...): the G query heads that share a key/value head are stacked in each block,
+    # so every block multiplies (G * block) queries with its own window of keys, and keys are never repeated per head.
+    def blocked(x: torch.Tensor) -> torch.Tensor:  # (B, H, padded, ...) -> (B, H_kv, nb, G, block, ...)
+        x = x.view(batch, kv_heads, groups, num_blocks, block, *x.shape[3:])
+        return x.transpose(2, 3)
+
+    factor = blocked(F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)[..., None])
+    z = blocked(F.pad(span.to(compute), (0, pad_q))[..., None]) + ramp  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
     # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
-    q = F.pad(query.to(compute), (0, 0, 0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, head_dim)
-    q = q * factor
+    q = blocked(F.pad(query.to(compute), (0, 0, 0, pad_q))) * factor
+    q = q.reshape(batch, kv_heads, num_blocks, groups * block, head_dim)
 
     # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
     start, stop = offset - left, offset + padded + right
@@ -297,9 +302,9 @@ def adaptive_local_attention(
     valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
     k = F.pad(key.to(compute), (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]  # (B, H_kv, P, D)
     v = F.pad(value, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]
-    k = k.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, nb, width, D)
-    v = v.unfold(2, width, block).transpose(-1, -2).unsqueeze(2)
-    valid = valid.unfold(1, width, block)[:, None, None, :, None, :]  # (B, 1, 1, nb, 1, width)
+    k_t = k.unfold(2, width, block)  # (B, H_kv, nb, D, width): overlapping windows, a view
+    v = v.unfold(2, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D)
+    valid = valid.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
 
     # Distance of slot c from query i of the same block: delta = i + left - c, the same for every block.
     # Causal: the keys after the query (delta < 0) are put beyond the band, where the soft mask is 0.
@@ -307,36 +312,36 @@ def adaptive_local_attention(
     rows = torch.arange(block, device=query.device)
     delta = rows[:, None] + left - slots[None, :]  # (block, width)
     distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
-
-    # Key validity folded into a small (B, 1, 1, nb, block, width) distance tensor, H times smaller than the scores:
-    # +inf for unreadable keys.
-    # m = clamp((z + ramp - distance) / ramp, 0, 1), written so that it is exactly 0 at distance = z + ramp and
-    # exactly 1 at distance = z for integer spans, as in the original (the span gradient jumps at those edges).
-    dist = distance.to(compute).masked_fill(~valid, float("inf"))  # (B, 1, 1, nb, block, width)
-    z = z.to(compute) + ramp  # (B, H_kv, G, nb, block, 1)
+    # Key validity folded into the distance (+inf where unreadable): (B, 1, nb, 1, block, width), H times smaller
+    # than the scores. The soft mask is then m = clamp((z + ramp - distance) / ramp, 0, 1).
+    dist = distance.to(compute).masked_fill(~valid, float("inf"))
 
     if sdpa_path:
-        # Inference: one fused SDPA call on the blocked layout with the float mask log(m) (-inf outside). The G query
-        # heads of a KV head are stacked along the query axis; k/v stay overlapping strided views (no copy).
-        qb = q.permute(0, 1, 3, 2, 4, 5).reshape(batch * kv_heads, num_blocks, groups * block, head_dim)
-        kb = k.squeeze(2).reshape(batch * kv_heads, num_blocks, width, head_dim)
-        vb = v.squeeze(2).reshape(batch * kv_heads, num_blocks, width, head_dim)
+        # Inference: one fused SDPA call per block with the float mask log(m) (-inf outside); k/v stay views.
         # log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at and below log(tiny).
         tiny = torch.finfo(compute).tiny
-        bias = torch.sub(z.permute(0, 1, 3, 2, 4, 5), dist.permute(0, 1, 3, 2, 4, 5)).div_(ramp).clamp_(tiny, 1).log_()
+        bias = torch.sub(z, dist).div_(ramp).clamp_(tiny, 1).log_()
         F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
         bias = bias.reshape(batch * kv_heads, num_blocks, groups * block, width)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)  # empty rows -> zeros
-        out = out.view(batch, kv_heads, num_blocks, groups, block, head_dim).permute(0, 1, 3, 2, 4, 5)
-        return out.reshape(batch, heads, padded, head_dim)[:, :, :length].to(query.dtype)
-
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, nb, block, width), fresh: reused in place
-    if tracking:
-        probs = _SoftMaskedSoftmax.apply(scores, z, dist, ramp)
+        flat = (batch * kv_heads, num_blocks)
+        out = F.scaled_dot_product_attention(
+            q.reshape(*flat, groups * block, head_dim),
+            k_t.transpose(-1, -2).reshape(*flat, width, head_dim),
+            v.reshape(*flat, width, head_dim),
+            attn_mask=bias,
+            scale=1.0,
+        )  # empty rows -> zeros
     else:
-        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
-    out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, nb, block, D)
-    return out.reshape(batch, heads, padded, head_dim)[:, :, :length]
+        scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
+        scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)
+        if tracking:
+            probs = _SoftMaskedSoftmax.apply(scores, z, dist, ramp)
+        else:
+            probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
+        probs = probs.view(batch, kv_heads, num_blocks, groups * block, width)
+        out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
+    out = out.view(batch, kv_heads, num_blocks, groups, block, head_dim).transpose(2, 3)
+    return out.reshape(batch, heads, padded, head_dim)[:, :, :length].to(query.dtype)
 
 
 def reference_local_attention(
