@@ -132,7 +132,7 @@ def run(args) -> Path:
         seed=args.seed,
         quiet=True,
     )
-    print(f"[3/5] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r} on attention and the mix, span predictor trained)")
+    print(f"[3/5] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r}; span predictor in full)")
     tuned = finetune(hybrid, out, force=args.force, base_model=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct", **common)
     print(f"[4/5] fine-tuning the original model as the baseline (same LoRA budget and data)")
     baseline = finetune(host, None, hybrid=False, **common)
@@ -150,8 +150,11 @@ def run(args) -> Path:
     rows = [
         ("original", ppl_original),
         ("converted (before fine-tuning)", ppl_converted),
-        (f"hybrid, fine-tuned ({tuned.steps} steps)", tuned.perplexity_after),
-        (f"original, fine-tuned ({baseline.steps} steps, baseline)", baseline.perplexity_after),
+        (f"hybrid, fine-tuned ({tuned.steps} steps)", perplexity(tuned.model, eval_dataset, batch_size=args.batch_size)),
+        (
+            f"original, fine-tuned ({baseline.steps} steps, baseline)",
+            perplexity(baseline.model, eval_dataset, batch_size=args.batch_size),
+        ),
     ]
     spans = record.mean_span_per_head()
     report = [
