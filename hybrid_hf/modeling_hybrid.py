@@ -17,6 +17,7 @@ This file travels with saved checkpoints (`trust_remote_code`).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -265,10 +266,15 @@ def hybrid_layers(model: nn.Module) -> list[HybridAttention]:
     return [module for module in model.modules() if type(module).__name__ == "HybridAttention"]
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _key_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook of the base model: hands its 2-d padding mask to the hybrid layers."""
     if KEY_MASK_KWARG not in kwargs:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments
         mask = bound.get("attention_mask")
         kwargs[KEY_MASK_KWARG] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     return args, kwargs
