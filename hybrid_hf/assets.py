@@ -95,7 +95,6 @@ DEFAULT_HELD_OUT_PLAY = "hamlet"
 
 # Keys that `from_pretrained` records in tokenizer_config.json about how the files were *loaded*
 # (from a local folder, offline); they describe no property of the tokenizer.
-_LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
 # How many of pip's last output lines a failed install reports.
 _PIP_TAIL_LINES = 25
 
@@ -268,7 +267,9 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _drop_load_time_keys(out / "tokenizer_config.json")
+    from .checkpoint import drop_load_time_keys
+
+    drop_load_time_keys(out / "tokenizer_config.json")
 
     config = json.loads((out / "config.json").read_text())
     if "quantization_config" in config:  # would make every later load go through a quantizer
@@ -291,17 +292,6 @@ def _fix_special_tokens(tokenizer: PreTrainedTokenizerBase, config: PreTrainedCo
     max_positions = getattr(config, "max_position_embeddings", None)
     if isinstance(max_positions, int) and max_positions > 0:
         tokenizer.model_max_length = max_positions
-
-
-def _drop_load_time_keys(path: Path) -> None:
-    """Remove what ``from_pretrained`` recorded about how the tokenizer was loaded."""
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text())
-    if any(key in data for key in _LOAD_TIME_TOKENIZER_KEYS):
-        for key in _LOAD_TIME_TOKENIZER_KEYS:
-            data.pop(key, None)
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def minilm_folder() -> Path:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import HYBRID_PREFIX, HostArchitecture, get_architecture
-from .cli import UsageError
+from .cli import ArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _is_offline() -> bool:
         return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in names)
 
 
-def _is_hub_id(source: str) -> bool:
+def is_hub_id(source: str) -> bool:
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -201,7 +201,7 @@ def load_source_config(source: str):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source {source!r} is not a model folder: it has no config.json")
         _check_model_type(path / "config.json", source)
-    elif not _is_hub_id(source):
+    elif not is_hub_id(source):
         raise FileNotFoundError(f"source {source!r} not found: no such folder, and not a valid hub model id")
     try:
         config = AutoConfig.from_pretrained(source_location(source))
@@ -411,7 +411,7 @@ def _publish(tmp: Path, output: Path, force: bool) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _drop_load_time_keys(path: Path) -> None:
+def drop_load_time_keys(path: Path) -> None:
     """Remove what `from_pretrained` recorded about how the tokenizer was loaded (not a property of it)."""
     if not path.is_file():
         return
@@ -430,8 +430,10 @@ def _normalize_modes(folder: Path) -> None:
             os.chmod(path, mode)
 
 
-def write_atomically(output: Path, hybrid, tokenizer, force: bool) -> None:
-    """Save model and tokenizer into a temporary folder beside `output`, then rename it into place."""
+def write_atomically(output: Path, hybrid, tokenizer, force: bool, card: dict | None = None) -> None:
+    """Save model and tokenizer (and, with `card`, the arguments of `training.write_model_card`, a model card) into
+    a temporary folder beside `output`, then rename it into place; an existing `output` is replaced only with
+    `force`, and put back should the replacement fail."""
     parent = output.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
@@ -440,7 +442,11 @@ def write_atomically(output: Path, hybrid, tokenizer, force: bool) -> None:
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-            _drop_load_time_keys(tmp / "tokenizer_config.json")
+            drop_load_time_keys(tmp / "tokenizer_config.json")
+        if card is not None:
+            from .training import write_model_card
+
+            write_model_card(tmp, **card)
         _normalize_modes(tmp)
         _publish(tmp, output, force)
     except BaseException:
@@ -551,13 +557,6 @@ def convert_checkpoint(
 # --- command line -------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad argument as one line (through `cli.run`), not usage plus message."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
 def _layer_list(text: str) -> list[int] | None:
     if text.strip().lower() == "all":
         return None
@@ -567,7 +566,7 @@ def _layer_list(text: str) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="hybrid-hf convert",
         description="Convert a checkpoint (hub id or local folder) into a hybrid-attention checkpoint. The "
         "converted model computes exactly what the original did (verified) until it is fine-tuned.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import sys
@@ -17,6 +18,13 @@ COMMANDS = {
 
 class UsageError(Exception):
     """A bad input from the user: reported as one line, no traceback, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The commands' argument parser: a bad argument is a `UsageError` (one line through `run`), not usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def first_line(error: BaseException) -> str:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -62,7 +61,8 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError, first_line
+from .checkpoint import write_atomically
+from .cli import ArgumentParser, UsageError, first_line
 
 #: hybrid settings that only apply when converting a host model
 CONVERSION_SETTINGS = ("max_span", "ramp", "tau_min", "tau_max", "span_per_head", "local_projections",
@@ -195,40 +195,6 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"could not load the tokenizer of {name} ({first_line(error)})") from None
     return model, tokenizer, converted
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, replacing an existing `target` (moved aside first, then deleted)."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def save_folder(model, tokenizer, output: Path, card: dict[str, Any] | None = None) -> None:
-    """Save `model`, `tokenizer` and (with `card`, the arguments of `write_model_card`) a model card to `output`,
-    atomically: into a temporary folder beside it, then renamed into place (replacing an existing `output`)."""
-    from .training import write_model_card
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        if card is not None:
-            write_model_card(temporary, **card)
-        _replace_folder(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def _default_use_cpu() -> bool:
@@ -433,7 +399,7 @@ def finetune(
                 training_summary=summary,
                 repo_id=str(output),
             )
-        save_folder(trained, tokenizer, output, card)
+        write_atomically(output, trained, tokenizer, force=force, card=card)
     state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
     if not quiet and state.is_main_process:
@@ -450,15 +416,8 @@ def finetune(
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports bad arguments as a `UsageError` (one line through `cli.run`) rather than usage + exit."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="hybrid-hf finetune",
         description="Fine-tune a hybrid (or host, converted on the fly) causal LM on text files with Trainer and "
         "save a Hub-ready folder.",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import quiet_transformers
+from .cli import ArgumentParser, quiet_transformers
 from .modeling_hybrid import hybrid_layers
 from .training import model_device
 
@@ -334,17 +334,8 @@ def summary_table(record: SpanRecord) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as a `UsageError` (one line, exit 2 through `cli.run`)."""
-
-    def error(self, message):
-        from .cli import UsageError
-
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="hybrid-hf inspect",
         description="Plot the spans and temperatures a hybrid model predicts for a text.",
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -345,11 +344,11 @@ def perplexity(model, dataset, batch_size: int = 8) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Model card
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+def _is_hub_model(name: str | None) -> bool:
+    """A Hub repo id rather than a local folder (the card's `base_model` metadata takes only Hub ids)."""
+    from .checkpoint import is_hub_id
 
-
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and _HUB_ID.match(name) is not None and not Path(name).exists() and ".." not in name
+    return bool(name) and is_hub_id(name) and not Path(name).exists()
 
 
 def _markdown_table(rows: dict[str, Any]) -> str:
@@ -417,7 +416,7 @@ def write_model_card(
     if host:
         tags.append(host)
     data = ModelCardData(
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=base_model if _is_hub_model(base_model) else None,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
         tags=tags,
