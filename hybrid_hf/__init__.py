@@ -1,19 +1,12 @@
 """hybrid_hf: hybrid attention with an adaptive, sharpened local focus for Hugging Face Transformers.
 
-Importing the package registers the hybrid model types with the Auto classes.
+Importing the package registers the `"hybrid"` attention function with transformers. `convert(model)` makes any
+model whose attention goes through transformers' attention interface hybrid, and registers its hybrid class with the
+Auto classes; `register_model_type("llama")` does the latter for loading saved hybrid folders without remote code.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
-
-from .architectures import ARCHITECTURES
-from .configuration_hybrid import HYBRID_CONFIG_CLASSES, HybridSettings
-from .conversion import convert
+from .configuration_hybrid import HybridSettings, hybrid_config_class
+from .conversion import convert, register_model_type
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -21,32 +14,32 @@ from .hybrid_attention import (
     masked_mean,
     span_temperature,
 )
-from .modeling_hybrid import HYBRID_MODEL_CLASSES, HybridAttention, hybrid_layers
-
-_AUTO = {
-    "base": AutoModel,
-    "causal_lm": AutoModelForCausalLM,
-    "masked_lm": AutoModelForMaskedLM,
-    "sequence_classification": AutoModelForSequenceClassification,
-}
-for _host_type, _config_class in HYBRID_CONFIG_CLASSES.items():
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    for _task, _model_class in HYBRID_MODEL_CLASSES[_host_type].items():
-        _AUTO[_task].register(_config_class, _model_class, exist_ok=True)
-
-globals().update({cls.__name__: cls for cls in HYBRID_CONFIG_CLASSES.values()})
-globals().update({cls.__name__: cls for classes in HYBRID_MODEL_CLASSES.values() for cls in classes.values()})
+from .modeling_hybrid import HYBRID_ATTENTION, hybrid_layers, hybrid_model_class
 
 __all__ = [
-    "ARCHITECTURES",
-    "HybridAttention",
+    "HYBRID_ATTENTION",
     "HybridSettings",
     "SpanPredictor",
     "adaptive_local_attention",
     "causal_prefix_mean",
     "convert",
+    "hybrid_config_class",
     "hybrid_layers",
+    "hybrid_model_class",
     "masked_mean",
+    "register_model_type",
     "span_temperature",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    """`hybrid_hf.HybridLlamaForCausalLM`, `hybrid_hf.HybridLlamaConfig` and the like, made on demand."""
+    from . import configuration_hybrid, modeling_hybrid
+
+    for module in (modeling_hybrid, configuration_hybrid):
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,19 +1,22 @@
-"""Configs of hybrid models: the host architecture's config plus the hybrid attention settings.
+"""Configs of hybrid models: a host architecture's config plus the hybrid attention settings.
 
-`HybridLlamaConfig` is `LlamaConfig` with `model_type="hybrid_llama"` and the fields of `HybridSettings`, and so on
-for every row of `architectures.ARCHITECTURES`. `config.json` holds the host's fields and the hybrid ones side by side.
+`HybridLlamaConfig` is `LlamaConfig` with `model_type="hybrid_llama"` and the fields of `HybridSettings`; the class for
+any host config class is made on demand (`hybrid_config_class(LlamaConfig)`, or the name `HybridLlamaConfig` looked
+up in this module). `config.json` holds the host's fields and the hybrid ones side by side.
 This file travels with saved checkpoints (`trust_remote_code`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import transformers
 from transformers import PreTrainedConfig
 
-from .architectures import ARCHITECTURES, HYBRID_PREFIX
 from .hybrid_attention import validate_span_settings
 
-LOCAL_PROJECTIONS = ("shared", "separate")
+#: prefix of a hybrid config's `model_type` (`"hybrid_llama"`)
+HYBRID_PREFIX = "hybrid_"
 
 
 class HybridSettings(PreTrainedConfig):
@@ -24,11 +27,12 @@ class HybridSettings(PreTrainedConfig):
         ramp: width of the soft edge of the span mask, in tokens.
         tau_min, tau_max: temperature of the local softmax at the shortest and the longest span.
         span_per_head: one span per token and head (`True`) or one per token shared by its heads.
-        local_projections: `"shared"` reuses the global branch's q/k/v/o (and its KV cache); `"separate"` gives the
-            local branch its own copies.
-        hybrid_layers: indices of the layers made hybrid; `None` for all.
+        hybrid_layers: indices of the self-attention layers made hybrid; `None` for all.
         span_loss_coef: weight of the span penalty `mean(span) / max_span` added to the loss when labels are given.
         initial_span: span at initialisation, as a fraction of `max_span`, in (0, 1).
+        global_attn_implementation: the attention implementation of the global branch (`"sdpa"`, `"eager"`,
+            `"flash_attention_2"`, ...); `None` for transformers' default. `from_pretrained(attn_implementation=...)`
+            and `set_attn_implementation(...)` set it; the model itself dispatches to `"hybrid"`.
     """
 
     max_span: int = 128
@@ -36,15 +40,13 @@ class HybridSettings(PreTrainedConfig):
     tau_min: float = 0.5
     tau_max: float = 1.0
     span_per_head: bool = True
-    local_projections: str = "shared"
     hybrid_layers: list[int] | None = None
     span_loss_coef: float = 0.0
     initial_span: float = 0.5
+    global_attn_implementation: str | None = None
 
     def __post_init__(self, **kwargs):
         validate_span_settings(self.max_span, self.ramp, self.tau_min, self.tau_max)
-        if self.local_projections not in LOCAL_PROJECTIONS:
-            raise ValueError(f"`local_projections` must be one of {LOCAL_PROJECTIONS}, got {self.local_projections!r}")
         if not isinstance(self.span_per_head, bool):
             raise ValueError(f"`span_per_head` must be True or False, got {self.span_per_head!r}")
         if isinstance(self.span_loss_coef, bool) or not isinstance(self.span_loss_coef, (int, float)) or self.span_loss_coef < 0:
@@ -66,15 +68,21 @@ class HybridSettings(PreTrainedConfig):
         return self.hybrid_layers is None or layer_idx in self.hybrid_layers
 
 
-def _hybrid_config_class(host_type: str) -> type[PreTrainedConfig]:
-    host = getattr(transformers, ARCHITECTURES[host_type].config_class)
+@functools.cache
+def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`, `model_type` `hybrid_<host>`."""
     name = f"Hybrid{host.__name__}"
     doc = f"`{host.__name__}` with hybrid attention: the host's fields plus those of `HybridSettings`."
+    attributes = {"model_type": HYBRID_PREFIX + host.model_type, "__doc__": doc, "__module__": __name__, "__qualname__": name}
     # The host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation.
-    return type(name, (host, HybridSettings), {"model_type": HYBRID_PREFIX + host_type, "__doc__": doc, "__module__": __name__})
+    cls = type(name, (host, HybridSettings), attributes)
+    cls.register_for_auto_class()
+    return cls
 
 
-HYBRID_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
-    host_type: _hybrid_config_class(host_type) for host_type in ARCHITECTURES
-}
-globals().update({cls.__name__: cls for cls in HYBRID_CONFIG_CLASSES.values()})
+def __getattr__(name: str):
+    """`HybridLlamaConfig` and the like, made on demand (this is how a checkpoint's `auto_map` finds them)."""
+    host = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
+    if isinstance(host, type) and issubclass(host, PreTrainedConfig) and not issubclass(host, HybridSettings):
+        return hybrid_config_class(host)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,70 +1,96 @@
-"""Convert a loaded host model (Llama, Mistral, Qwen2/3, GPT-2, BERT, RoBERTa) into its hybrid form."""
+"""Convert a loaded host model, of any architecture whose attention goes through transformers' attention interface,
+into its hybrid form; and the Auto-class registration that lets the hybrid classes load in this process."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import PreTrainedModel
+import transformers
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.models import auto
 
-from .architectures import HYBRID_PREFIX, get_architecture, host_model_type
-from .configuration_hybrid import HYBRID_CONFIG_CLASSES
-from .modeling_hybrid import HYBRID_MODEL_CLASSES, hybrid_layers
+from .configuration_hybrid import HYBRID_PREFIX, hybrid_config_class
+from .modeling_hybrid import AUTO_CLASSES, HybridModelMixin, auto_class_name, hybrid_layers, hybrid_model_class, reset_hybrid_parameters
 
-NEW_PARAMETER_MODULES = ("span_predictor", "mix", "local")
+NEW_PARAMETER_MODULES = ("span_predictor", "mix")
 
 # Config entries that describe a saved file rather than the model.
 _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architectures", "_name_or_path")
 
 
-def hybrid_config_from(host_config, **settings):
-    """The hybrid config for a host config: the host's fields plus the hybrid `settings` (validated)."""
-    _refuse_hybrid(host_config)
-    get_architecture(host_config.model_type)  # raises for unsupported architectures
-    fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
-    fields.pop("quantization_config", None)
-    config = HYBRID_CONFIG_CLASSES[host_model_type(host_config.model_type)](**{**fields, **settings})
-    config._attn_implementation = host_config._attn_implementation
-    return config
-
-
-def _refuse_hybrid(config) -> None:
+def _refuse_hybrid(config: PreTrainedConfig) -> None:
     if config.model_type.startswith(HYBRID_PREFIX):
         raise ValueError(f"the model is already hybrid (model_type {config.model_type!r})")
 
 
-def hybrid_class_for(model: PreTrainedModel) -> type[PreTrainedModel]:
-    """The hybrid class matching a host model's class (e.g. `LlamaForCausalLM` -> `HybridLlamaForCausalLM`)."""
-    _refuse_hybrid(model.config)
-    arch = get_architecture(model.config.model_type)
-    classes = HYBRID_MODEL_CLASSES[host_model_type(model.config.model_type)]
-    for task, name in arch.model_classes.items():
-        if type(model).__name__ == name:
-            return classes[task]
-    raise ValueError(
-        f"{type(model).__name__} is not a supported {model.config.model_type} class; supported: "
-        f"{', '.join(arch.model_classes.values())}"
-    )
+def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedConfig:
+    """The hybrid config for a host config: the host's fields plus the hybrid `settings` (validated)."""
+    _refuse_hybrid(host_config)
+    fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
+    fields.pop("quantization_config", None)
+    config = hybrid_config_class(type(host_config))(**{**fields, **settings})
+    config.global_attn_implementation = host_config._attn_implementation
+    return config
+
+
+def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The hybrid class of `host_class`, registered with `AutoConfig` and its Auto model class in this process."""
+    cls = hybrid_model_class(host_class)
+    AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
+    auto_name = auto_class_name(host_class)
+    if auto_name is not None:
+        getattr(auto, auto_name).register(cls.config_class, cls, exist_ok=True)
+    return cls
+
+
+def register_model_type(model_type: str) -> None:
+    """Register the hybrid classes of a host or hybrid `model_type` (`"llama"`, `"hybrid_llama"`) for every Auto
+    class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
+    code. `ValueError` if transformers does not know the type."""
+    host_type = model_type.removeprefix(HYBRID_PREFIX)
+    if host_type not in auto.CONFIG_MAPPING_NAMES:
+        raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
+    for table in AUTO_CLASSES.values():
+        name = getattr(auto.modeling_auto, table).get(host_type)
+        host_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(host_class, type):
+            register_hybrid_class(host_class)
+
+
+def _probe(hybrid: PreTrainedModel) -> None:
+    """Run two tokens through the model: a host whose attention never reaches the hybrid backend fails here."""
+    device = next(hybrid.parameters()).device
+    if device.type == "meta":
+        return
+    with torch.no_grad():
+        hybrid(input_ids=torch.ones(1, 2, dtype=torch.long, device=device), use_cache=False)
 
 
 def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     """Turn a loaded host model into the hybrid model that computes exactly what it did.
 
-    Every host weight is copied under its original name; the new parameters (`span_predictor`, `mix`, and with
-    `local_projections="separate"` the `local` copies) are set so that `mix = [0 | I]`. The input model is left
-    untouched and shares no storage with the result.
+    Every host weight is copied under its original name; each self-attention module gets a span predictor and a
+    head-space mix, `mix = [0 | I]`, so the output is the host's until fine-tuning moves the mix. The input model is
+    left untouched and shares no storage with the result. The hybrid class is registered with the Auto classes.
 
     Args:
-        model: a `transformers` model of a supported architecture and class.
+        model: a `transformers` model whose attention goes through the attention interface (`AttentionInterface`).
         **settings: hybrid settings (see `HybridSettings`): `max_span`, `ramp`, `tau_min`, `tau_max`,
-            `span_per_head`, `local_projections`, `hybrid_layers`, `span_loss_coef`, `initial_span`.
+            `span_per_head`, `hybrid_layers`, `span_loss_coef`, `initial_span`, `global_attn_implementation`.
 
     Returns:
         The hybrid model, on the input's device and dtype, in the input's train/eval mode.
+
+    Raises:
+        ValueError: for invalid settings, an already hybrid model, or a host that cannot be made hybrid (the
+            message says why).
     """
-    hybrid_cls = hybrid_class_for(model)
+    if isinstance(model, HybridModelMixin):
+        raise ValueError(f"the model is already hybrid (model_type {model.config.model_type!r})")
     config = hybrid_config_from(model.config, **settings)
+    hybrid_cls = register_hybrid_class(type(model))
     with no_init_weights():
         hybrid = hybrid_cls(config)
     hybrid.to(dtype=model.dtype)
@@ -74,10 +100,13 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
         raise RuntimeError(f"conversion left host weights unmatched: missing {not_new}, unexpected {unexpected}")
     hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)
     for layer in hybrid_layers(hybrid):
-        layer.reset_hybrid_parameters()
+        reset_hybrid_parameters(layer)
     hybrid.to(model.device)
     if getattr(model, "generation_config", None) is not None:
         hybrid.generation_config = copy.deepcopy(model.generation_config)
     hybrid.config._name_or_path = model.config._name_or_path
+    hybrid.eval()
+    _probe(hybrid)
     hybrid.train(model.training)
     return hybrid
+

@@ -56,8 +56,9 @@ def causal_prefix_mean(
         past_sum, past_count: `(B, d)` and `(B,)` running sum and count of earlier positions (cached decoding).
 
     Returns:
-        `(mean, sum, count)`: the `(B, N, d)` prefix means (0 where no real token has been seen yet), and the
-        running sum and count after the last position, to carry to the next call. Accumulated in float32.
+        `(mean, sums, counts)`: the `(B, N, d)` prefix means (0 where no real token has been seen yet), and the
+        running sums `(B, N, d)` and counts `(B, N)` at each position (the last ones carry on to the next call).
+        Accumulated in float32.
     """
     weights = x.new_ones(x.shape[:2], dtype=torch.float32) if mask is None else mask.to(torch.float32)  # (B, N)
     sums = torch.cumsum(x.float() * weights[..., None], dim=1)  # (B, N, d)
@@ -66,7 +67,7 @@ def causal_prefix_mean(
         sums = sums + past_sum[:, None, :]
         counts = counts + past_count[:, None]
     mean = sums / counts.clamp_min(1.0)[..., None]
-    return mean.to(x.dtype), sums[:, -1], counts[:, -1]
+    return mean.to(x.dtype), sums, counts
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,9 +115,12 @@ def _check_attention_inputs(
     causal: bool,
     key_mask: torch.Tensor | None,
     query_offset: int | None,
+    max_distance: int | None = None,
 ) -> int:
     """Validate the arguments shared by the kernel and the reference; return the query offset."""
     validate_span_settings(max_span, ramp)
+    if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 0):
+        raise ValueError(f"`max_distance` must be None or an integer >= 0, got {max_distance!r}")
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() != 4:
             raise ValueError(f"`{name}` must be a 4-d tensor (B, H, N, D), got shape {tuple(tensor.shape)}")
@@ -214,6 +218,7 @@ def adaptive_local_attention(
     scaling: float | None = None,
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
+    max_distance: int | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
@@ -241,6 +246,8 @@ def adaptive_local_attention(
         key_mask: `(B, S)`, 1 for real keys and 0 for padding (left or right padding).
         query_offset: absolute position of the first query; `S - N` by default (queries are the last `N`
             positions, as in cached decoding).
+        max_distance: a hard limit on top of the span: keys at distance `delta > max_distance` are never read
+            (the host layer's own sliding window, so that the local branch reads nothing the host cannot).
         block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
             the fused inference path).
 
@@ -253,7 +260,7 @@ def adaptive_local_attention(
     float mask.
     """
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance
     )
     batch, heads, length, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
@@ -268,6 +275,8 @@ def adaptive_local_attention(
     tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
     if not tracking:
         reach = min(reach, int(math.ceil(span.max().item())) + ramp)
+    if max_distance is not None:
+        reach = min(reach, max_distance + 1)
     left = reach - 1
     right = 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
@@ -312,6 +321,8 @@ def adaptive_local_attention(
     rows = torch.arange(block, device=query.device)
     delta = rows[:, None] + left - slots[None, :]  # (block, width)
     distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
+    if max_distance is not None:
+        distance = distance.masked_fill(distance > max_distance, max_span + ramp)
     # Key validity folded into the distance (+inf where unreadable): (B, 1, nb, 1, block, width), H times smaller
     # than the scores. The soft mask is then m = clamp((z + ramp - distance) / ramp, 0, 1).
     dist = distance.to(compute).masked_fill(~valid, float("inf"))
@@ -357,12 +368,13 @@ def reference_local_attention(
     scaling: float | None = None,
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
+    max_distance: int | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance
     )
     batch, heads, length, head_dim = query.shape
     groups = heads // key.shape[1]
@@ -381,6 +393,8 @@ def reference_local_attention(
     mask = torch.where(ramp_value >= 1, 1.0, torch.where(ramp_value <= 0, 0.0, ramp_value))
     if causal:
         mask = mask * (delta >= 0)
+    if max_distance is not None:
+        mask = mask * (delta.abs() <= max_distance)
     if key_mask is not None:
         mask = mask * key_mask[:, None, None, :].to(mask.dtype)
 

@@ -1,36 +1,40 @@
-"""Hybrid models: a host architecture with its self-attention layers swapped for `HybridAttention`.
+"""Hybrid attention as a transformers attention backend, and hybrid model classes for any host architecture.
 
-One hybrid layer (DESIGN section 1):
+A host self-attention module computes its query, key and value (its projections, norms, rotary embeddings and cache
+update), calls the attention function that `config._attn_implementation` names, and applies its output projection to
+the result. Hybrid models set that name to `"hybrid"`, registered here, so that for every hybrid layer:
 
-    g = o_proj(Attn(q, k, v))                       global branch: the host's own attention, weights and cache
+    g = Attn(q, k, v)                            global branch: the host's own implementation (eager, sdpa, ...)
     c = mean of g over the positions each token sees  (prefix for decoders, all real tokens for encoders)
-    s = sigmoid(W_s c + b_s)                         span scale per token (and head)
-    l = o_proj_local(LocalAttn(q_l, k_l, v_l; span = s * max_span, temperature = tau(s)))
-    y = W_mix [l ; g]                                W_mix = [0 | I] at conversion: the host's output exactly
+    s = sigmoid(W_s c + b_s)                     span scale per token (and head)
+    l = LocalAttn(q, k, v; span = s * max_span, temperature = tau(s))   on the very same q, k, v
+    a = W_mix [l ; g]                            W_mix = [0 | I] at conversion; the host then applies o_proj(a)
 
-`HybridLlamaForCausalLM` is `LlamaForCausalLM` with this layer, and so on for every row of `ARCHITECTURES`.
-Host weights keep their names (the hybrid layer adopts the host attention's children); the new parameters sit in
-`span_predictor`, `mix` and, with separate local projections, `local`.
+`HybridLlamaForCausalLM` is `LlamaForCausalLM` with the new parameters (`span_predictor`, `mix`) added to each
+self-attention module; host weights keep their names. The class of any host model class is made on demand:
+`hybrid_model_class(LlamaForCausalLM)`, or the name `HybridLlamaForCausalLM` looked up in this module.
 This file travels with saved checkpoints (`trust_remote_code`).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.models.auto import modeling_auto
 
-from .architectures import ARCHITECTURES, HostArchitecture, get_architecture
-from .configuration_hybrid import HYBRID_CONFIG_CLASSES
+from .configuration_hybrid import hybrid_config_class
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -39,299 +43,303 @@ from .hybrid_attention import (
     span_temperature,
 )
 
-SPAN_LIST_KWARG = "hybrid_spans"
-KEY_MASK_KWARG = "hybrid_key_mask"
+#: the `attn_implementation` name of hybrid attention
+HYBRID_ATTENTION = "hybrid"
+#: the keyword argument that carries a forward's `HybridForwardState` to the attention function
+STATE_KWARG = "hybrid_state"
+
+#: Auto class -> transformers' table of host classes for it; the first that lists a host class is its Auto class.
+AUTO_CLASSES = {
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModel": "MODEL_MAPPING_NAMES",
+}
 
 
 @dataclass
-class HybridLayerState:
-    """What a decoder's hybrid layer carries across generation steps, beside the host's KV cache.
+class HybridForwardState:
+    """What one model forward hands its hybrid layers, through the attention function's keyword arguments.
 
-    `context_sum` `(B, d)` and `context_count` `(B,)` give the prefix mean of the global output; `local_key` and
-    `local_value` `(B, H_kv, <= window, D)` are the separate local branch's recent keys (None when shared).
+    Attributes:
+        config: the hybrid config (settings and the global branch's implementation).
+        key_mask: `(B, S)` 1 for real tokens, the model's 2-D `attention_mask` (None: no padding).
+        cache: the model's KV cache, where decoders keep their context state (None without cache).
+        spans: `(span_scale (B, H, N), query_mask (B, N) | None)` per hybrid layer call, for the span loss.
+        layers_reached: hybrid layers that ran, to tell a host whose attention never reaches this backend.
     """
 
-    context_sum: torch.Tensor
-    context_count: torch.Tensor
-    seen: int
-    local_key: torch.Tensor | None = None
-    local_value: torch.Tensor | None = None
-
-    def reorder(self, beam_idx: torch.LongTensor) -> None:
-        for name in ("context_sum", "context_count", "local_key", "local_value"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+    config: PreTrainedConfig
+    key_mask: torch.Tensor | None = None
+    cache: Cache | None = None
+    spans: list = field(default_factory=list)
+    layers_reached: int = 0
 
 
-def _layer_states(cache) -> dict[int, HybridLayerState]:
-    """The hybrid states kept on a transformers `Cache` object (created on first use)."""
-    if not hasattr(cache, "hybrid_states"):
-        cache.hybrid_states = {}
-    return cache.hybrid_states
+# ----------------------------------------------------------------------------------------------------------------
+# The attention function
+# ----------------------------------------------------------------------------------------------------------------
 
 
-class HybridAttention(nn.Module):
-    """The hybrid layer. It adopts the host attention module's children under their own names."""
+def global_attention_function(module: nn.Module, implementation: str):
+    """The host's attention function for `implementation`: `ALL_ATTENTION_FUNCTIONS[implementation]`, or for
+    `"eager"` the host family's own `eager_attention_forward` (which may add softcapping, layer scaling, ...)."""
+    if implementation == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(
+                f"{type(module).__name__} has no `eager_attention_forward` in its module; use another "
+                f"attn_implementation for the global branch: {', '.join(ALL_ATTENTION_FUNCTIONS.valid_keys())}"
+            )
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
-    def __init__(self, host: nn.Module, config, arch: HostArchitecture, layer_idx: int):
-        super().__init__()
-        for name, child in host.named_children():
-            self.add_module(name, child)
-        core = host.get_submodule(arch.core) if arch.core else host
-        self.arch = arch
-        self.config = config
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.scaling = core.scaling
-        self.sliding_window = getattr(core, "sliding_window", None)
-        self.is_causal = arch.causal
-        self.attention_dropout = float(getattr(config, arch.dropout_config, 0.0) or 0.0)
 
-        self.span_predictor = SpanPredictor(
-            config.hidden_size, self.num_heads, config.span_per_head, config.initial_span
+def hybrid_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `"hybrid"` attention function: the host's global attention, then (on hybrid layers) the local branch on
+    the same `query` `(B, H, N, D)`, `key` and `value` `(B, H_kv, S, D)`, mixed in head space. Returns `(B, N, H, D)`.
+    """
+    state: HybridForwardState | None = kwargs.pop(STATE_KWARG, None)
+    config = state.config if state is not None else module.config
+    attention = global_attention_function(module, config.global_attn_implementation)
+    global_output, weights = attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not hasattr(module, "mix"):  # not a hybrid layer (cross-attention, or a layer left out of `hybrid_layers`)
+        return global_output, weights
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} called hybrid attention without the model's `{STATE_KWARG}` keyword argument: "
+            "its model does not pass keyword arguments on to its attention, so it cannot be made hybrid"
         )
-        self.mix = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        if config.local_projections == "separate":
-            self.local = nn.Module()
-            for path in arch.projections():
-                _set_submodule(self.local, path, copy.deepcopy(self.get_submodule(path)))
-        self.reset_hybrid_parameters()
+    state.layers_reached += 1
+    batch, heads, length, head_dim = query.shape
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    key_mask = _key_mask(state.key_mask, key.shape[2])
+    query_mask = key_mask[:, -length:] if key_mask is not None else None
+    global_flat = global_output.reshape(batch, length, -1)  # (B, N, H * D)
 
-    @torch.no_grad()
-    def reset_hybrid_parameters(self) -> None:
-        """Conversion-time values: `mix = [0 | I]`, span at `initial_span`, local projections copied from the host.
+    # Span and temperature from the context: prefix means (decoder, carried in the cache) or the whole-sequence mean.
+    if causal:
+        layer = hybrid_cache_layer(state.cache, module.layer_idx) if state.cache is not None else None
+        past = layer.context_before(length) if layer is not None else (None, None)
+        context, sums, counts = causal_prefix_mean(global_flat, query_mask, *past)  # (B, N, H * D)
+        if layer is not None:
+            layer.append_context(sums, counts)
+    else:
+        context = masked_mean(global_flat, query_mask)  # (B, 1, H * D)
+    span_scale = module.span_predictor(context).expand(-1, -1, length)  # (B, H or 1, N)
+    state.spans.append((span_scale, query_mask))
+    span = span_scale * config.max_span
+    temperature = span_temperature(span_scale, config.tau_min, config.tau_max)
 
-        Uses `transformers.initialization`, so parameters loaded from a checkpoint are left as they are.
-        """
-        hidden = self.config.hidden_size
-        identity = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
-        init.copy_(self.mix.weight, identity.to(self.mix.weight.dtype))
-        predictor = self.span_predictor.proj
-        init.zeros_(predictor.weight)
-        init.constant_(predictor.bias, math.log(self.config.initial_span / (1.0 - self.config.initial_span)))
-        if hasattr(self, "local"):
-            for path in self.arch.projections():
-                for name, param in self.local.get_submodule(path).named_parameters():
-                    init.copy_(param, self.get_submodule(path).get_parameter(name))
+    # Local branch: never further than the host's own sliding window reaches (transformers' masks read
+    # `distance < window` causally and `|distance| <= window` bidirectionally).
+    window = kwargs.get("sliding_window")
+    local_output = adaptive_local_attention(
+        query,
+        key,
+        value,
+        span,
+        temperature,
+        max_span=config.max_span,
+        ramp=config.ramp,
+        causal=causal,
+        scaling=scaling,
+        key_mask=key_mask,
+        max_distance=None if window is None else (window - 1 if causal else window),
+    )  # (B, H, N, D)
+    local_flat = local_output.transpose(1, 2).reshape(batch, length, -1).to(global_flat.dtype)  # (B, N, H * D)
+    mixed = module.mix(torch.cat([local_flat, global_flat], dim=-1))  # (B, N, H * D)
+    return mixed.view(batch, length, heads, head_dim), weights
 
-    def _project(self, owner: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
-        """q, k, v `(B, H, N, D)` from `owner`'s projections (the host's, or the separate local copies)."""
-        arch = self.arch
-        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        if arch.fused_qkv:
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-            fused = owner.get_submodule(arch.fused_qkv)(hidden_states)
-            query, key, value = fused.split([q_size, kv_size, kv_size], dim=-1)
-        else:
-            query = owner.get_submodule(arch.query)(hidden_states)
-            key = owner.get_submodule(arch.key)(hidden_states)
-            value = owner.get_submodule(arch.value)(hidden_states)
-        query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)  # (B, N, H, D)
-        if arch.query_norm:
-            query = owner.get_submodule(arch.query_norm)(query)
-            key = owner.get_submodule(arch.key_norm)(key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, N, D)
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        return query, key, value
 
-    def _context(self, global_output: torch.Tensor, query_mask: torch.Tensor | None, state: HybridLayerState | None):
-        """Context the span is predicted from: `(B, N, d)` prefix means (decoder) or `(B, 1, d)` (encoder)."""
-        if not self.is_causal:
-            return masked_mean(global_output, query_mask), None
-        past = (state.context_sum, state.context_count) if state is not None else (None, None)
-        context, total, count = causal_prefix_mean(global_output, query_mask, *past)
-        return context, (total, count)
+def hybrid_mask_function(*args, config: PreTrainedConfig, **kwargs):
+    """The mask of the global branch's implementation (the host's masks are unchanged)."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[config.global_attn_implementation](*args, config=config, **kwargs)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache=None,
-        past_key_values=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = cache if cache is not None else past_key_values
-        key_mask = kwargs.pop(KEY_MASK_KWARG, None)  # (B, S) 1 for real tokens, set by the model
-        spans = kwargs.pop(SPAN_LIST_KWARG, None)
-        for unused in ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask"):
-            kwargs.pop(unused, None)
-        batch, length = hidden_states.shape[:2]
-        config = self.config
 
-        # Global branch: the host's attention, kernels and cache.
-        query, key, value = self._project(self, hidden_states, position_embeddings)  # (B, H, N, D)
-        past_length = 0
-        if cache is not None:
-            past_length = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(cache.layers) else 0
-            key, value = cache.update(key, value, self.layer_idx)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            config._attn_implementation, eager_attention_forward
+AttentionInterface.register(HYBRID_ATTENTION, hybrid_attention_forward)
+AttentionMaskInterface.register(HYBRID_ATTENTION, hybrid_mask_function)
+
+
+def _key_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """The 2-D padding mask aligned to the `keys` keys this layer sees (the last ones: a sliding cache keeps fewer)."""
+    if mask is None:
+        return None
+    if mask.shape[1] < keys:
+        raise ValueError(
+            f"`attention_mask` covers {mask.shape[1]} tokens but the layer reads {keys} keys; pass a mask over the "
+            "cached and the new tokens"
         )
-        if self.sliding_window is not None:
-            kwargs["sliding_window"] = self.sliding_window
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        global_output = self.get_submodule(self.arch.output)(attn_output.reshape(batch, length, -1))  # (B, N, d)
+    return mask[:, -keys:]
 
-        # Span and temperature from the context.
-        key_mask = key_mask[:, -key.shape[2] :] if key_mask is not None else None
-        query_mask = key_mask[:, -length:] if key_mask is not None else None
-        states = _layer_states(cache) if cache is not None and self.is_causal else None
-        state = states.get(self.layer_idx) if states is not None and past_length > 0 else None
-        if states is not None and past_length > 0 and (state is None or state.seen != past_length):
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding state: a transformers cache layer that also holds the prefix sums of the global output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HybridCacheLayerMixin:
+    """Added to a dynamic cache layer of a hybrid layer: beside its keys and values, the running sums of the global
+    output at every cached position, `context_sums` `(B, S, H * D)` (float32) and `context_counts` `(B, S)`, so the
+    prefix-mean context continues across decoding steps, and is cropped, reordered and selected with the keys."""
+
+    context_sums: torch.Tensor | None = None
+    context_counts: torch.Tensor | None = None
+
+    def context_before(self, new_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(sum (B, d), count (B,))` over the positions before the `new_tokens` this call added to the cache."""
+        seen = self.get_seq_length() - new_tokens
+        stored = 0 if self.context_sums is None else self.context_sums.shape[1]
+        if stored != seen:
             raise RuntimeError(
-                f"hybrid layer {self.layer_idx}: the cache holds {past_length} tokens but the hybrid context state "
-                f"{'is missing' if state is None else f'has seen {state.seen}'}; a cache cropped or filled outside "
-                "this model's forward cannot be continued"
+                f"the cache holds {seen} earlier tokens but the hybrid context state {stored}; a cache filled "
+                "outside this model's forward cannot be continued"
             )
-        context, totals = self._context(global_output, query_mask, state)
-        span_scale = self.span_predictor(context)  # (B, H, N) or (B, 1, N); (B, *, 1) for encoders
-        if not self.is_causal:
-            span_scale = span_scale.expand(-1, -1, length)
-        if spans is not None:
-            spans.append((span_scale, query_mask))
-        span = span_scale * config.max_span
-        temperature = span_temperature(span_scale, config.tau_min, config.tau_max)
+        if seen == 0:
+            return None, None
+        return self.context_sums[:, -1], self.context_counts[:, -1]
 
-        # Local branch: shared projections reuse q/k/v (and the cache); separate ones keep a short cache of their own.
-        owner = self.local if hasattr(self, "local") else self
-        local_key_mask = key_mask
-        if owner is self:
-            local_query, local_key, local_value = query, key, value
+    def append_context(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        if self.context_sums is None or self.context_sums.shape[1] == 0:
+            self.context_sums, self.context_counts = sums, counts
         else:
-            local_query, local_key, local_value = self._project(owner, hidden_states, position_embeddings)
-            if state is not None:
-                local_key = torch.cat([state.local_key, local_key], dim=2)
-                local_value = torch.cat([state.local_value, local_value], dim=2)
-            local_key_mask = key_mask[:, -local_key.shape[2] :] if key_mask is not None else None
-        local_output = adaptive_local_attention(
-            local_query,
-            local_key,
-            local_value,
-            span,
-            temperature,
-            max_span=config.max_span,
-            ramp=config.ramp,
-            causal=self.is_causal,
-            scaling=self.scaling,
-            key_mask=local_key_mask,
-        )  # (B, H, N, D)
-        local_output = owner.get_submodule(self.arch.output)(local_output.transpose(1, 2).reshape(batch, length, -1))
+            self.context_sums = torch.cat([self.context_sums, sums], dim=1)
+            self.context_counts = torch.cat([self.context_counts, counts], dim=1)
 
-        if states is not None:
-            window = config.max_span + config.ramp - 1
-            keep = owner is not self
-            states[self.layer_idx] = HybridLayerState(
-                context_sum=totals[0],
-                context_count=totals[1],
-                seen=past_length + length,
-                local_key=local_key[:, :, -window:] if keep else None,
-                local_value=local_value[:, :, -window:] if keep else None,
+    def _apply_to_context(self, fn) -> None:
+        if self.context_sums is not None:
+            self.context_sums, self.context_counts = fn(self.context_sums), fn(self.context_counts)
+
+    def crop(self, *args, **kwargs) -> None:
+        super().crop(*args, **kwargs)
+        length = self.get_seq_length()
+        self._apply_to_context(lambda t: t[:, :length])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_to_context(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_to_context(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_to_context(lambda t: t[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.context_sums = self.context_counts = None
+
+
+@functools.cache
+def _hybrid_layer_class(layer_class: type) -> type:
+    return type(f"Hybrid{layer_class.__name__}", (HybridCacheLayerMixin, layer_class), {"__module__": __name__})
+
+
+def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayerMixin:
+    """The cache layer of hybrid layer `layer_idx`, given the context state on first use (a dynamic layer only)."""
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, HybridCacheLayerMixin):
+        hybrid = _hybrid_layer_class(type(layer)).__new__(_hybrid_layer_class(type(layer)))
+        hybrid.__dict__.update(vars(layer))  # the same keys, values and counters
+        cache.layers[layer_idx] = layer = hybrid
+    return layer
+
+
+def check_cache(cache) -> None:
+    """Hybrid decoders keep their context state in dynamic cache layers; other caches are refused up front."""
+    layers = getattr(cache, "layers", None)
+    if cache is None or (layers is not None and all(isinstance(layer, DynamicLayer) for layer in layers)):
+        return
+    raise ValueError(
+        f"hybrid models decode with a dynamic cache (`DynamicCache`, the default), got {type(cache).__name__}: "
+        "its layers have no room for the hybrid layers' context state (so `cache_implementation='static'` and other "
+        "preallocated caches are not supported)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hybrid layers inside a host model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The host's self-attention modules in order, as its `_can_record_outputs["attentions"]` names them."""
+    specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if specs is None:
+        raise ValueError(
+            f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
+            "so its self-attention cannot be found"
+        )
+    specs = specs if isinstance(specs, (list, tuple)) else [specs]
+    found = []
+    for name, module in model.named_modules():
+        for spec in specs:
+            target = getattr(spec, "target_class", spec)
+            class_name = getattr(spec, "class_name", None)
+            layer_name = getattr(spec, "layer_name", None)
+            matches = isinstance(module, target) if isinstance(target, type) else bool(
+                class_name and type(module).__name__.endswith(class_name)
             )
-
-        output = self.mix(torch.cat([local_output, global_output], dim=-1))  # (B, N, d)
-        if self.arch.output_dropout:
-            output = self.get_submodule(self.arch.output_dropout)(output)
-        if self.arch.residual_norm:
-            output = self.get_submodule(self.arch.residual_norm)(output + hidden_states)
-        return output, attn_weights
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, name = path.split(".")
-    for parent in parents:
-        if not hasattr(root, parent):
-            root.add_module(parent, nn.Module())
-        root = getattr(root, parent)
-    root.add_module(name, module)
+            if matches and (layer_name is None or f".{layer_name.strip('.')}." in f".{name}."):
+                found.append(module)
+                break
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no self-attention modules to make hybrid")
+    return found
 
 
-def hybrid_layers(model: nn.Module) -> list[HybridAttention]:
-    """The hybrid attention layers of a model, in order (works on PEFT-wrapped and remote-code models)."""
-    return [module for module in model.modules() if type(module).__name__ == "HybridAttention"]
+def attention_sizes(config: PreTrainedConfig, module: nn.Module) -> tuple[int, int]:
+    """`(heads, head_dim)` of a self-attention module's output, before its output projection."""
+    heads = config.num_attention_heads
+    head_dim = (
+        getattr(config, "v_head_dim", None)
+        or getattr(module, "head_dim", None)
+        or getattr(config, "head_dim", None)
+        or config.hidden_size // heads
+    )
+    return heads, head_dim
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+def add_hybrid_parameters(module: nn.Module, config: PreTrainedConfig) -> None:
+    """Give a host self-attention module the span predictor and the head-space mix, at their conversion values."""
+    heads, head_dim = attention_sizes(config, module)
+    width = heads * head_dim
+    module.span_predictor = SpanPredictor(width, heads, config.span_per_head, config.initial_span)
+    module.mix = nn.Linear(2 * width, width, bias=False)
+    reset_hybrid_parameters(module)
 
 
-def _key_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of the base model: hands its 2-d padding mask to the hybrid layers."""
-    if KEY_MASK_KWARG not in kwargs:
-        bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments
-        mask = bound.get("attention_mask")
-        kwargs[KEY_MASK_KWARG] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    return args, kwargs
+@torch.no_grad()
+def reset_hybrid_parameters(module: nn.Module) -> None:
+    """Conversion-time values: `mix = [0 | I]` (the global branch exactly), every span at `initial_span`.
+
+    Uses `transformers.initialization`, so parameters loaded from a checkpoint are left as they are.
+    """
+    width = module.mix.out_features
+    identity = torch.cat([torch.zeros(width, width), torch.eye(width)], dim=1)
+    init.copy_(module.mix.weight, identity.to(module.mix.weight.dtype))
+    predictor = module.span_predictor
+    init.zeros_(predictor.proj.weight)
+    init.constant_(predictor.proj.bias, math.log(predictor.initial_span / (1.0 - predictor.initial_span)))
 
 
-class HybridModelMixin:
-    """Makes a transformers model class hybrid: swaps attention after the host builds, adds the span loss."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        arch = get_architecture(config.model_type)
-        blocks = self.base_model.get_submodule(arch.layers)
-        for layer_idx, block in enumerate(blocks):
-            if config.is_hybrid_layer(layer_idx):
-                host = getattr(block, arch.attention)
-                setattr(block, arch.attention, HybridAttention(host, config, arch, layer_idx))
-        self.base_model.register_forward_pre_hook(_key_mask_hook, with_kwargs=True)
-
-    def initialize_weights(self) -> None:
-        """The host's initialisation, then the conversion-time values of the hybrid parameters.
-
-        `from_pretrained` calls this after loading, for the weights missing from the checkpoint; parameters that
-        were loaded keep their values. (Overriding `_init_weights` would not reach layers inside a nested base model,
-        which transformers initialises with that model's own `_init_weights`.)
-        """
-        super().initialize_weights()
-        for layer in hybrid_layers(self):
-            layer.reset_hybrid_parameters()
-
-    def forward(self, *args, **kwargs):
-        if SPAN_LIST_KWARG in kwargs:  # called by an outer hybrid model, which adds the span loss
-            return super().forward(*args, **kwargs)
-        spans: list = []
-        outputs = super().forward(*args, **{SPAN_LIST_KWARG: spans}, **kwargs)
-        if not spans:
-            return outputs
-        span_loss = self.config.span_loss_coef * _mean_span_scale(spans)
-        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
-        if labels is not None and num_items is not None:
-            # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
-            # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
-            counted = labels[..., 1:] if get_architecture(self.config.model_type).causal else labels
-            span_loss = span_loss * counted.ne(-100).sum() / num_items
-        penalise = labels is not None and self.config.span_loss_coef > 0
-        if isinstance(outputs, tuple):  # return_dict=False: the loss, when there is one, comes first
-            return (outputs[0] + span_loss,) + outputs[1:] if penalise else outputs
-        if penalise and outputs.get("loss") is not None:
-            outputs["loss"] = outputs["loss"] + span_loss
-        outputs["span_loss"] = span_loss
-        return outputs
-
-    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
-        """Beam search: reorders the KV cache and the hybrid context states with it."""
-        cache.reorder_cache(beam_idx)
-        for state in _layer_states(cache).values():
-            state.reorder(beam_idx)
-        return cache
+def hybrid_layers(model: nn.Module) -> list[nn.Module]:
+    """The hybrid attention modules of a model, in order (works on PEFT-wrapped and remote-code models)."""
+    return [m for m in model.modules() if type(getattr(m, "span_predictor", None)).__name__ == "SpanPredictor"]
 
 
 def _mean_span_scale(spans: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
@@ -346,29 +354,134 @@ def _mean_span_scale(spans: list[tuple[torch.Tensor, torch.Tensor | None]]) -> t
     return torch.stack(per_layer).mean()
 
 
-def _hybrid_model_class(host_type: str, task: str) -> type:
-    arch = ARCHITECTURES[host_type]
-    host = getattr(transformers, arch.model_classes[task])
-    config_class = HYBRID_CONFIG_CLASSES[host_type]
+class HybridModelMixin:
+    """Makes a transformers model class hybrid: new parameters on its self-attention, the `"hybrid"` attention
+    function, the context state in its cache and the span loss in its outputs. The host's forward signature is kept.
+    """
+
+    _can_compile_fullgraph = False  # the local band's width follows the learned spans (a data-dependent shape)
+
+    def __init__(self, config, *args, **kwargs):
+        requested = config._attn_implementation  # before transformers resolves it
+        if requested not in (None, HYBRID_ATTENTION):
+            config.global_attn_implementation = requested
+        config._attn_implementation = config.global_attn_implementation
+        super().__init__(config, *args, **kwargs)
+        self._use_hybrid_attention()
+        modules = self_attention_modules(self)
+        self._hybrid_decoder = all(getattr(module, "is_causal", True) for module in modules)
+        for index, module in enumerate(modules):
+            if config.is_hybrid_layer(index):
+                add_hybrid_parameters(module, config)
+
+    def _use_hybrid_attention(self) -> None:
+        """Keep the implementation transformers resolved (e.g. sdpa) for the global branch; dispatch to `"hybrid"`."""
+        if self.config._attn_implementation != HYBRID_ATTENTION:
+            self.config.global_attn_implementation = self.config._attn_implementation
+        self.config._attn_implementation = HYBRID_ATTENTION
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid."""
+        if attn_implementation != HYBRID_ATTENTION:
+            self.config._attn_implementation = self.config.global_attn_implementation
+            super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._use_hybrid_attention()
+
+    def initialize_weights(self) -> None:
+        """The host's initialisation, then the conversion-time values of the hybrid parameters.
+
+        `from_pretrained` calls this after loading, for the weights missing from the checkpoint; parameters that
+        were loaded keep their values.
+        """
+        super().initialize_weights()
+        for module in hybrid_layers(self):
+            reset_hybrid_parameters(module)
+
+
+def _hybrid_forward(host_forward):
+    """The host's `forward`, with its signature, handing the hybrid layers their state and adding the span loss."""
+    signature = inspect.signature(host_forward)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        raise ValueError(
+            f"{host_forward.__qualname__} takes no `**kwargs`, so it cannot pass the hybrid state on to its attention"
+        )
+
+    # transformers 5.24 renamed the models' `past_key_values` argument to `cache` (and still takes the old name).
+    cache_name = "cache" if "cache" in signature.parameters else "past_key_values"
+
+    @functools.wraps(host_forward)
+    def forward(self, *args, **kwargs):
+        if STATE_KWARG in kwargs:  # called by an outer hybrid model, which adds the span loss
+            return host_forward(self, *args, **kwargs)
+        if cache_name == "cache" and "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        mask, cache = arguments.get("attention_mask"), arguments.get(cache_name)
+        use_cache = arguments.get("use_cache")
+        use_cache = getattr(self.config, "use_cache", False) if use_cache is None else use_cache
+        if cache is None and use_cache and self._hybrid_decoder and not (self.training and self.is_gradient_checkpointing):
+            cache = arguments[cache_name] = DynamicCache(config=self.config)
+        check_cache(cache)
+        state = HybridForwardState(
+            self.config, key_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None, cache=cache
+        )
+        outputs = host_forward(*bound.args, **bound.kwargs, **{STATE_KWARG: state})
+        if not state.layers_reached:
+            raise RuntimeError(
+                f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
+                "transformers' attention interface"
+            )
+        span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans)
+        labels, num_items = arguments.get("labels"), arguments.get("kwargs", {}).get("num_items_in_batch")
+        if labels is not None and num_items is not None:
+            # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
+            # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
+            counted = labels[..., 1:] if self._hybrid_causal_lm else labels
+            span_loss = span_loss * counted.ne(-100).sum() / num_items
+        penalise = labels is not None and self.config.span_loss_coef > 0
+        if isinstance(outputs, tuple):  # return_dict=False: the loss, when there is one, comes first
+            return (outputs[0] + span_loss,) + outputs[1:] if penalise else outputs
+        if penalise and outputs.get("loss") is not None:
+            outputs["loss"] = outputs["loss"] + span_loss
+        outputs["span_loss"] = span_loss
+        return outputs
+
+    return forward
+
+
+def auto_class_name(host: type) -> str | None:
+    """The Auto class that builds `host` (e.g. `"AutoModelForCausalLM"` for `LlamaForCausalLM`), if any."""
+    for auto_name, table in AUTO_CLASSES.items():
+        names = getattr(modeling_auto, table).values()
+        if any(host.__name__ == (name if isinstance(name, str) else name[0]) for name in names):
+            return auto_name
+    return None
+
+
+@functools.cache
+def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`Hybrid<Host>`: the host model class with hybrid attention, its config class `Hybrid<HostConfig>`."""
+    config_class = hybrid_config_class(host.config_class)
+    auto_name = auto_class_name(host)
     name = f"Hybrid{host.__name__}"
-    doc = f"`{host.__name__}` with hybrid attention layers (see `HybridAttention`); config: `{config_class.__name__}`."
-    return type(name, (HybridModelMixin, host), {"config_class": config_class, "__doc__": doc, "__module__": __name__})
+    attributes = {
+        "config_class": config_class,
+        "forward": _hybrid_forward(host.forward),
+        "_hybrid_causal_lm": auto_name == "AutoModelForCausalLM",
+        "__doc__": f"`{host.__name__}` with hybrid attention layers; config: `{config_class.__name__}`.",
+        "__module__": __name__,
+        "__qualname__": name,
+    }
+    cls = type(name, (HybridModelMixin, host), attributes)
+    if auto_name is not None:
+        cls.register_for_auto_class(auto_name)
+    return cls
 
 
-#: host model_type -> task -> hybrid model class
-HYBRID_MODEL_CLASSES: dict[str, dict[str, type]] = {
-    host_type: {task: _hybrid_model_class(host_type, task) for task in arch.model_classes}
-    for host_type, arch in ARCHITECTURES.items()
-}
-globals().update({cls.__name__: cls for classes in HYBRID_MODEL_CLASSES.values() for cls in classes.values()})
-
-AUTO_CLASSES = {
-    "base": "AutoModel",
-    "causal_lm": "AutoModelForCausalLM",
-    "masked_lm": "AutoModelForMaskedLM",
-    "sequence_classification": "AutoModelForSequenceClassification",
-}
-for _host_type, _classes in HYBRID_MODEL_CLASSES.items():
-    HYBRID_CONFIG_CLASSES[_host_type].register_for_auto_class()
-    for _task, _cls in _classes.items():
-        _cls.register_for_auto_class(AUTO_CLASSES[_task])
+def __getattr__(name: str):
+    """`HybridLlamaForCausalLM` and the like, made on demand (this is how a checkpoint's `auto_map` finds them)."""
+    host = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
+    if isinstance(host, type) and issubclass(host, PreTrainedModel) and not issubclass(host, HybridModelMixin):
+        return hybrid_model_class(host)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -221,6 +221,43 @@ def test_matches_reference_with_padding(padding, causal, length):
     )
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("max_distance", [0, 1, 4, WINDOW - 2, WINDOW - 1, 100])
+@pytest.mark.parametrize("padding", ["none", "mixed"])
+def test_matches_reference_with_max_distance(max_distance, causal, padding):
+    case = make_case(length=41, seed=max_distance)
+    key_mask = make_key_mask(2, 41, padding)
+    assert_matches_reference(
+        *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance, block_size=16
+    )
+    with torch.no_grad():  # the inference path narrows the band to the limit
+        torch.testing.assert_close(
+            adaptive_local_attention(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask,
+                                     max_distance=max_distance),
+            reference_local_attention(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask,
+                                      max_distance=max_distance),
+            atol=1e-5, rtol=0,
+        )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_beyond_max_distance_are_never_read(causal):
+    length, t, limit = 40, 20, 3
+    query, key, value, span, temperature = make_case(length=length, span=float(MAX_SPAN), seed=4)
+    kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, max_distance=limit)
+    out = adaptive_local_attention(query, key, value, span, temperature, **kwargs)
+    far = (torch.arange(length) - t).abs() > limit
+    key2, value2 = key.clone(), value.clone()
+    key2[:, :, far] = 50 * torch.randn_like(key2[:, :, far])
+    value2[:, :, far] = 50 * torch.randn_like(value2[:, :, far])
+    out2 = adaptive_local_attention(query, key2, value2, span, temperature, **kwargs)
+    torch.testing.assert_close(out2[:, :, t], out[:, :, t], rtol=0, atol=1e-6)
+    near = (torch.arange(length) - t).abs() == limit
+    value2[:, :, near] += 1.0
+    assert not torch.allclose(adaptive_local_attention(query, key2, value2, span, temperature, **kwargs)[:, :, t],
+                              out[:, :, t])
+
+
 def test_key_mask_bool_and_long_agree():
     case = make_case(length=30)
     mask = make_key_mask(2, 30, "left")
@@ -802,8 +839,8 @@ def test_causal_prefix_mean_equals_hand_loop(padding):
     assert mean.shape == x.shape and mean.dtype == x.dtype
     torch.testing.assert_close(mean.double(), expected, rtol=1e-5, atol=1e-6)
     real = torch.ones(2, 23) if mask is None else mask.float()
-    torch.testing.assert_close(count, real.sum(1))
-    torch.testing.assert_close(total, (x * real[..., None]).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(count, real.cumsum(1))
+    torch.testing.assert_close(total, (x * real[..., None]).cumsum(1), rtol=1e-5, atol=1e-5)
     if padding == "left":
         assert (mean[0, :3] == 0).all() and (mean[1, :17] == 0).all()  # before the first real token
         torch.testing.assert_close(mean[1, 17], x[1, 17])
@@ -817,10 +854,10 @@ def test_causal_prefix_mean_in_two_chunks(split, padding):
     whole, whole_sum, whole_count = causal_prefix_mean(x, mask)
     first_mask, second_mask = (None, None) if mask is None else (mask[:, :split], mask[:, split:])
     first, s, c = causal_prefix_mean(x[:, :split], first_mask)
-    second, s2, c2 = causal_prefix_mean(x[:, split:], second_mask, past_sum=s, past_count=c)
+    second, s2, c2 = causal_prefix_mean(x[:, split:], second_mask, past_sum=s[:, -1], past_count=c[:, -1])
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s2, whole_sum, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c2, whole_count)
+    torch.testing.assert_close(torch.cat([s, s2], 1), whole_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([c, c2], 1), whole_count)
 
 
 def test_causal_prefix_mean_token_by_token():
@@ -830,6 +867,7 @@ def test_causal_prefix_mean_token_by_token():
     s = c = None
     for t in range(9):
         step, s, c = causal_prefix_mean(x[:, t : t + 1], mask[:, t : t + 1], past_sum=s, past_count=c)
+        s, c = s[:, -1], c[:, -1]
         torch.testing.assert_close(step[:, 0], whole[:, t], rtol=1e-5, atol=1e-6)
 
 

@@ -8,17 +8,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCa
 import hybrid_hf
 from hybrid_hf import convert, hybrid_layers
 from hybrid_hf.configuration_hybrid import HybridLlamaConfig
-from hybrid_hf.modeling_hybrid import HybridLlamaForCausalLM
+from hybrid_hf.modeling_hybrid import HybridLlamaForCausalLM, self_attention_modules
 
 SETTINGS = dict(max_span=8, ramp=4)
 
 
 @pytest.mark.parametrize("model_type,task", ALL_CLASSES)
-@pytest.mark.parametrize("local_projections", ["shared", "separate"])
 @pytest.mark.parametrize("layers", [None, [1]])
-def test_converted_outputs_equal_original(model_type, task, local_projections, layers):
+def test_converted_outputs_equal_original(model_type, task, layers):
     host = tiny_host(model_type, task)
-    hybrid = convert(host, local_projections=local_projections, hybrid_layers=layers, **SETTINGS)
+    hybrid = convert(host, hybrid_layers=layers, **SETTINGS)
     assert len(hybrid_layers(hybrid)) == (2 if layers is None else 1)
     for padding in (None, "left" if model_type in DECODERS else "right"):
         input_ids, mask = batch(model_type, padding=padding)
@@ -38,7 +37,7 @@ def assert_close_on_real_tokens(actual, expected, mask, atol=1e-5, rtol=0.0):
 @pytest.mark.parametrize("model_type", DECODERS + ENCODERS)
 def test_conversion_copies_weights_and_shares_no_storage(model_type):
     host = tiny_host(model_type)
-    hybrid = convert(host, local_projections="separate", **SETTINGS)
+    hybrid = convert(host, **SETTINGS)
     host_state = host.state_dict()
     hybrid_state = hybrid.state_dict()
     for name, tensor in host_state.items():
@@ -46,29 +45,30 @@ def test_conversion_copies_weights_and_shares_no_storage(model_type):
     host_pointers = {t.untyped_storage().data_ptr() for t in host_state.values()}
     assert not host_pointers & {t.untyped_storage().data_ptr() for t in hybrid_state.values()}
     new = set(hybrid_state) - set(host_state)
-    assert new and all(any(f".{part}." in key for part in ("span_predictor", "mix", "local")) for key in new)
+    assert new and all(any(f".{part}." in key for part in ("span_predictor", "mix")) for key in new)
 
 
-def test_separate_local_projections_start_as_copies():
-    hybrid = convert(tiny_host("llama"), local_projections="separate", **SETTINGS)
-    layer = hybrid_layers(hybrid)[0]
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        original, copy = getattr(layer, name).weight, getattr(layer.local, name).weight
-        assert torch.equal(original, copy) and original.data_ptr() != copy.data_ptr()
+def test_new_parameters_sit_on_the_host_attention_modules():
+    hybrid = convert(tiny_host("llama"), **SETTINGS)
+    layers = hybrid_layers(hybrid)
+    assert layers == self_attention_modules(hybrid) == [block.self_attn for block in hybrid.model.layers]
+    assert {name for name, _ in hybrid.model.layers[0].self_attn.named_children()} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "span_predictor", "mix"
+    }
 
 
 def test_mix_starts_as_identity_on_the_global_branch():
-    layer = hybrid_layers(convert(tiny_host("llama"), **SETTINGS))[0]
-    hidden = layer.config.hidden_size
-    expected = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+    layer = hybrid_layers(convert(tiny_host("qwen3", head_dim=16), **SETTINGS))[0]
+    width = 4 * 16  # heads x head_dim: the mix lives in head space, before the output projection
+    expected = torch.cat([torch.zeros(width, width), torch.eye(width)], dim=1)
     assert torch.equal(layer.mix.weight, expected)
 
 
 def test_plain_checkpoint_loads_into_hybrid_class(tmp_path):
     host = tiny_host("llama")
     host.save_pretrained(tmp_path)
-    loaded = HybridLlamaForCausalLM.from_pretrained(tmp_path, local_projections="separate", **SETTINGS).eval()
-    converted = convert(host, local_projections="separate", **SETTINGS)
+    loaded = HybridLlamaForCausalLM.from_pretrained(tmp_path, **SETTINGS).eval()
+    converted = convert(host, **SETTINGS)
     assert loaded.config.model_type == "hybrid_llama" and loaded.config.max_span == 8
     for name, tensor in converted.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -95,10 +95,9 @@ def test_from_config_trains_from_scratch():
     assert torch.isfinite(loss) and all(p.grad is not None for n, p in model.named_parameters() if ".mix." in n)
 
 
-@pytest.mark.parametrize("local_projections", ["shared", "separate"])
-def test_training_moves_the_converted_model(local_projections):
+def test_training_moves_the_converted_model():
     host = tiny_host("llama")
-    hybrid = convert(host, local_projections=local_projections, span_loss_coef=0.1, **SETTINGS).train()
+    hybrid = convert(host, span_loss_coef=0.1, **SETTINGS).train()
     input_ids, _ = batch("llama")
     optimizer = torch.optim.AdamW(hybrid.parameters(), lr=1e-2)
     layer = hybrid_layers(hybrid)[0]
@@ -110,12 +109,11 @@ def test_training_moves_the_converted_model(local_projections):
     optimizer.step()
     optimizer.zero_grad()
 
-    # Once the mix reads the local branch, gradients reach the span and the local projections.
+    # Once the mix reads the local branch, gradients reach the span and, through the local branch, the projections.
     hybrid.config.span_loss_coef = 0.0
     hybrid(input_ids=input_ids, labels=input_ids).loss.backward()
     assert layer.span_predictor.proj.weight.grad.abs().sum() > 0
-    local = layer.local if local_projections == "separate" else layer
-    assert local.q_proj.weight.grad.abs().sum() > 0
+    assert layer.q_proj.weight.grad.abs().sum() > 0
     optimizer.step()
 
     hybrid.eval()
@@ -145,9 +143,8 @@ def test_span_loss_is_added_to_the_loss_and_returned():
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
-@pytest.mark.parametrize("local_projections", ["shared", "separate"])
-def test_cached_greedy_generation_equals_uncached(model_type, local_projections):
-    hybrid = convert(tiny_host(model_type), local_projections=local_projections, **SETTINGS)
+def test_cached_greedy_generation_equals_uncached(model_type):
+    hybrid = convert(tiny_host(model_type), **SETTINGS)
     perturb(hybrid)
     prompt, _ = batch(model_type, batch_size=1, length=10)
     kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
@@ -157,11 +154,11 @@ def test_cached_greedy_generation_equals_uncached(model_type, local_projections)
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("local_projections", ["shared", "separate"])
-def test_left_padded_batch_generates_what_each_row_generates_alone(local_projections):
-    hybrid = convert(tiny_host("llama"), local_projections=local_projections, **SETTINGS)
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_left_padded_batch_generates_what_each_row_generates_alone(model_type):
+    hybrid = convert(tiny_host(model_type), **SETTINGS)
     perturb(hybrid)
-    input_ids, mask = batch("llama", length=12, padding="left")
+    input_ids, mask = batch(model_type, length=12, padding="left")
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     together = hybrid.generate(input_ids, attention_mask=mask, **kwargs)
     for row in range(2):
@@ -233,7 +230,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ("ramp", -1),
         ("tau_min", 0.0),
         ("tau_max", -1.0),
-        ("local_projections", "both"),
         ("hybrid_layers", [0, 7]),
         ("span_loss_coef", -0.1),
         ("initial_span", 1.0),
@@ -250,14 +246,6 @@ def test_invalid_temperature_range_names_both_fields():
         HybridLlamaConfig(tau_min=2.0, tau_max=1.0)
 
 
-def test_unsupported_architecture_lists_supported_ones():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    model = OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32))
-    with pytest.raises(ValueError, match="supported architectures: bert, gpt2, llama"):
-        convert(model)
-
-
 def test_converting_a_hybrid_model_is_refused():
     hybrid = convert(tiny_host("llama"), **SETTINGS)
     with pytest.raises(ValueError, match="already hybrid"):
@@ -266,6 +254,7 @@ def test_converting_a_hybrid_model_is_refused():
 
 def test_package_exports():
     assert callable(hybrid_hf.convert) and hybrid_hf.HybridLlamaForCausalLM is HybridLlamaForCausalLM
+    assert hybrid_hf.HybridLlamaConfig is HybridLlamaConfig
     assert issubclass(HybridLlamaForCausalLM, LlamaForCausalLM)
 
 

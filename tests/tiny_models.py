@@ -1,44 +1,58 @@
-"""Tiny random host models of every supported architecture, for tests."""
+"""Tiny random host models, for tests: any model type of the installed transformers, from one set of small sizes."""
 
 from __future__ import annotations
 
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from hybrid_hf import hybrid_layers
-from hybrid_hf.architectures import ARCHITECTURES
+from hybrid_hf.architectures import model_classes
 
 VOCAB = 99
 SEQ = 24
 
-_CONFIGS = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0),
-    "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128),
-    "roberta": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, pad_token_id=1),
+#: small sizes every family understands (through its config's attribute map); families add their own below
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+_FAMILY = {
+    "gpt2": dict(bos_token_id=0, eos_token_id=0),
+    "roberta": dict(pad_token_id=1),
 }
 
-#: (model_type, task) for every class the table supports
-ALL_CLASSES = [(model_type, task) for model_type, arch in ARCHITECTURES.items() for task in arch.model_classes]
-DECODERS = [name for name, arch in ARCHITECTURES.items() if arch.causal]
-ENCODERS = [name for name, arch in ARCHITECTURES.items() if not arch.causal]
+#: the families the detailed tests run on: (model_type, tasks)
+FAMILIES = {
+    "llama": ("causal_lm", "base"),
+    "mistral": ("causal_lm", "base"),
+    "qwen2": ("causal_lm", "base"),
+    "qwen3": ("causal_lm", "base"),
+    "gpt2": ("causal_lm", "base"),
+    "bert": ("base", "masked_lm", "sequence_classification"),
+    "roberta": ("base", "masked_lm", "sequence_classification"),
+}
+ALL_CLASSES = [(model_type, task) for model_type, tasks in FAMILIES.items() for task in tasks]
+DECODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" in tasks]
+ENCODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" not in tasks]
 
 
 def tiny_config(model_type: str, **overrides):
-    arch = ARCHITECTURES[model_type]
-    config_class = getattr(transformers, arch.config_class)
-    return config_class(vocab_size=VOCAB, **{**_CONFIGS[model_type], **overrides})
+    return CONFIG_MAPPING[model_type](**{**TINY, **_FAMILY.get(model_type, {}), **overrides})
 
 
 def tiny_host(model_type: str, task: str | None = None, seed: int = 0, **overrides):
-    """A random host model in eval mode; `task` defaults to the causal LM (decoders) or the base model (encoders)."""
-    arch = ARCHITECTURES[model_type]
-    task = task or ("causal_lm" if arch.causal else "base")
+    """A random host model in eval mode; `task` defaults to the causal LM, else the base model."""
+    classes = model_classes(model_type)
+    task = task or ("causal_lm" if "causal_lm" in classes else "base")
     torch.manual_seed(seed)
-    model = getattr(transformers, arch.model_classes[task])(tiny_config(model_type, **overrides))
+    model = getattr(transformers, classes[task])(tiny_config(model_type, **overrides))
     return model.eval()
 
 

@@ -1,0 +1,129 @@
+"""Hybrid attention as a transformers attention backend: what a transformers user expects of a model class."""
+
+import inspect
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import DECODERS, ENCODERS, batch, outputs_of, perturb, tiny_host
+from transformers import DynamicCache, Trainer, TrainingArguments
+
+from hybrid_hf import HYBRID_ATTENTION, convert, hybrid_layers
+
+SETTINGS = dict(max_span=8, ramp=4)
+GREEDY = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+
+
+def perturbed(model_type, task=None, **overrides):
+    hybrid = convert(tiny_host(model_type, task, **overrides), **SETTINGS)
+    perturb(hybrid)
+    return hybrid
+
+
+@pytest.mark.parametrize("model_type,task", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "base")])
+def test_forward_keeps_the_host_signature(model_type, task):
+    host = tiny_host(model_type, task)
+    hybrid = convert(host, **SETTINGS)
+    assert inspect.signature(hybrid.forward) == inspect.signature(host.forward)
+
+
+def test_plain_trainer_with_default_arguments_and_extra_columns(tmp_path):
+    hybrid = convert(tiny_host("llama"), span_loss_coef=0.1, **SETTINGS)
+    ids, _ = batch("llama", batch_size=8, length=16)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "text": ["a line"] * 8})
+    before = hybrid_layers(hybrid)[0].mix.weight.clone()
+    args = TrainingArguments(tmp_path, max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    result = Trainer(model=hybrid, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(hybrid_layers(hybrid)[0].mix.weight, before)
+
+
+def test_left_padded_gpt2_generates_as_the_original_right_after_conversion():
+    host = tiny_host("gpt2")
+    hybrid = convert(host, **SETTINGS)
+    input_ids, mask = batch("gpt2", length=12, padding="left")
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(hybrid.generate(input_ids, attention_mask=mask, **kwargs),
+                       host.generate(input_ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+@pytest.mark.parametrize("task", ["base", "masked_lm"])
+def test_right_padding_leaves_real_tokens_unchanged_with_the_local_branch_active(model_type, task):
+    hybrid = perturbed(model_type, task).eval()
+    input_ids, mask = batch(model_type, padding="right")
+    with torch.no_grad():
+        together = outputs_of(hybrid, input_ids, mask)
+        alone = outputs_of(hybrid, input_ids[1:, :-5], mask[1:, :-5])
+    torch.testing.assert_close(together[1, :-5], alone[0], atol=1e-5, rtol=0)
+
+
+def test_sliding_window_layers_decode_as_they_run_whole():
+    hybrid = perturbed("mistral", sliding_window=5)
+    prompt, _ = batch("mistral", batch_size=1, length=10)
+    assert torch.equal(hybrid.generate(prompt, **GREEDY), hybrid.generate(prompt, use_cache=False, **GREEDY))
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant", "assistant_host"])
+def test_speculative_decoding_gives_the_greedy_tokens(mode):
+    hybrid = perturbed("llama")
+    prompt, _ = batch("llama", batch_size=1, length=10)
+    prompt = torch.cat([prompt, prompt], dim=1)  # repeats, so prompt lookup finds candidates
+    extra = {
+        "prompt_lookup": dict(prompt_lookup_num_tokens=3),
+        "assistant": dict(assistant_model=perturbed("llama", seed=3)),
+        "assistant_host": dict(assistant_model=tiny_host("llama", seed=4)),
+    }[mode]
+    assert torch.equal(hybrid.generate(prompt, **GREEDY, **extra), hybrid.generate(prompt, **GREEDY))
+
+
+def test_beam_search_with_cache_equals_without():
+    hybrid = perturbed("llama")
+    prompt, _ = batch("llama", length=10)
+    kwargs = dict(GREEDY, num_beams=3, num_return_sequences=2)
+    assert torch.equal(hybrid.generate(prompt, **kwargs), hybrid.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_static_cache_is_refused_before_any_token():
+    hybrid = perturbed("llama")
+    prompt, _ = batch("llama", batch_size=1, length=10)
+    with pytest.raises(ValueError, match="dynamic cache.*StaticCache"):
+        hybrid.generate(prompt, cache_implementation="static", **GREEDY)
+
+
+def test_cropped_cache_continues_as_a_fresh_one():
+    hybrid = perturbed("llama").eval()
+    ids, _ = batch("llama", batch_size=2, length=20)
+    with torch.no_grad():
+        cache = DynamicCache(config=hybrid.config)
+        hybrid(ids, past_key_values=cache)
+        cache.crop(-8)  # back to 12 tokens
+        continued = hybrid(ids[:, 12:], past_key_values=cache).logits
+        whole = hybrid(ids).logits[:, 12:]
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=0)
+
+
+def test_output_attentions_returns_one_tensor_per_layer():
+    hybrid = perturbed("llama")
+    hybrid.set_attn_implementation("eager")
+    assert hybrid.config._attn_implementation == HYBRID_ATTENTION
+    assert hybrid.config.global_attn_implementation == "eager"
+    input_ids, _ = batch("llama")
+    out = hybrid(input_ids, output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 24, 24)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_eager_global_branch_uses_the_family_own_eager_function(model_type):
+    host = tiny_host(model_type)
+    host.set_attn_implementation("eager")
+    hybrid = convert(host, **SETTINGS)
+    assert hybrid.config.global_attn_implementation == "eager"
+    input_ids, mask = batch(model_type, padding="left")
+    with torch.no_grad():
+        torch.testing.assert_close(outputs_of(hybrid, input_ids, mask)[mask.bool()],
+                                   outputs_of(host, input_ids, mask)[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_compile_fullgraph_is_declared_unsupported():
+    assert convert(tiny_host("llama"), **SETTINGS)._can_compile_fullgraph is False
