@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Extra pip arguments for the environment, e.g. a pinned transformers: make test PIP_EXTRA="transformers==5.17.0"
 PIP_EXTRA ?=
 
-.PHONY: test demo bench clean
+.PHONY: test sweep architectures demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Every model type of the installed transformers, converted and checked (about 10 minutes).
+sweep: $(VENV)/.installed
+	$(PY) -m pytest -q -m sweep tests/test_architectures.py
+
+# The same sweep, written as the table in docs/architectures.md.
+architectures: $(VENV)/.installed
+	cd tests && ../$(PY) sweep.py ../docs/architectures.md
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/hybrid-hf demo $(DEMO_ARGS)

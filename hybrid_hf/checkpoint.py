@@ -1,13 +1,13 @@
 """`hybrid-hf convert`: turn a checkpoint (hub id or local folder) into a hybrid one, verified, written atomically.
 
     hybrid-hf convert SOURCE OUTPUT [--max-span N] [--ramp N] [--tau-min X] [--tau-max X] [--shared-span]
-                      [--local-projections shared|separate] [--layers 0,1,2] [--span-loss-coef X]
+                      [--layers 0,1,2] [--span-loss-coef X]
                       [--initial-span X] [--force] [--allow-pickle] [--task TASK] [--no-verify]
 
 The library entry point is `convert_checkpoint`. What it does, in order:
 
 1. Cheap checks first (nothing is loaded yet): OUTPUT does not exist (or `force`), SOURCE is a model folder or a
-   reachable hub id, its architecture is in `ARCHITECTURES`, its heads divide its hidden size, the hybrid settings
+   reachable hub id, transformers knows its architecture, its heads divide its hidden size, the hybrid settings
    are valid, and its weights are safetensors (pickled `.bin` weights only with `allow_pickle`).
 2. Load the host model in float32 with the class the table names for the task, and `convert` it.
 3. Verify on a short fixed batch (tokenized text when the source has a tokenizer, else fixed ids; the second row
@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .architectures import HYBRID_PREFIX, HostArchitecture, get_architecture
+from .architectures import default_task, model_classes
+from .configuration_hybrid import HYBRID_PREFIX
 from .cli import ArgumentParser
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ SETTINGS = (
     "tau_min",
     "tau_max",
     "span_per_head",
-    "local_projections",
     "hybrid_layers",
     "span_loss_coef",
     "initial_span",
@@ -176,7 +176,7 @@ def _check_model_type(config_file: Path, source: str) -> None:
     except (ValueError, AttributeError) as error:
         raise ValueError(f"source {source!r} has an unreadable config.json: {str(error).splitlines()[0]}") from error
     if isinstance(model_type, str) and not model_type.startswith(HYBRID_PREFIX):
-        get_architecture(model_type)  # ValueError listing the supported architectures
+        model_classes(model_type)  # ValueError when transformers has no class for it
 
 
 def source_location(source: str) -> str:
@@ -233,20 +233,19 @@ def _check_heads(config) -> None:
         )
 
 
-def choose_task(config, arch: HostArchitecture, task: str | None) -> str:
-    """`task` if given; else the task of `config.architectures[0]` when the table has it; else the default."""
+def choose_task(config, task: str | None) -> str:
+    """`task` if given; else the task of `config.architectures[0]` when it is one; else the default."""
+    classes = model_classes(config.model_type)
     if task is not None:
-        if task not in arch.model_classes:
-            raise ValueError(
-                f"task {task!r} is not available for {config.model_type}; available: {', '.join(arch.model_classes)}"
-            )
+        if task not in classes:
+            raise ValueError(f"task {task!r} is not available for {config.model_type}; available: {', '.join(classes)}")
         return task
     for name in getattr(config, "architectures", None) or []:
-        for candidate, class_name in arch.model_classes.items():
+        for candidate, class_name in classes.items():
             if class_name == name:
                 return candidate
         break  # only the first entry names the checkpoint's class
-    return "causal_lm" if arch.causal else "base"
+    return default_task(config.model_type)
 
 
 def _check_weights(source: str, allow_pickle: bool) -> None:
@@ -467,7 +466,8 @@ def convert_checkpoint(
     """Convert the checkpoint SOURCE (hub id or local folder) into a hybrid checkpoint in the folder OUTPUT.
 
     Args:
-        source: a hub model id or a local model folder of an architecture in `ARCHITECTURES`.
+        source: a hub model id or a local model folder whose attention goes through transformers' attention
+            interface.
         output: the folder to write; must not exist unless `force`.
         force: replace an existing `output` (only once the new one is complete).
         allow_pickle: accept pickled `pytorch_model.bin` weights when the source has no safetensors.
@@ -485,8 +485,8 @@ def convert_checkpoint(
     """
     import torch
 
-    from .conversion import convert, hybrid_class_for, hybrid_config_from
-    from .modeling_hybrid import hybrid_layers
+    from .conversion import convert, hybrid_config_from
+    from .modeling_hybrid import hybrid_layers, self_attention_modules
 
     start = time.perf_counter()
     source = os.fspath(source)
@@ -502,11 +502,10 @@ def convert_checkpoint(
     config = load_source_config(source)
     if config.model_type.startswith(HYBRID_PREFIX):
         raise ValueError(f"source {source!r} is already a hybrid model (model_type {config.model_type!r})")
-    arch = get_architecture(config.model_type)  # ValueError listing the supported architectures
     _check_heads(config)
     hybrid_config_from(config, **settings)  # ValueError for settings out of range, before loading any weight
-    task = choose_task(config, arch, task)
-    class_name = arch.model_classes[task]
+    task = choose_task(config, task)
+    class_name = model_classes(config.model_type)[task]
     _check_weights(source, allow_pickle)
 
     logger.info("Loading %s from %s (float32)", class_name, source)
@@ -514,8 +513,8 @@ def convert_checkpoint(
     model = _load_model(location, class_name, allow_pickle)
     tokenizer = _load_tokenizer(location)
 
-    logger.info("Converting to %s", hybrid_class_for(model).__name__)
     hybrid = convert(model, **settings)
+    logger.info("Converted to %s", type(hybrid).__name__)
     hybrid.eval()
 
     max_difference, tokens = None, 0
@@ -538,7 +537,7 @@ def convert_checkpoint(
         model_class=type(hybrid).__name__,
         task=task,
         layers_converted=len(hybrid_layers(hybrid)),
-        layers_total=len(hybrid.base_model.get_submodule(arch.layers)),
+        layers_total=len(self_attention_modules(hybrid)),
         parameters_added=hybrid_parameters - host_parameters,
         parameters_total=hybrid_parameters,
         max_difference=max_difference,
@@ -581,11 +580,6 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument(
         "--shared-span", action="store_true", help="one span per token shared by its heads (default: one per head)"
     )
-    hybrid.add_argument(
-        "--local-projections",
-        choices=("shared", "separate"),
-        help="local branch reuses the global q/k/v/o (shared) or gets its own copies (separate)",
-    )
     hybrid.add_argument("--layers", type=_layer_list, help="layers to make hybrid, e.g. 0,1,2 (default: all)")
     hybrid.add_argument("--span-loss-coef", type=float, help="weight of the span penalty added to the loss")
     hybrid.add_argument("--initial-span", type=float, help="initial span as a fraction of --max-span, in (0, 1)")
@@ -627,7 +621,6 @@ def main(argv: list[str] | None = None) -> int:
         "tau_min": args.tau_min,
         "tau_max": args.tau_max,
         "span_per_head": False if args.shared_span else None,
-        "local_projections": args.local_projections,
         "hybrid_layers": args.layers,
         "span_loss_coef": args.span_loss_coef,
         "initial_span": args.initial_span,

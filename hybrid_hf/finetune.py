@@ -65,7 +65,7 @@ from .checkpoint import write_atomically
 from .cli import ArgumentParser, UsageError, first_line
 
 #: hybrid settings that only apply when converting a host model
-CONVERSION_SETTINGS = ("max_span", "ramp", "tau_min", "tau_max", "span_per_head", "local_projections",
+CONVERSION_SETTINGS = ("max_span", "ramp", "tau_min", "tau_max", "span_per_head",
                        "hybrid_layers", "initial_span")
 #: every hybrid setting shown in the model card
 SETTING_NAMES = CONVERSION_SETTINGS + ("span_loss_coef",)
@@ -130,7 +130,7 @@ def prepare_model(model, settings: dict[str, Any], span_loss_coef: float | None 
 
     Raises `ValueError` for conversion `settings` given with a hybrid model, or any hybrid setting with `hybrid=False`.
     """
-    from .architectures import HYBRID_PREFIX
+    from .configuration_hybrid import HYBRID_PREFIX
     from .conversion import convert
 
     is_hybrid = model.config.model_type.startswith(HYBRID_PREFIX)
@@ -168,7 +168,8 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .architectures import HYBRID_PREFIX, get_architecture
+    from .architectures import model_classes
+    from .configuration_hybrid import HYBRID_PREFIX
 
     path = Path(name).expanduser()
     if not path.is_dir() and (path.exists() or _looks_like_path(name)):
@@ -182,8 +183,7 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
         raise OSError(
             f"unknown model {name!r}: not a local folder, and not found on the Hugging Face Hub or in its cache"
         ) from None
-    arch = get_architecture(config.model_type)  # ValueError listing the supported architectures
-    if "causal_lm" not in arch.model_classes:
+    if "causal_lm" not in model_classes(config.model_type):  # ValueError for types transformers does not know
         raise ValueError(f"finetune trains causal LMs; {config.model_type!r} models are encoders")
     if config.model_type.startswith(HYBRID_PREFIX) and (settings or not hybrid):  # raises, before loading weights
         prepare_model(SimpleNamespace(config=config), settings, span_loss_coef, hybrid, name)
@@ -446,8 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     conversion.add_argument("--tau-min", type=float, default=None, help="temperature at the shortest span")
     conversion.add_argument("--tau-max", type=float, default=None, help="temperature at the longest span")
     conversion.add_argument("--initial-span", type=float, default=None, help="initial span as a fraction of max-span")
-    conversion.add_argument("--local-projections", choices=("shared", "separate"), default=None,
-                            help="local branch reuses the host's q/k/v/o (shared) or gets copies (separate)")
     conversion.add_argument("--hybrid-layers", default=None, metavar="I,J,...",
                             help="comma-separated layer indices to make hybrid (default: all)")
     conversion.add_argument("--shared-span", action="store_true", help="one span per token shared by its heads")
@@ -475,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
         "tau_min": args.tau_min,
         "tau_max": args.tau_max,
         "initial_span": args.initial_span,
-        "local_projections": args.local_projections,
         "hybrid_layers": hybrid_layers,
         "span_per_head": False if args.shared_span else None,
     }

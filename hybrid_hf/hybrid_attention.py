@@ -47,6 +47,7 @@ def causal_prefix_mean(
     mask: torch.Tensor | None = None,
     past_sum: torch.Tensor | None = None,
     past_count: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean of `x` over each position's prefix, padding excluded: `c_t = mean(x_j : j <= t, mask_j)`.
 
@@ -54,6 +55,8 @@ def causal_prefix_mean(
         x: `(B, N, d)` values, e.g. the global branch's output.
         mask: `(B, N)`, 1 for real tokens and 0 for padding (transformers' `attention_mask` convention).
         past_sum, past_count: `(B, d)` and `(B,)` running sum and count of earlier positions (cached decoding).
+        segment_ids: `(B, N)` sequence index of each position when several sequences are packed in one row: the
+            prefix restarts at each sequence's first position (not with `past_sum`).
 
     Returns:
         `(mean, sums, counts)`: the `(B, N, d)` prefix means (0 where no real token has been seen yet), and the
@@ -66,6 +69,15 @@ def causal_prefix_mean(
     if past_sum is not None:
         sums = sums + past_sum[:, None, :]
         counts = counts + past_count[:, None]
+    if segment_ids is not None:  # subtract the running totals just before each sequence's first position
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(segment_ids)
+        first = torch.ones_like(segment_ids, dtype=torch.bool)
+        first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        before = torch.cummax(torch.where(first, positions, 0), dim=1).values - 1  # (B, N), -1 for the first
+        keep = (before >= 0).to(sums.dtype)
+        index = before.clamp_min(0)
+        sums = sums - sums.gather(1, index[..., None].expand_as(sums)) * keep[..., None]
+        counts = counts - counts.gather(1, index) * keep
     mean = sums / counts.clamp_min(1.0)[..., None]
     return mean.to(x.dtype), sums, counts
 
@@ -116,6 +128,7 @@ def _check_attention_inputs(
     key_mask: torch.Tensor | None,
     query_offset: int | None,
     max_distance: int | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> int:
     """Validate the arguments shared by the kernel and the reference; return the query offset."""
     validate_span_settings(max_span, ramp)
@@ -148,6 +161,8 @@ def _check_attention_inputs(
         raise ValueError("`temperature` must be positive everywhere")
     if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
         raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
+    if segment_ids is not None and tuple(segment_ids.shape) != (batch, keys):
+        raise ValueError(f"`segment_ids` must have shape (B, S) = {(batch, keys)}, got {tuple(segment_ids.shape)}")
     offset = keys - length if query_offset is None else query_offset
     if offset < 0 or offset + length > keys:
         raise ValueError(
@@ -219,6 +234,7 @@ def adaptive_local_attention(
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
     max_distance: int | None = None,
+    segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
@@ -248,6 +264,8 @@ def adaptive_local_attention(
             positions, as in cached decoding).
         max_distance: a hard limit on top of the span: keys at distance `delta > max_distance` are never read
             (the host layer's own sliding window, so that the local branch reads nothing the host cannot).
+        segment_ids: `(B, S)` sequence index of each position when several sequences are packed in one row: a
+            query reads only the keys of its own sequence.
         block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
             the fused inference path).
 
@@ -260,7 +278,8 @@ def adaptive_local_attention(
     float mask.
     """
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        segment_ids,
     )
     batch, heads, length, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
@@ -314,6 +333,12 @@ def adaptive_local_attention(
     k_t = k.unfold(2, width, block)  # (B, H_kv, nb, D, width): overlapping windows, a view
     v = v.unfold(2, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D)
     valid = valid.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
+    if segment_ids is not None:  # a query reads only keys of its own packed sequence
+        key_segments = F.pad(segment_ids, (pad_front, pad_back), value=-1)[:, start + pad_front : stop + pad_front]
+        key_segments = key_segments.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
+        query_segments = F.pad(segment_ids[:, offset : offset + length], (0, pad_q), value=-1)
+        query_segments = query_segments.view(batch, 1, num_blocks, 1, block, 1)
+        valid = valid & (key_segments == query_segments)  # (B, 1, nb, 1, block, width)
 
     # Distance of slot c from query i of the same block: delta = i + left - c, the same for every block.
     # Causal: the keys after the query (delta < 0) are put beyond the band, where the soft mask is 0.
@@ -369,12 +394,14 @@ def reference_local_attention(
     key_mask: torch.Tensor | None = None,
     query_offset: int | None = None,
     max_distance: int | None = None,
+    segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        segment_ids,
     )
     batch, heads, length, head_dim = query.shape
     groups = heads // key.shape[1]
@@ -395,6 +422,9 @@ def reference_local_attention(
         mask = mask * (delta >= 0)
     if max_distance is not None:
         mask = mask * (delta.abs() <= max_distance)
+    if segment_ids is not None:
+        same = segment_ids[:, offset : offset + length, None] == segment_ids[:, None, :]  # (B, N, S)
+        mask = mask * same[:, None].to(mask.dtype)
     if key_mask is not None:
         mask = mask * key_mask[:, None, None, :].to(mask.dtype)
 

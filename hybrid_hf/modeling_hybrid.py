@@ -31,7 +31,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, find_packed_sequence_indices
 from transformers.models.auto import modeling_auto
 
 from .configuration_hybrid import hybrid_config_class
@@ -59,6 +59,10 @@ AUTO_CLASSES = {
 }
 
 
+class UnsupportedHostError(ValueError):
+    """The host model cannot be made hybrid (the message says why)."""
+
+
 @dataclass
 class HybridForwardState:
     """What one model forward hands its hybrid layers, through the attention function's keyword arguments.
@@ -67,6 +71,8 @@ class HybridForwardState:
         config: the hybrid config (settings and the global branch's implementation).
         key_mask: `(B, S)` 1 for real tokens, the model's 2-D `attention_mask` (None: no padding).
         cache: the model's KV cache, where decoders keep their context state (None without cache).
+        segment_ids: `(B, N)` sequence index of each token when sequences are packed in a row without padding and
+            told apart by `position_ids` (as transformers' masks tell them apart); None otherwise.
         spans: `(span_scale (B, H, N), query_mask (B, N) | None)` per hybrid layer call, for the span loss.
         layers_reached: hybrid layers that ran, to tell a host whose attention never reaches this backend.
     """
@@ -74,6 +80,7 @@ class HybridForwardState:
     config: PreTrainedConfig
     key_mask: torch.Tensor | None = None
     cache: Cache | None = None
+    segment_ids: torch.Tensor | None = None
     spans: list = field(default_factory=list)
     layers_reached: int = 0
 
@@ -117,7 +124,7 @@ def hybrid_attention_forward(
     if not hasattr(module, "mix"):  # not a hybrid layer (cross-attention, or a layer left out of `hybrid_layers`)
         return global_output, weights
     if state is None:
-        raise RuntimeError(
+        raise UnsupportedHostError(
             f"{type(module).__name__} called hybrid attention without the model's `{STATE_KWARG}` keyword argument: "
             "its model does not pass keyword arguments on to its attention, so it cannot be made hybrid"
         )
@@ -130,10 +137,11 @@ def hybrid_attention_forward(
     global_flat = global_output.reshape(batch, length, -1)  # (B, N, H * D)
 
     # Span and temperature from the context: prefix means (decoder, carried in the cache) or the whole-sequence mean.
+    segment_ids = state.segment_ids if causal else None  # packed sequences: decoders only, as transformers' masks
     if causal:
         layer = hybrid_cache_layer(state.cache, module.layer_idx) if state.cache is not None else None
         past = layer.context_before(length) if layer is not None else (None, None)
-        context, sums, counts = causal_prefix_mean(global_flat, query_mask, *past)  # (B, N, H * D)
+        context, sums, counts = causal_prefix_mean(global_flat, query_mask, *past, segment_ids)  # (B, N, H * D)
         if layer is not None:
             layer.append_context(sums, counts)
     else:
@@ -158,6 +166,7 @@ def hybrid_attention_forward(
         scaling=scaling,
         key_mask=key_mask,
         max_distance=None if window is None else (window - 1 if causal else window),
+        segment_ids=segment_ids,
     )  # (B, H, N, D)
     local_flat = local_output.transpose(1, 2).reshape(batch, length, -1).to(global_flat.dtype)  # (B, N, H * D)
     mixed = module.mix(torch.cat([local_flat, global_flat], dim=-1))  # (B, N, H * D)
@@ -280,7 +289,7 @@ def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     """The host's self-attention modules in order, as its `_can_record_outputs["attentions"]` names them."""
     specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
     if specs is None:
-        raise ValueError(
+        raise UnsupportedHostError(
             f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
             "so its self-attention cannot be found"
         )
@@ -298,7 +307,7 @@ def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
                 found.append(module)
                 break
     if not found:
-        raise ValueError(f"{type(model).__name__} has no self-attention modules to make hybrid")
+        raise UnsupportedHostError(f"{type(model).__name__} has no self-attention modules to make hybrid")
     return found
 
 
@@ -402,7 +411,7 @@ def _hybrid_forward(host_forward):
     """The host's `forward`, with its signature, handing the hybrid layers their state and adding the span loss."""
     signature = inspect.signature(host_forward)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        raise ValueError(
+        raise UnsupportedHostError(
             f"{host_forward.__qualname__} takes no `**kwargs`, so it cannot pass the hybrid state on to its attention"
         )
 
@@ -424,11 +433,14 @@ def _hybrid_forward(host_forward):
             cache = arguments[cache_name] = DynamicCache(config=self.config)
         check_cache(cache)
         state = HybridForwardState(
-            self.config, key_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None, cache=cache
+            self.config,
+            key_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            cache=cache,
+            segment_ids=_packed_segments(arguments) if mask is None and cache is None else None,
         )
         outputs = host_forward(*bound.args, **bound.kwargs, **{STATE_KWARG: state})
         if not state.layers_reached:
-            raise RuntimeError(
+            raise UnsupportedHostError(
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
                 "transformers' attention interface"
             )
@@ -448,6 +460,17 @@ def _hybrid_forward(host_forward):
         return outputs
 
     return forward
+
+
+def _packed_segments(arguments: dict) -> torch.Tensor | None:
+    """Sequence indices `(B, N)` of packed rows from `position_ids` (transformers' rule: a new sequence wherever the
+    position does not go up by one); None when every row holds one sequence."""
+    position_ids = arguments.get("position_ids")
+    inputs = arguments.get("input_ids")
+    inputs = arguments.get("inputs_embeds") if inputs is None else inputs
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or inputs is None:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(inputs.shape[0], -1))
 
 
 def auto_class_name(host: type) -> str | None:

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from .architectures import HYBRID_PREFIX, get_architecture
+from .architectures import attention_projections, model_classes
+from .architectures import model_task as _model_task
+from .configuration_hybrid import HYBRID_PREFIX
 from .cli import quiet_transformers
 from .modeling_hybrid import hybrid_layers
 
@@ -64,16 +66,7 @@ def _unwrap(model):
 def model_task(model) -> str:
     """The task of a (hybrid or host) model from its class: `"causal_lm"`, `"masked_lm"`, `"sequence_classification"`
     or `"base"`. Matches class names, so remote-code classes (`transformers_modules.*`) work too."""
-    model = _unwrap(model)
-    arch = get_architecture(model.config.model_type)
-    name = type(model).__name__
-    for task, host_name in arch.model_classes.items():
-        if name in (host_name, f"Hybrid{host_name}"):
-            return task
-    raise ValueError(
-        f"{name} is not a supported {model.config.model_type} class; supported: "
-        f"{', '.join(arch.model_classes.values())} (and their Hybrid* forms)"
-    )
+    return _model_task(_unwrap(model))
 
 
 def hybrid_modules_to_save(model) -> list[str]:
@@ -87,9 +80,8 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
     A host model of a supported family gets the same targets and no `modules_to_save` (a baseline with the same
     LoRA budget).
 
-    - `target_modules`: the host family's LoRA targets from `ARCHITECTURES` (e.g. `q_proj, k_proj, v_proj, o_proj`
-      for Llama, `c_attn, c_proj` for GPT-2), plus the hybrid `mix`. With `local_projections="separate"` the local
-      copies (`...local.q_proj`) match the same names and get adapters too. LoRA on the mix keeps it at `[0 | I]`
+    - `target_modules`: the linear layers of the host's self-attention modules (e.g. `q_proj, k_proj, v_proj, o_proj`
+      for Llama, `c_attn, c_proj` for GPT-2, `query, key, value` for BERT), plus the hybrid `mix`. LoRA on the mix keeps it at `[0 | I]`
       plus a low-rank update: training all `2 d^2` entries of a mix that starts as an exact identity with Adam moves
       every entry by about the learning rate at the first step, which at LoRA learning rates wrecks the model.
     - `modules_to_save`: `span_predictor` (small, starts at zero weight), trained in full and saved.
@@ -105,13 +97,12 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
 
     base = _unwrap(model)
     model_type = base.config.model_type
-    arch = get_architecture(model_type)  # ValueError for unsupported families
     hybrid = model_type.startswith(HYBRID_PREFIX)
     settings: dict[str, Any] = {
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": list(arch.target_modules) + (list(HYBRID_LORA_TARGETS) if hybrid else []),
+        "target_modules": attention_projections(base) + (list(HYBRID_LORA_TARGETS) if hybrid else []),
         "modules_to_save": hybrid_modules_to_save(base) if hybrid else None,
         "task_type": PEFT_TASK_TYPES[model_task(base)],
     }
@@ -366,10 +357,10 @@ def _pipeline_tag(config: dict[str, Any]) -> str:
     """The Hub pipeline tag of a saved config's first architecture (`text-generation` when unknown)."""
     architectures = config.get("architectures") or []
     try:
-        arch = get_architecture(config.get("model_type", ""))
+        classes = model_classes(config.get("model_type", ""))
     except ValueError:
         return "text-generation"
-    for task, name in arch.model_classes.items():
+    for task, name in classes.items():
         if architectures and architectures[0] in (name, f"Hybrid{name}"):
             return PIPELINE_TAGS[task]
     return "text-generation"

@@ -127,3 +127,19 @@ def test_eager_global_branch_uses_the_family_own_eager_function(model_type):
 
 def test_compile_fullgraph_is_declared_unsupported():
     assert convert(tiny_host("llama"), **SETTINGS)._can_compile_fullgraph is False
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_packed_sequences_equal_each_sequence_alone(model_type):
+    """Padding-free packing: sequences told apart only by `position_ids` (as `DataCollatorWithFlattening` makes)."""
+    hybrid = perturbed(model_type).eval()
+    ids, _ = batch(model_type, batch_size=1, length=30)
+    lengths = (11, 19)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = hybrid(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        start = 0
+        for n in lengths:
+            alone = hybrid(input_ids=ids[:, start : start + n], use_cache=False).logits
+            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=0)
+            start += n

@@ -240,6 +240,40 @@ def test_matches_reference_with_max_distance(max_distance, causal, padding):
         )
 
 
+def packed_segments(batch, keys, lengths):
+    """`(B, S)` sequence indices of packed rows: sequences of `lengths` one after another."""
+    row = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[:keys]
+    return row.expand(batch, keys).clone()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [(5, 20, 3, 13), (1, 1, 39), (41,)])
+def test_matches_reference_with_packed_sequences(causal, lengths):
+    case = make_case(length=41, seed=len(lengths))
+    segments = packed_segments(2, 41, lengths)
+    kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, segment_ids=segments, block_size=16)
+    assert_matches_reference(*case, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive_local_attention(*case, **kwargs), reference_local_attention(*case, **kwargs),
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_sequences_equal_each_sequence_alone(causal):
+    query, key, value, span, temperature = make_case(batch=1, length=30, seed=5)
+    lengths = (12, 18)
+    kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal)
+    packed = adaptive_local_attention(query, key, value, span, temperature,
+                                      segment_ids=packed_segments(1, 30, lengths), **kwargs)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = adaptive_local_attention(query[:, :, part], key[:, :, part], value[:, :, part], span[:, :, part],
+                                         temperature[:, :, part], **kwargs)
+        torch.testing.assert_close(packed[:, :, part], alone, atol=1e-6, rtol=0)
+        start += n
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_keys_beyond_max_distance_are_never_read(causal):
     length, t, limit = 40, 20, 3
@@ -869,6 +903,17 @@ def test_causal_prefix_mean_token_by_token():
         step, s, c = causal_prefix_mean(x[:, t : t + 1], mask[:, t : t + 1], past_sum=s, past_count=c)
         s, c = s[:, -1], c[:, -1]
         torch.testing.assert_close(step[:, 0], whole[:, t], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_prefix_mean_restarts_at_each_packed_sequence():
+    x = torch.randn(2, 20, 4, generator=torch.Generator().manual_seed(4))
+    segments = torch.tensor([[0] * 7 + [1] * 13, [0] * 1 + [1] * 9 + [2] * 10])
+    mean, _, _ = causal_prefix_mean(x, segment_ids=segments)
+    for b in range(2):
+        for s in segments[b].unique():
+            part = segments[b] == s
+            alone, _, _ = causal_prefix_mean(x[b : b + 1, part])
+            torch.testing.assert_close(mean[b, part], alone[0], rtol=1e-5, atol=1e-6)
 
 
 def test_causal_prefix_mean_ignores_later_tokens():

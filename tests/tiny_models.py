@@ -22,6 +22,9 @@ TINY = dict(
     num_key_value_heads=2,
     head_dim=8,
     max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 _FAMILY = {
     "gpt2": dict(bos_token_id=0, eos_token_id=0),

@@ -1,0 +1,29 @@
+"""The sweep over every text model type of the installed transformers (see `sweep.py`): at least 100 families pass,
+the widely used ones among them, and no family fails a check; refused families say why."""
+
+import pytest
+from sweep import REQUIRED, sweep
+
+pytestmark = pytest.mark.sweep
+
+
+@pytest.fixture(scope="module")
+def results():
+    return sweep()
+
+
+def test_no_family_fails_a_check(results):
+    failed = {name: result["reason"] for name, result in results.items() if result["status"] == "fail"}
+    assert not failed
+
+
+def test_at_least_100_families_pass_including_the_common_ones(results):
+    passing = {name for name, result in results.items() if result["status"] == "pass"}
+    assert len(passing) >= 100, len(passing)
+    assert set(REQUIRED) <= passing, set(REQUIRED) - passing
+
+
+def test_refused_families_say_why(results):
+    for name, result in results.items():
+        if result["status"] == "refused":
+            assert result["reason"] and "hybrid" in result["reason"] or "attention" in result["reason"], name
