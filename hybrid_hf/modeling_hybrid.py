@@ -74,7 +74,9 @@ class HybridForwardState:
         segment_ids: `(B, N)` sequence index of each token when sequences are packed in a row without padding and
             told apart by `position_ids` (as transformers' masks tell them apart); None otherwise.
         spans: `(span_scale (B, H, N), query_mask (B, N) | None)` per hybrid layer call, for the span loss.
-        layers_reached: hybrid layers that ran, to tell a host whose attention never reaches this backend.
+        layers_reached: ids of the hybrid modules that ran, to tell a host whose attention never reaches this backend,
+            or reaches it more than once a forward.
+        finished: the model's forward has returned (gradient checkpointing then runs the layers again).
     """
 
     config: PreTrainedConfig
@@ -82,7 +84,8 @@ class HybridForwardState:
     cache: Cache | None = None
     segment_ids: torch.Tensor | None = None
     spans: list = field(default_factory=list)
-    layers_reached: int = 0
+    layers_reached: set[int] = field(default_factory=set)
+    finished: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,7 +131,12 @@ def hybrid_attention_forward(
             f"{type(module).__name__} called hybrid attention without the model's `{STATE_KWARG}` keyword argument: "
             "its model does not pass keyword arguments on to its attention, so it cannot be made hybrid"
         )
-    state.layers_reached += 1
+    if id(module) in state.layers_reached and not state.finished:
+        raise UnsupportedHostError(
+            f"{type(module).__name__} calls its attention more than once a forward; the hybrid layer's context "
+            "state needs one call per layer"
+        )
+    state.layers_reached.add(id(module))
     batch, heads, length, head_dim = query.shape
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
@@ -439,6 +447,7 @@ def _hybrid_forward(host_forward):
             segment_ids=_packed_segments(arguments) if mask is None and cache is None else None,
         )
         outputs = host_forward(*bound.args, **bound.kwargs, **{STATE_KWARG: state})
+        state.finished = True
         if not state.layers_reached:
             raise UnsupportedHostError(
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "

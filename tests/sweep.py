@@ -4,9 +4,15 @@ forward, padding that changes nothing. `python tests/sweep.py OUT.json` runs it 
 
 from __future__ import annotations
 
-import json
+import gc
+import multiprocessing
+import resource
+import signal
 import sys
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 import transformers
@@ -17,6 +23,9 @@ from hybrid_hf import convert
 from hybrid_hf.modeling_hybrid import UnsupportedHostError
 
 SETTINGS = dict(max_span=4, ramp=2)
+MAX_PARAMETERS = 10_000_000
+SECONDS_PER_FAMILY = 120
+MEMORY_LIMIT = 8 << 30  # address space of a worker, in bytes
 #: families the sweep must find passing
 REQUIRED = (
     "llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta", "gemma3_text", "gemma2", "phi3", "gpt_neox",
@@ -54,6 +63,11 @@ def check(model_type: str) -> dict:
         host, decoder = _host(model_type)
         if getattr(host.config, "sub_configs", None):
             return {"status": "skipped", "reason": "not a text-only model (its config has sub-configs)"}
+        if getattr(host.config, "is_encoder_decoder", False):
+            return {"status": "skipped", "reason": "an encoder-decoder model (not a causal or masked LM alone)"}
+        parameters = sum(p.numel() for p in host.parameters())
+        if parameters > MAX_PARAMETERS:
+            return {"status": "skipped", "reason": f"the tiny config still makes {parameters / 1e6:.0f}M parameters"}
         ids = _ids(host.config, 2, 16)
         with torch.no_grad():
             expected = _logits(host, ids)
@@ -106,10 +120,56 @@ def _line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def sweep(types: list[str] | None = None) -> dict[str, dict]:
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout(f"took more than {SECONDS_PER_FAMILY} s")
+
+
+def _start_worker() -> None:
+    """Each family runs in a worker process with a memory cap, so a family that allocates too much fails alone."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
-    return {model_type: check(model_type) for model_type in (types or model_types())}
+    signal.signal(signal.SIGALRM, _alarm)
+
+
+def _check_in_worker(model_type: str) -> dict:
+    signal.alarm(SECONDS_PER_FAMILY)
+    try:
+        return check(model_type)
+    except _Timeout as error:
+        return {"status": "fail", "reason": str(error)}
+    except MemoryError:
+        return {"status": "skipped", "reason": f"needs more than {MEMORY_LIMIT >> 30} GB on a tiny config"}
+    finally:
+        signal.alarm(0)
+        gc.collect()
+
+
+def sweep(types: list[str] | None = None, progress: bool = False) -> dict[str, dict]:
+    """`check` every family (all of `model_types()` by default), each in a memory-capped worker process."""
+    todo = list(types or model_types())
+    results = {}
+    context = multiprocessing.get_context("spawn")
+    while todo:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, max_tasks_per_child=20) as pool:
+            for model_type in list(todo):
+                start = time.perf_counter()
+                try:
+                    results[model_type] = pool.submit(_check_in_worker, model_type).result()
+                except BrokenProcessPool:
+                    results[model_type] = {"status": "fail", "reason": "the worker process died"}
+                todo.remove(model_type)
+                if progress:
+                    result = results[model_type]
+                    print(f"{model_type}: {result['status']} ({time.perf_counter() - start:.1f} s) {result['reason']}",
+                          file=sys.stderr, flush=True)
+                if results[model_type].get("reason") == "the worker process died":
+                    break  # a new pool for the rest
+    return results
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -131,7 +191,7 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    results = sweep(sys.argv[2:] or None)
+    results = sweep(sys.argv[2:] or None, progress=True)
     with open(sys.argv[1], "w") as f:
         f.write(markdown(results))
     print(markdown(results).splitlines()[0])

@@ -47,7 +47,22 @@ ENCODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" not in tasks
 
 
 def tiny_config(model_type: str, **overrides):
-    return CONFIG_MAPPING[model_type](**{**TINY, **_FAMILY.get(model_type, {}), **overrides})
+    config = CONFIG_MAPPING[model_type](**{**TINY, **_FAMILY.get(model_type, {}), **overrides})
+    return _shrink(config, overrides)
+
+
+def _shrink(config, keep):
+    """Size fields that families name their own way (experts, their widths, extra layers) set small too."""
+    for name, value in vars(config).items():
+        if name in keep or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if any(word in name for word in ("intermediate", "ffn_dim", "d_ff", "inner")) and value > 64:
+            setattr(config, name, 64)
+        elif "expert" in name and value > 4 and not any(word in name for word in ("per_tok", "top", "group")):
+            setattr(config, name, 4)
+        elif "expert" in name and value > 2 and any(word in name for word in ("per_tok", "top")):
+            setattr(config, name, 2)
+    return config
 
 
 def tiny_host(model_type: str, task: str | None = None, seed: int = 0, **overrides):
