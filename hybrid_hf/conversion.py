@@ -50,7 +50,7 @@ def register_model_type(model_type: str) -> None:
     class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
     code. `ValueError` if transformers does not know the type."""
     host_type = model_type.removeprefix(HYBRID_PREFIX)
-    if host_type not in auto.CONFIG_MAPPING_NAMES:
+    if host_type not in auto.CONFIG_MAPPING:
         raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
     for table in AUTO_CLASSES.values():
         name = getattr(auto.modeling_auto, table).get(host_type)
@@ -60,12 +60,13 @@ def register_model_type(model_type: str) -> None:
 
 
 def _probe(hybrid: PreTrainedModel) -> None:
-    """Run two tokens through the model: a host whose attention never reaches the hybrid backend fails here."""
+    """Run two tokens through the model (with its cache, as generation does): a host whose attention never reaches
+    the hybrid backend, or reaches it in a way the hybrid layers cannot follow, fails here."""
     device = next(hybrid.parameters()).device
     if device.type == "meta":
         return
     with torch.no_grad():
-        hybrid(input_ids=torch.ones(1, 2, dtype=torch.long, device=device), use_cache=False)
+        hybrid(input_ids=torch.ones(1, 2, dtype=torch.long, device=device))
 
 
 def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:

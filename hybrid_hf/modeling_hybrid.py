@@ -131,10 +131,10 @@ def hybrid_attention_forward(
             f"{type(module).__name__} called hybrid attention without the model's `{STATE_KWARG}` keyword argument: "
             "its model does not pass keyword arguments on to its attention, so it cannot be made hybrid"
         )
-    if id(module) in state.layers_reached and not state.finished:
+    if id(module) in state.layers_reached and state.cache is not None and not state.finished:
         raise UnsupportedHostError(
-            f"{type(module).__name__} calls its attention more than once a forward; the hybrid layer's context "
-            "state needs one call per layer"
+            f"{type(module).__name__} calls its attention more than once a forward; the context state a hybrid "
+            "layer keeps in the cache needs one call per layer"
         )
     state.layers_reached.add(id(module))
     batch, heads, length, head_dim = query.shape
@@ -418,7 +418,8 @@ class HybridModelMixin:
 def _hybrid_forward(host_forward):
     """The host's `forward`, with its signature, handing the hybrid layers their state and adding the span loss."""
     signature = inspect.signature(host_forward)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if var_keyword is None:
         raise UnsupportedHostError(
             f"{host_forward.__qualname__} takes no `**kwargs`, so it cannot pass the hybrid state on to its attention"
         )
@@ -437,7 +438,8 @@ def _hybrid_forward(host_forward):
         mask, cache = arguments.get("attention_mask"), arguments.get(cache_name)
         use_cache = arguments.get("use_cache")
         use_cache = getattr(self.config, "use_cache", False) if use_cache is None else use_cache
-        if cache is None and use_cache and self._hybrid_decoder and not (self.training and self.is_gradient_checkpointing):
+        checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+        if cache is None and use_cache and self._hybrid_decoder and not checkpointing:  # as the host would make one
             cache = arguments[cache_name] = DynamicCache(config=self.config)
         check_cache(cache)
         state = HybridForwardState(
@@ -454,7 +456,7 @@ def _hybrid_forward(host_forward):
                 "transformers' attention interface"
             )
         span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans)
-        labels, num_items = arguments.get("labels"), arguments.get("kwargs", {}).get("num_items_in_batch")
+        labels, num_items = arguments.get("labels"), arguments.get(var_keyword, {}).get("num_items_in_batch")
         if labels is not None and num_items is not None:
             # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
             # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.

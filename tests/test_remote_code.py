@@ -136,3 +136,27 @@ def test_loading_without_trust_remote_code_says_so(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode != 0 and "trust_remote_code" in result.stderr
+
+
+def test_registered_hybrid_types_load_without_remote_code(tmp_path):
+    hybrid = convert(tiny_host("gemma3_text"), max_span=8, ramp=4)
+    perturb(hybrid)
+    hybrid.save_pretrained(tmp_path / "model")
+    input_ids, mask = batch("gemma3_text", padding="left")
+    torch.save({"input_ids": input_ids, "attention_mask": mask}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = outputs_of(hybrid, input_ids, mask)
+    script = textwrap.dedent(
+        f"""
+        import torch, hybrid_hf
+        from transformers import AutoModelForCausalLM
+        hybrid_hf.register_model_type("hybrid_gemma3_text")
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}).eval()  # no trust_remote_code
+        assert type(model).__module__ == "hybrid_hf.modeling_hybrid", type(model)
+        with torch.no_grad():
+            torch.save(model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
