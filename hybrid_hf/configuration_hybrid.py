@@ -80,9 +80,17 @@ def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     return cls
 
 
+def host_class(name: str, base: type) -> type | None:
+    """The transformers class `X` that the name `HybridX` stands for, when `X` is a host subclass of `base`."""
+    host = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
+    if isinstance(host, type) and issubclass(host, base) and not host.__name__.startswith("Hybrid"):
+        return host
+    return None
+
+
 def __getattr__(name: str):
     """`HybridLlamaConfig` and the like, made on demand (this is how a checkpoint's `auto_map` finds them)."""
-    host = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
-    if isinstance(host, type) and issubclass(host, PreTrainedConfig) and not issubclass(host, HybridSettings):
-        return hybrid_config_class(host)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    host = host_class(name, PreTrainedConfig)
+    if host is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return hybrid_config_class(host)

@@ -34,7 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, find_packed_sequence_indices
 from transformers.models.auto import modeling_auto
 
-from .configuration_hybrid import hybrid_config_class
+from .configuration_hybrid import host_class, hybrid_config_class
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -434,13 +434,15 @@ def _hybrid_forward(host_forward):
         if cache_name == "cache" and "past_key_values" in kwargs:
             kwargs["cache"] = kwargs.pop("past_key_values")
         bound = signature.bind(self, *args, **kwargs)
-        arguments = bound.arguments
+        extra = bound.arguments.setdefault(var_keyword, {})
+        arguments = {**extra, **bound.arguments}  # named and keyword-only arguments alike
         mask, cache = arguments.get("attention_mask"), arguments.get(cache_name)
         use_cache = arguments.get("use_cache")
         use_cache = getattr(self.config, "use_cache", False) if use_cache is None else use_cache
         checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
         if cache is None and use_cache and self._hybrid_decoder and not checkpointing:  # as the host would make one
-            cache = arguments[cache_name] = DynamicCache(config=self.config)
+            cache = DynamicCache(config=self.config)
+            (bound.arguments if cache_name in signature.parameters else extra)[cache_name] = cache
         check_cache(cache)
         state = HybridForwardState(
             self.config,
@@ -456,7 +458,7 @@ def _hybrid_forward(host_forward):
                 "transformers' attention interface"
             )
         span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans)
-        labels, num_items = arguments.get("labels"), arguments.get(var_keyword, {}).get("num_items_in_batch")
+        labels, num_items = arguments.get("labels"), arguments.get("num_items_in_batch")
         if labels is not None and num_items is not None:
             # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
             # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
@@ -515,7 +517,7 @@ def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
 
 def __getattr__(name: str):
     """`HybridLlamaForCausalLM` and the like, made on demand (this is how a checkpoint's `auto_map` finds them)."""
-    host = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
-    if isinstance(host, type) and issubclass(host, PreTrainedModel) and not issubclass(host, HybridModelMixin):
-        return hybrid_model_class(host)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    host = host_class(name, PreTrainedModel)
+    if host is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return hybrid_model_class(host)
