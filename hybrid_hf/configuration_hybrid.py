@@ -47,15 +47,26 @@ class HybridSettings(PreTrainedConfig):
             raise ValueError(f"`local_projections` must be one of {LOCAL_PROJECTIONS}, got {self.local_projections!r}")
         if not isinstance(self.span_per_head, bool):
             raise ValueError(f"`span_per_head` must be True or False, got {self.span_per_head!r}")
-        if isinstance(self.span_loss_coef, bool) or not isinstance(self.span_loss_coef, (int, float)) or self.span_loss_coef < 0:
-            raise ValueError(f"`span_loss_coef` must be a number >= 0, got {self.span_loss_coef!r}")
-        if not isinstance(self.initial_span, (int, float)) or not 0 < self.initial_span < 1:
-            raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {self.initial_span!r}")
+        coef, initial = self.span_loss_coef, self.initial_span
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+            raise ValueError(f"`span_loss_coef` must be a finite number >= 0, got {coef!r}")
+        if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 < initial < 1:
+            raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial!r}")
+        if self.hybrid_layers is not None and not isinstance(self.hybrid_layers, (list, tuple)):
+            raise ValueError(f"`hybrid_layers` must be a list of layer indices or None, got {self.hybrid_layers!r}")
         kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
+        positions = getattr(self, "max_position_embeddings", None)
+        for name in ("max_span", "ramp"):  # a window beyond the model's positions is never used, only allocated
+            if isinstance(positions, int) and positions > 0 and getattr(self, name) > positions:
+                raise ValueError(
+                    f"`{name}` must be at most the model's number of positions ({positions}), got {getattr(self, name)}"
+                )
         if self.hybrid_layers is not None:
             layers = getattr(self, "num_hidden_layers", None)
-            bad = [i for i in self.hybrid_layers if not isinstance(i, int) or not 0 <= i < (layers or 0)]
+            bad = [
+                i for i in self.hybrid_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)
+            ]
             if bad or len(set(self.hybrid_layers)) != len(self.hybrid_layers):
                 raise ValueError(
                     f"`hybrid_layers` must be distinct layer indices in [0, {layers}), got {self.hybrid_layers!r}"

@@ -21,6 +21,7 @@ _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architecture
 def hybrid_config_from(host_config, **settings):
     """The hybrid config for a host config: the host's fields plus the hybrid `settings` (validated)."""
     _refuse_hybrid(host_config)
+    check_setting_names(settings)
     get_architecture(host_config.model_type)  # raises for unsupported architectures
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
@@ -81,3 +82,17 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     hybrid.config._name_or_path = model.config._name_or_path
     hybrid.train(model.training)
     return hybrid
+
+
+def check_setting_names(settings) -> None:
+    """Raise `TypeError` naming any key of `settings` that is not a field of `HybridSettings` (e.g. a typo)."""
+    import difflib
+
+    from .configuration_hybrid import HybridSettings
+
+    known = list(HybridSettings.__annotations__)
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"unknown hybrid setting {name!r}; {hint}the settings are: {', '.join(known)}")
