@@ -18,7 +18,7 @@ COMMANDS = {
 }
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A bad input from the user: reported as one line, no traceback, exit status 2."""
 
 

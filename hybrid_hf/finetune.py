@@ -211,21 +211,32 @@ def _default_use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def _check_arguments(values: dict[str, Any]) -> None:
-    """One-line `ValueError`s naming the argument, for the numbers `finetune` takes."""
-    for name, low in (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("lora_r", 1), ("lora_alpha", 1),
-                      ("logging_steps", 1), ("save_steps", 1), ("seed", 0)):
-        value = values[name]
-        if value is None and name in ("lora_alpha", "logging_steps", "save_steps"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**32:
-            raise ValueError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-    for name, high in (("lr", math.inf), ("eval_fraction", 1)):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
-            accepted = "a positive finite number" if high == math.inf else f"in (0, {high})"
-            raise ValueError(f"{name.replace('_', '-')} must be {accepted}, got {value!r}")
-    _check_span_loss_coef(values["span_loss_coef"])
+#: smallest value of the integer arguments of `finetune` (None: the argument may be None)
+_INTEGER_ARGUMENTS = {"steps": 1, "seq_len": 2, "batch_size": 1, "lora_r": 1, "seed": 0}
+_OPTIONAL_INTEGER_ARGUMENTS = {"lora_alpha": 1, "logging_steps": 1, "save_steps": 1}
+
+
+def check_arguments(**values: Any) -> None:
+    """One-line `ValueError`s naming the argument (as its command-line flag) for the numbers `finetune` takes:
+    `steps`, `seq_len`, `batch_size`, `lora_r`, `seed`, `lora_alpha`, `logging_steps`, `save_steps` (integers),
+    `lr`, `eval_fraction`, `span_loss_coef`; check those given."""
+    for name, value in values.items():
+        flag = name.replace("_", "-")
+        low = _INTEGER_ARGUMENTS.get(name, _OPTIONAL_INTEGER_ARGUMENTS.get(name))
+        if name == "span_loss_coef":
+            _check_span_loss_coef(value)
+        elif low is not None:
+            if value is None and name in _OPTIONAL_INTEGER_ARGUMENTS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**32:
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+        elif name in ("lr", "eval_fraction"):
+            high = math.inf if name == "lr" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
+                accepted = "a positive finite number" if name == "lr" else "in (0, 1)"
+                raise ValueError(f"{flag} must be {accepted}, got {value!r}")
+        else:
+            raise TypeError(f"unknown argument {name!r}")
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
@@ -341,10 +352,10 @@ def finetune(
 
     started = time.perf_counter()
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
-    _check_arguments(
-        dict(steps=steps, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
-             logging_steps=logging_steps, save_steps=save_steps, seed=seed, lr=lr, eval_fraction=eval_fraction,
-             span_loss_coef=span_loss_coef)
+    check_arguments(
+        steps=steps, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
+        logging_steps=logging_steps, save_steps=save_steps, seed=seed, lr=lr, eval_fraction=eval_fraction,
+        span_loss_coef=span_loss_coef,
     )  # fmt: skip
     output = Path(output).expanduser().absolute() if output is not None else None
     if output is None and (save_steps is not None or resume):
