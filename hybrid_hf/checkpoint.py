@@ -332,7 +332,10 @@ def output_lock(output: Path):
     except BlockingIOError:
         raise
     except OSError as error:
-        raise OSError(f"cannot write the output {str(output)!r}: {error.strerror or error}") from None
+        reason = "a file is in the way of its folder" if isinstance(error, (FileExistsError, NotADirectoryError)) else (
+            error.strerror or str(error)
+        )
+        raise OSError(f"cannot write the output {str(output)!r}: {reason}") from None
     try:
         for pattern in (".tmp-*", ".old-*"):
             for stale in glob.glob(os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}{pattern}")):
@@ -603,10 +606,10 @@ def convert_checkpoint(
 
     with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
         check_output(output, force, source)  # again: another run may have written it meanwhile
-        logger.info("Loading %s from %s (float32)", class_name, source)
         location = source_location(source)
         model = load_weights(getattr(transformers, class_name), location, source, allow_pickle)
         tokenizer = _load_tokenizer(location)
+        logger.info("Loaded %s from %s (float32)", class_name, source)
 
         logger.info("Converting to %s", hybrid_class_for(model).__name__)
         hybrid = convert(model, **settings)

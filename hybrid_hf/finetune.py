@@ -186,13 +186,17 @@ def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None
 
     from .architectures import HYBRID_PREFIX, get_architecture
     from .checkpoint import load_source_config, load_weights, source_location
+    from .conversion import hybrid_config_from
 
     config = load_source_config(name, trust_remote_code)
     arch = get_architecture(config.model_type)  # ValueError listing the supported architectures
     if "causal_lm" not in arch.model_classes:
         raise ValueError(f"finetune trains causal LMs; {config.model_type!r} models are encoders")
-    if config.model_type.startswith(HYBRID_PREFIX) and (settings or not hybrid):  # raises, before loading weights
+    # Bad settings raise here, before any weight is loaded.
+    if config.model_type.startswith(HYBRID_PREFIX) and (settings or not hybrid):
         prepare_model(SimpleNamespace(config=config), settings, span_loss_coef, hybrid, name)
+    elif hybrid and not config.model_type.startswith(HYBRID_PREFIX):
+        hybrid_config_from(config, **settings)
     _check_positions(config, seq_len)
     source = source_location(name)
     model = load_weights(AutoModelForCausalLM, source, name, allow_pickle, dtype=dtype, trust_remote_code=trust_remote_code)

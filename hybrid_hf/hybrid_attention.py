@@ -28,8 +28,9 @@ def validate_span_settings(
             raise ValueError(f"`{name}` must be a positive integer (number of tokens), got {value!r}")
     if tau_min is not None or tau_max is not None:
         for name, value in (("tau_min", tau_min), ("tau_max", tau_max)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+            # Below 1e-3 the softmax is an argmax already; far below, logits / tau overflow to inf and NaN.
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1e-3 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0.001 (a temperature), got {value!r}")
         if tau_min > tau_max:
             raise ValueError(f"`tau_min` ({tau_min}) must be <= `tau_max` ({tau_max})")
 
