@@ -384,7 +384,7 @@ def finetune(
     checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
     resume_from = _resume_point(checkpoints, run, resume) if checkpoints is not None else None
     if resume_from is not None and save_steps is None:
-        save_steps = json.loads((checkpoints / RUN_FILE).read_text(encoding="utf-8"))["save_steps"]
+        save_steps = json.loads((checkpoints / RUN_FILE).read_text(encoding="utf-8")).get("save_steps")
 
     use_cpu = _default_use_cpu() if use_cpu is None else use_cpu
     state = PartialState(cpu=use_cpu)
