@@ -70,7 +70,7 @@ def run(main, argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return main(argv)
-    except (UsageError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # UsageError is a ValueError
         return fail(first_line(error))
     except KeyboardInterrupt:
         return fail("interrupted")
