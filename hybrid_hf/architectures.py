@@ -35,9 +35,15 @@ def model_classes(model_type: str) -> dict[str, str]:
     return classes
 
 
-def default_task(model_type: str) -> str:
-    """`"causal_lm"` when the family has a causal LM, else `"base"`."""
-    return "causal_lm" if "causal_lm" in model_classes(model_type) else "base"
+def is_encoder(config) -> bool:
+    """An encoder family (BERT, RoBERTa, ...): it has a masked LM, and the config does not ask for a decoder (their
+    causal-LM heads need `is_decoder=True`)."""
+    return "masked_lm" in model_classes(config.model_type) and not getattr(config, "is_decoder", False)
+
+
+def default_task(config) -> str:
+    """`"causal_lm"` for a decoder family, else `"base"`."""
+    return "base" if is_encoder(config) or "causal_lm" not in model_classes(config.model_type) else "causal_lm"
 
 
 def model_task(model: nn.Module) -> str:

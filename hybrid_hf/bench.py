@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cli import ArgumentParser, UsageError, first_line, run
 from .hybrid_attention import adaptive_local_attention, reference_local_attention
 
 MB = 1024.0**2
@@ -717,7 +718,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hybrid-hf bench",
         description="Benchmark the adaptive local attention kernel against SDPA, the dense reference, the seed's "
         "loop and Longformer; writes bench.json, bench.md and bench.png.",
@@ -767,24 +768,29 @@ def _loadavg() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`hybrid-hf bench ...`. Bad input raises (`cli.run` turns it into one line and exit status 2)."""
     args = build_parser().parse_args(argv)
     names = list(SECTIONS) if not args.only else [n.strip() for item in args.only for n in item.split(",") if n.strip()]
     unknown = [name for name in names if name not in SECTIONS]
     if unknown:
-        print(f"error: unknown section(s) {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--only: unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.case_budget is None:
         args.case_budget = 1.0 if args.quick else 10.0
-    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        print("error: --repeats and --threads must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("repeats", args.repeats), ("threads", args.threads), ("reference-max-n", args.reference_max_n)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
+    if not 0 < args.case_budget < math.inf:
+        raise UsageError(f"--case-budget must be a positive number of seconds, got {args.case_budget}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out must be a folder, but {args.out} is a file")
     try:
         device = _resolve_device(args.device)
     except (ValueError, RuntimeError) as error:  # RuntimeError: torch.device() of an unknown name
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--device: {first_line(error)}") from None
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -873,4 +879,4 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

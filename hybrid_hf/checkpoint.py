@@ -20,9 +20,12 @@ The library entry point is `convert_checkpoint`. What it does, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -32,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import default_task, model_classes
+from .cli import ArgumentParser, first_line, quiet_transformers
 from .configuration_hybrid import HYBRID_PREFIX
-from .cli import ArgumentParser
+from .conversion import register_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +53,6 @@ VERIFY_TEXT = (
 VERIFY_LENGTH = 48
 
 TASKS = ("base", "causal_lm", "masked_lm", "sequence_classification")
-SETTINGS = (
-    "max_span",
-    "ramp",
-    "tau_min",
-    "tau_max",
-    "span_per_head",
-    "hybrid_layers",
-    "span_loss_coef",
-    "initial_span",
-)
 _SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = (
@@ -71,6 +65,9 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
+# Sizes in config.json that must be positive integers (a 0 or a string fails deep inside transformers otherwise).
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "n_embd", "num_attention_heads", "n_head", "num_key_value_heads",
+                 "num_hidden_layers", "n_layer")
 # Keys `from_pretrained` records in tokenizer_config.json about how the files were loaded (from a local folder).
 _LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
 
@@ -169,14 +166,22 @@ def _validation_message(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _check_model_type(config_file: Path, source: str) -> None:
-    """Refuse an architecture outside the table before `AutoConfig` (which may not know it at all) is asked."""
+def _check_config_file(config_file: Path, source: str) -> None:
+    """Refuse, before `AutoConfig` is asked (it may not know the architecture at all, or fail deep inside on a bad
+    size), an architecture transformers does not know and sizes (`_CONFIG_SIZES`) that are not positive integers."""
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        model_type = data.get("model_type")
     except (ValueError, AttributeError) as error:
         raise ValueError(f"source {source!r} has an unreadable config.json: {str(error).splitlines()[0]}") from error
-    if isinstance(model_type, str) and not model_type.startswith(HYBRID_PREFIX):
+    if isinstance(model_type, str) and model_type.startswith(HYBRID_PREFIX):
+        register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+    elif isinstance(model_type, str):
         model_classes(model_type)  # ValueError when transformers has no class for it
+    for name in _CONFIG_SIZES:
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"invalid config in {source!r}: `{name}` must be a positive integer, got {value!r}")
 
 
 def source_location(source: str) -> str:
@@ -185,8 +190,11 @@ def source_location(source: str) -> str:
     return str(path) if path.exists() else source
 
 
-def load_source_config(source: str):
-    """The host config of SOURCE (`AutoConfig`), with one-line errors for sources that are not models."""
+def load_source_config(source: str, trust_remote_code: bool = False):
+    """The config of SOURCE (`AutoConfig`), with one-line errors for sources that are not models.
+
+    `trust_remote_code` lets a config's `auto_map` run the code it names; a local hybrid folder never needs it (its
+    hybrid classes are registered from its `model_type`)."""
     from transformers import AutoConfig
 
     try:
@@ -200,11 +208,11 @@ def load_source_config(source: str):
             raise NotADirectoryError(f"source {source!r} is a file, not a model folder")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source {source!r} is not a model folder: it has no config.json")
-        _check_model_type(path / "config.json", source)
+        _check_config_file(path / "config.json", source)
     elif not is_hub_id(source):
         raise FileNotFoundError(f"source {source!r} not found: no such folder, and not a valid hub model id")
     try:
-        config = AutoConfig.from_pretrained(source_location(source))
+        config = AutoConfig.from_pretrained(source_location(source), trust_remote_code=trust_remote_code)
     except StrictDataclassError as error:
         raise ValueError(f"invalid config in {source!r}: {_validation_message(error)}") from error
     except OSError as error:
@@ -245,61 +253,153 @@ def choose_task(config, task: str | None) -> str:
             if class_name == name:
                 return candidate
         break  # only the first entry names the checkpoint's class
-    return default_task(config.model_type)
+    return default_task(config)
 
 
 def _check_weights(source: str, allow_pickle: bool) -> None:
-    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`."""
+    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; every shard an
+    index lists is there."""
     path = Path(source).expanduser()
     if not path.is_dir():
-        return  # a hub id: `from_pretrained(use_safetensors=...)` decides, see `_load_model`
+        return  # a hub id: `from_pretrained(use_safetensors=...)` decides, see `load_weights`
     if any((path / name).is_file() for name in _SAFETENSORS_FILES):
+        index = path / _SAFETENSORS_FILES[1]
+    elif any((path / name).is_file() for name in _PICKLE_FILES):
+        if not allow_pickle:
+            raise ValueError(
+                f"source {source!r} has only pickled PyTorch weights (pytorch_model.bin), which can run code when "
+                "loaded; pass --allow-pickle (allow_pickle=True) if you trust it"
+            )
+        index = path / _PICKLE_FILES[1]
+    else:
+        raise FileNotFoundError(f"source {source!r} has no weights (model.safetensors or pytorch_model.bin)")
+    if index.is_file() and not (path / _SAFETENSORS_FILES[0]).is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"source {source!r} lacks {', '.join(missing)}, listed in {index.name}: the checkpoint is incomplete"
+            )
+
+
+def check_output(output: Path, force: bool, source: str | None = None) -> None:
+    """Refuse an existing `output` unless `force`; with `force`, refuse one that is not a model folder (a file, or a
+    non-empty folder without config.json: user files, which replacing would delete) or that holds `source`."""
+    if not (output.exists() or output.is_symlink()):
         return
-    if any((path / name).is_file() for name in _PICKLE_FILES):
-        if allow_pickle:
-            return
-        raise ValueError(
-            f"source {source!r} has only pickled PyTorch weights (pytorch_model.bin), which can run code when "
-            "loaded; pass --allow-pickle (allow_pickle=True) if you trust it"
+    if not force:
+        raise FileExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
+    source_path = Path(source).expanduser() if source is not None else None
+    if source_path is not None and source_path.exists():
+        resolved_output, resolved_source = output.resolve(), source_path.resolve()
+        if resolved_output == resolved_source or resolved_output in resolved_source.parents:
+            raise ValueError(f"output {str(output)!r} would replace the source {source!r}; choose another folder")
+    if not (output.is_dir() and ((output / "config.json").is_file() or not any(output.iterdir()))):
+        raise FileExistsError(
+            f"refusing to replace {str(output)!r} with --force: it is not a model folder (no config.json); "
+            "choose another output or remove it yourself"
         )
-    raise FileNotFoundError(f"source {source!r} has no weights (model.safetensors or pytorch_model.bin)")
 
 
-def _check_output(output: Path, source: str, force: bool) -> None:
-    if output.exists() or output.is_symlink():
-        if not force:
-            raise FileExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
-        source_path = Path(source).expanduser()
-        if source_path.exists():
-            resolved_output, resolved_source = output.resolve(), source_path.resolve()
-            if resolved_output == resolved_source or resolved_output in resolved_source.parents:
-                raise ValueError(f"output {str(output)!r} would replace the source {source!r}; choose another folder")
+@contextlib.contextmanager
+def output_lock(output: Path):
+    """Hold the lock file `.OUTPUT.lock` beside `output` while it is being written.
+
+    A second command writing the same OUTPUT meanwhile fails at once (`BlockingIOError`) instead of racing. Holding
+    the lock, nobody else is writing OUTPUT, so the temporary folders beside it (`.OUTPUT.tmp-*`, `.OUTPUT.old-*`)
+    are what a killed run left: they are removed. An output folder that cannot be written is reported here, before
+    anything is loaded. The lock (a `flock`, released by the system even when the process is killed) is removed on
+    exit.
+    """
+    import fcntl
+
+    lock_path = output.parent / f".{output.name}.lock"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(lock_path, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise BlockingIOError(
+                    f"another process is writing {str(output)!r} (it holds {lock_path.name}); wait for it to finish"
+                ) from None
+            # The previous holder may have removed the file between our open and flock: lock the current one.
+            if lock_path.exists() and os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path)):
+                break
+            handle.close()
+    except BlockingIOError:
+        raise
+    except OSError as error:
+        reason = "a file is in the way of its folder" if isinstance(error, (FileExistsError, NotADirectoryError)) else (
+            error.strerror or str(error)
+        )
+        raise OSError(f"cannot write the output {str(output)!r}: {reason}") from None
+    try:
+        for pattern in (".tmp-*", ".old-*"):
+            for stale in glob.glob(os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}{pattern}")):
+                logger.info("Removing %s, left by an interrupted run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
 
 
 # --- loading, verifying, writing -------------------------------------------------------------------
 
 
-def _load_model(source: str, class_name: str, allow_pickle: bool):
+def load_weights(model_class, location: str, source: str, allow_pickle: bool = False, **kwargs):
+    """`model_class.from_pretrained(location, **kwargs)` (in float32 unless `dtype` is given), in eval mode, checked: one-line `ValueError`s
+    for pickled weights (unless `allow_pickle`), damaged or truncated files, weights whose shapes do not match the
+    config (e.g. `vocab_size`), weights with NaN or inf, and pickles that hold more than tensors (never run:
+    `torch.load(weights_only=True)`)."""
     import torch
-    import transformers
+    from safetensors import SafetensorError
 
-    model_class = getattr(transformers, class_name)
+    _check_weights(source, allow_pickle)
     try:
-        model = model_class.from_pretrained(
-            source,
-            dtype=torch.float32,
-            # Safetensors only, unless pickles are allowed: then safetensors when present, else `.bin`.
-            use_safetensors=True if not allow_pickle else None,
-        )
+        with quiet_transformers():  # the load report would break the one-line error contract
+            model, info = model_class.from_pretrained(
+                location,
+                # Safetensors only, unless pickles are allowed: then safetensors when present, else `.bin`.
+                use_safetensors=True if not allow_pickle else None,
+                ignore_mismatched_sizes=True,  # reported below, by name
+                output_loading_info=True,
+                **{"dtype": torch.float32, **kwargs},
+            )
+    except SafetensorError as error:
+        raise ValueError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
+    except pickle.UnpicklingError as error:
+        found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        raise ValueError(
+            f"the pickled weights of {source!r} hold more than tensors and were not loaded (they could run code): "
+            f"{found[0] if found else first_line(error)}"
+        ) from None
     except OSError as error:
-        if not allow_pickle and "safetensors" in str(error):
+        if not allow_pickle and not Path(source).expanduser().is_dir() and "safetensors" in str(error):
             raise ValueError(
                 f"source {source!r} has no safetensors weights; pickled weights (pytorch_model.bin) are only "
                 "loaded with --allow-pickle (allow_pickle=True)"
             ) from error
         raise
-    model.eval()
-    return model
+    if info["mismatched_keys"]:
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise ValueError(
+            f"the weights of {source!r} do not match its config.json: {name} is {list(stored)} in the weights but "
+            f"{list(expected)} by the config (check vocab_size and the other sizes)"
+        )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training "
+                "that wrote it diverged"
+            )
+    return model.eval()
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -484,21 +584,20 @@ def convert_checkpoint(
         VerificationError: the converted model's outputs differ; nothing is written.
     """
     import torch
+    import transformers
 
-    from .conversion import convert, hybrid_config_from
+    from .conversion import check_host_class, check_setting_names, convert, hybrid_config_from
     from .modeling_hybrid import hybrid_layers, self_attention_modules
 
     start = time.perf_counter()
     source = os.fspath(source)
     output = Path(output).expanduser()
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown hybrid settings {unknown}; known: {', '.join(SETTINGS)}")
+    check_setting_names(settings)  # TypeError, as for `convert`
     settings = {name: value for name, value in settings.items() if value is not None}
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
-    _check_output(output, source, force)
+    check_output(output, force, source)
     config = load_source_config(source)
     if config.model_type.startswith(HYBRID_PREFIX):
         raise ValueError(f"source {source!r} is already a hybrid model (model_type {config.model_type!r})")
@@ -506,49 +605,52 @@ def convert_checkpoint(
     hybrid_config_from(config, **settings)  # ValueError for settings out of range, before loading any weight
     task = choose_task(config, task)
     class_name = model_classes(config.model_type)[task]
+    check_host_class(getattr(transformers, class_name))  # UnsupportedHostError (a ValueError) saying why
     _check_weights(source, allow_pickle)
 
-    logger.info("Loading %s from %s (float32)", class_name, source)
-    location = source_location(source)
-    model = _load_model(location, class_name, allow_pickle)
-    tokenizer = _load_tokenizer(location)
+    with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
+        check_output(output, force, source)  # again: another run may have written it meanwhile
+        location = source_location(source)
+        model = load_weights(getattr(transformers, class_name), location, source, allow_pickle)
+        tokenizer = _load_tokenizer(location)
+        logger.info("Loaded %s from %s (float32)", class_name, source)
 
-    hybrid = convert(model, **settings)
-    logger.info("Converted to %s", type(hybrid).__name__)
-    hybrid.eval()
+        hybrid = convert(model, **settings)
+        logger.info("Converted to %s", type(hybrid).__name__)
+        hybrid.eval()
 
-    max_difference, tokens = None, 0
-    if verify:
-        batch = verification_batch(config, tokenizer)
-        tokens = int(batch["attention_mask"].sum())
-        max_difference = max_output_difference(model, hybrid, batch)
-        logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
-        if not max_difference <= VERIFY_TOLERANCE:  # also catches nan
-            raise VerificationError(
-                f"the converted model's outputs differ from the source's by {max_difference:.3g} "
-                f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
-            )
+        max_difference, tokens = None, 0
+        if verify:
+            batch = verification_batch(config, tokenizer)
+            tokens = int(batch["attention_mask"].sum())
+            max_difference = max_output_difference(model, hybrid, batch)
+            logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
+            if not max_difference <= VERIFY_TOLERANCE:  # also catches nan
+                raise VerificationError(
+                    f"the converted model's outputs differ from the source's by {max_difference:.3g} "
+                    f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
+                )
 
-    host_parameters, hybrid_parameters = _count_parameters(model), _count_parameters(hybrid)
-    report = ConversionReport(
-        source=source,
-        architecture=config.model_type,
-        source_class=type(model).__name__,
-        model_class=type(hybrid).__name__,
-        task=task,
-        layers_converted=len(hybrid_layers(hybrid)),
-        layers_total=len(self_attention_modules(hybrid)),
-        parameters_added=hybrid_parameters - host_parameters,
-        parameters_total=hybrid_parameters,
-        max_difference=max_difference,
-        verification_tokens=tokens,
-        tokenizer_saved=tokenizer is not None,
-        output=output.absolute(),
-    )
-    del model
-    with torch.no_grad():
-        logger.info("Writing %s", output)
-        write_atomically(output, hybrid, tokenizer, force)
+        host_parameters, hybrid_parameters = _count_parameters(model), _count_parameters(hybrid)
+        report = ConversionReport(
+            source=source,
+            architecture=config.model_type,
+            source_class=type(model).__name__,
+            model_class=type(hybrid).__name__,
+            task=task,
+            layers_converted=len(hybrid_layers(hybrid)),
+            layers_total=len(self_attention_modules(hybrid)),
+            parameters_added=hybrid_parameters - host_parameters,
+            parameters_total=hybrid_parameters,
+            max_difference=max_difference,
+            verification_tokens=tokens,
+            tokenizer_saved=tokenizer is not None,
+            output=output.absolute(),
+        )
+        del model
+        with torch.no_grad():
+            logger.info("Writing %s", output)
+            write_atomically(output, hybrid, tokenizer, force)
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report
 
@@ -556,7 +658,8 @@ def convert_checkpoint(
 # --- command line -------------------------------------------------------------------------------------
 
 
-def _layer_list(text: str) -> list[int] | None:
+def layer_list(text: str) -> list[int] | None:
+    """Parse `--layers` / `--hybrid-layers`: comma-separated indices, or `all` (None)."""
     if text.strip().lower() == "all":
         return None
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", text):
@@ -580,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument(
         "--shared-span", action="store_true", help="one span per token shared by its heads (default: one per head)"
     )
-    hybrid.add_argument("--layers", type=_layer_list, help="layers to make hybrid, e.g. 0,1,2 (default: all)")
+    hybrid.add_argument("--layers", type=layer_list, help="layers to make hybrid, e.g. 0,1,2 (default: all)")
     hybrid.add_argument("--span-loss-coef", type=float, help="weight of the span penalty added to the loss")
     hybrid.add_argument("--initial-span", type=float, help="initial span as a fraction of --max-span, in (0, 1)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (once the new one is done)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 COMMANDS = {
     "convert": ("hybrid_hf.checkpoint", "convert a checkpoint (hub id or folder) into a hybrid one"),
@@ -16,7 +18,7 @@ COMMANDS = {
 }
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A bad input from the user: reported as one line, no traceback, exit status 2."""
 
 
@@ -54,14 +56,27 @@ def fail(message: str) -> int:
     return 2
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(main, argv: list[str] | None = None) -> int:
-    """Run a subcommand's `main`, turning user errors into a one-line message and exit status 2."""
+    """Run a subcommand's `main`, turning user errors into a one-line message and exit status 2.
+
+    SIGTERM (e.g. `kill`, a job scheduler's time limit) is handled like Ctrl-C: the command stops, removes its
+    temporary folders and says "interrupted".
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return main(argv)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError) as error:
+    except (ValueError, OSError) as error:  # UsageError is a ValueError
         return fail(first_line(error))
     except KeyboardInterrupt:
         return fail("interrupted")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

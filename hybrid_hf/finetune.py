@@ -2,10 +2,13 @@
 
     hybrid-hf finetune MODEL OUTPUT --data FILE [FILE ...] [--eval-data FILE ...] [--lora] [--lora-r 8]
                        [--steps 50] [--seq-len 256] [--batch-size 4] [--lr 1e-4] [--span-loss-coef X]
-                       [--max-span N --ramp N ...] [--seed 0] [--force]
+                       [--max-span N --ramp N ...] [--seed 0] [--force] [--save-steps N] [--resume]
+                       [--trust-remote-code] [--allow-pickle]
 
-MODEL is a folder or Hub id of a hybrid model (loaded with `trust_remote_code=True`) or of a supported host causal
-LM (Llama, Mistral, Qwen2/3, GPT-2), converted with `hybrid_hf.convert` and the settings given by the flags. The
+MODEL is a folder or Hub id of a hybrid model or of a supported host causal LM (Llama, Mistral, Qwen2/3, GPT-2),
+converted with `hybrid_hf.convert` and the settings given by the flags. No code shipped with MODEL runs (the hybrid
+classes are registered by importing `hybrid_hf`) unless `--trust-remote-code`; pickled weights load only with
+`--allow-pickle`. The
 text files are tokenised, concatenated and cut into blocks of `--seq-len` tokens (`training.text_dataset`); the
 `--eval-data` files, or else the last 10% of the text, are held out to measure perplexity (LM loss only) before and
 after. Training is `Trainer` with its progress bar and `SpanLoggingCallback` (spans and temperatures per layer in
@@ -13,7 +16,10 @@ every log). With `--lora`, LoRA adapters go on the host family's projections and
 full (`training.lora_config`); they are merged (`merge_and_unload`) before saving, so OUTPUT is a plain hybrid
 model. OUTPUT is a Hub-ready folder: safetensors weights, `config.json` with `auto_map`, the modeling code, the
 tokenizer and a model card (README.md). It is written to a temporary folder beside OUTPUT and renamed into place;
-an existing OUTPUT is refused unless `--force`. In Python, `finetune(...)` does the same and returns a
+an existing OUTPUT is refused unless `--force` (and a folder that is not a model folder even then). With
+`--save-steps N` the Trainer writes a checkpoint every N steps into `OUTPUT.checkpoints`; after a crash or a kill
+the same command with `--resume` continues from the last one, to the same final weights. A NaN or infinite loss
+stops the run with the step and the loss. In Python, `finetune(...)` does the same and returns a
 `FinetuneResult`.
 
 Several processes (data parallel, DDP; the Trainer does the distribution, only the main process writes OUTPUT):
@@ -49,8 +55,11 @@ DDP settings:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import math
-import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,14 +70,18 @@ from typing import Any
 
 import torch
 
-from .checkpoint import write_atomically
-from .cli import ArgumentParser, UsageError, first_line
+from .checkpoint import layer_list, write_atomically
+from .cli import ArgumentParser, first_line
 
 #: hybrid settings that only apply when converting a host model
 CONVERSION_SETTINGS = ("max_span", "ramp", "tau_min", "tau_max", "span_per_head",
                        "hybrid_layers", "initial_span")
 #: every hybrid setting shown in the model card
 SETTING_NAMES = CONVERSION_SETTINGS + ("span_loss_coef",)
+#: the Trainer checkpoints of OUTPUT (`--save-steps`) go into the folder OUTPUT + this suffix, beside it
+CHECKPOINTS_SUFFIX = ".checkpoints"
+#: the arguments of the run that wrote the checkpoints, in that folder (a resumed run must match them)
+RUN_FILE = "finetune_run.json"
 
 
 @dataclass
@@ -119,10 +132,6 @@ def _split_tail(texts: list[str], fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def prepare_model(model, settings: dict[str, Any], span_loss_coef: float | None = None, hybrid: bool = True,
                   what: str = "the model"):
     """The model to train from a loaded one: a host model is converted (`hybrid=True`) or kept as is (`hybrid=False`,
@@ -134,8 +143,7 @@ def prepare_model(model, settings: dict[str, Any], span_loss_coef: float | None 
     from .conversion import convert
 
     is_hybrid = model.config.model_type.startswith(HYBRID_PREFIX)
-    if span_loss_coef is not None and not span_loss_coef >= 0:
-        raise ValueError(f"span-loss-coef must be >= 0, got {span_loss_coef!r}")
+    _check_span_loss_coef(span_loss_coef)
     if not hybrid:
         if is_hybrid:
             raise ValueError(f"{what} is already hybrid; hybrid=False trains a host model as it is")
@@ -159,39 +167,46 @@ def _check_positions(config, seq_len: int | None) -> None:
         raise ValueError(f"seq-len {seq_len} exceeds the model's maximum of {positions} positions")
 
 
+def _check_span_loss_coef(value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf):
+        raise ValueError(f"span-loss-coef must be a finite number >= 0, got {value!r}")
+
+
 def load_model(name: str, settings: dict[str, Any], span_loss_coef: float | None = None, dtype=torch.float32,
-               hybrid: bool = True, seq_len: int | None = None):
+               hybrid: bool = True, seq_len: int | None = None, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """Load MODEL (folder or Hub id) and its tokenizer and `prepare_model` it. Returns (model, tokenizer, converted).
 
-    Models are loaded with `trust_remote_code=True` (a hybrid checkpoint carries its modeling code), in `dtype`.
-    Bad settings and a `seq_len` beyond the model's positions are refused before the weights are loaded.
+    The hybrid classes are registered by importing `hybrid_hf`, so no code shipped with MODEL runs unless
+    `trust_remote_code`; pickled weights load only with `allow_pickle`. Bad settings, a `seq_len` beyond the model's
+    positions and a bad config are refused before the weights are loaded; damaged weights get one-line errors
+    (`checkpoint.load_weights`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .architectures import model_classes
+    from .architectures import is_encoder, model_classes
+    from .checkpoint import load_source_config, load_weights, source_location
     from .configuration_hybrid import HYBRID_PREFIX
+    from .conversion import check_host_class, hybrid_config_from
 
-    path = Path(name).expanduser()
-    if not path.is_dir() and (path.exists() or _looks_like_path(name)):
-        raise FileNotFoundError(f"model folder not found: {name}")
-    source = str(path) if path.is_dir() else name
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        if path.is_dir():
-            raise ValueError(f"{name} is not a model folder ({first_line(error)})") from None
-        raise OSError(
-            f"unknown model {name!r}: not a local folder, and not found on the Hugging Face Hub or in its cache"
-        ) from None
-    if "causal_lm" not in model_classes(config.model_type):  # ValueError for types transformers does not know
+    config = load_source_config(name, trust_remote_code)
+    classes = model_classes(config.model_type)  # ValueError for types transformers does not know
+    if "causal_lm" not in classes or is_encoder(config):
         raise ValueError(f"finetune trains causal LMs; {config.model_type!r} models are encoders")
-    if config.model_type.startswith(HYBRID_PREFIX) and (settings or not hybrid):  # raises, before loading weights
+    if hybrid and not config.model_type.startswith(HYBRID_PREFIX):
+        check_host_class(getattr(transformers, classes["causal_lm"]))  # UnsupportedHostError saying why
+    # Bad settings raise here, before any weight is loaded.
+    if config.model_type.startswith(HYBRID_PREFIX) and (settings or not hybrid):
         prepare_model(SimpleNamespace(config=config), settings, span_loss_coef, hybrid, name)
+    elif hybrid and not config.model_type.startswith(HYBRID_PREFIX):
+        hybrid_config_from(config, **settings)
     _check_positions(config, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=dtype)
+    source = source_location(name)
+    model = load_weights(AutoModelForCausalLM, source, name, allow_pickle, dtype=dtype, trust_remote_code=trust_remote_code)
     model, converted = prepare_model(model, settings, span_loss_coef, hybrid, name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"could not load the tokenizer of {name} ({first_line(error)})") from None
     return model, tokenizer, converted
@@ -202,6 +217,73 @@ def _default_use_cpu() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return not accelerator.is_available()
     return not torch.cuda.is_available()
+
+
+#: smallest value of the integer arguments of `finetune` (None: the argument may be None)
+_INTEGER_ARGUMENTS = {"steps": 1, "seq_len": 2, "batch_size": 1, "lora_r": 1, "seed": 0}
+_OPTIONAL_INTEGER_ARGUMENTS = {"lora_alpha": 1, "logging_steps": 1, "save_steps": 1}
+
+
+def check_arguments(**values: Any) -> None:
+    """One-line `ValueError`s naming the argument (as its command-line flag) for the numbers `finetune` takes:
+    `steps`, `seq_len`, `batch_size`, `lora_r`, `seed`, `lora_alpha`, `logging_steps`, `save_steps` (integers),
+    `lr`, `eval_fraction`, `span_loss_coef`; check those given."""
+    for name, value in values.items():
+        flag = name.replace("_", "-")
+        low = _INTEGER_ARGUMENTS.get(name, _OPTIONAL_INTEGER_ARGUMENTS.get(name))
+        if name == "span_loss_coef":
+            _check_span_loss_coef(value)
+        elif low is not None:
+            if value is None and name in _OPTIONAL_INTEGER_ARGUMENTS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**32:
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+        elif name in ("lr", "eval_fraction"):
+            high = math.inf if name == "lr" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
+                accepted = "a positive finite number" if name == "lr" else "in (0, 1)"
+                raise ValueError(f"{flag} must be {accepted}, got {value!r}")
+        else:
+            raise TypeError(f"unknown argument {name!r}")
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The complete Trainer checkpoint of the highest step in `folder` (one being written when the run was killed
+    has no `trainer_state.json` yet: the Trainer writes it last)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else []:
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            steps.append((int(step), path))
+    return max(steps)[1] if steps else None
+
+
+def _resume_point(checkpoints: Path, run: dict[str, Any], resume: bool) -> Path | None:
+    """The checkpoint to resume from (`resume`), after checking it was written by the same run; refuses to start
+    over on top of the checkpoints of an interrupted run (`resume=False`)."""
+    last = _last_checkpoint(checkpoints)
+    if not resume:
+        if last is not None:
+            raise FileExistsError(
+                f"{checkpoints} holds the checkpoints of an interrupted run (last: {last.name}); pass --resume to "
+                "continue it, or remove that folder to start over"
+            )
+        return None
+    if last is None:
+        raise FileNotFoundError(f"nothing to resume: no complete checkpoint in {checkpoints} (written with --save-steps)")
+    try:
+        before = json.loads((checkpoints / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"cannot resume from {checkpoints}: its {RUN_FILE} is missing or unreadable") from None
+    changed = [f"{key} {before.get(key)!r} then, {value!r} now" for key, value in run.items() if before.get(key) != value]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoints}: it was written with other arguments ({'; '.join(changed)}); "
+            "rerun with the same ones, or remove that folder to start over"
+        )
+    return last
 
 
 def finetune(
@@ -226,11 +308,15 @@ def finetune(
     force: bool = False,
     eval_fraction: float = 0.1,
     logging_steps: int | None = None,
+    save_steps: int | None = None,
+    resume: bool = False,
     report_to: str | list[str] = "none",
     use_cpu: bool | None = None,
     ddp_find_unused_parameters: bool = False,
     base_model: str | None = None,
     hybrid: bool = True,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     quiet: bool = False,
 ) -> FinetuneResult:
     """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
@@ -238,8 +324,8 @@ def finetune(
     Args:
         model: folder or Hub id of a hybrid or host causal LM, or a loaded (hybrid or host) model with `tokenizer`
             (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place).
-        output: the folder to write; refused if it exists, unless `force`; None: save nothing (the trained model is
-            `result.model`).
+        output: the folder to write; refused if it exists, unless `force` (and even then if it is not a model
+            folder); None: save nothing (the trained model is `result.model`).
         data_files, texts: training text (files, or strings); `eval_files`, `eval_texts`: held-out text (default:
             the last `eval_fraction` of the training text).
         tokenizer: required when `model` is a loaded model.
@@ -249,36 +335,41 @@ def finetune(
         span_loss_coef: the span penalty weight (kept in the saved config); None keeps the model's.
         settings: hybrid settings for converting a host model (`max_span`, `ramp`...); refused for hybrid models.
         logging_steps: Trainer log interval (default: steps // 10); report_to: Trainer integrations.
+        save_steps: write a Trainer checkpoint every `save_steps` steps into the folder `OUTPUT.checkpoints` beside
+            `output` (the last one is kept; the folder is removed once `output` is written).
+        resume: continue from the last checkpoint there (after a crash or a kill) with the same arguments; the
+            final weights equal those of an uninterrupted run.
         use_cpu: train on CPU (default: when no accelerator is available; needed for gloo under a launcher).
         ddp_find_unused_parameters: see the module docstring.
         base_model: name for the model card (default: `model` when it is a name).
         hybrid: False trains a host model as it is, without converting it (a baseline with the same data, budget
             and LoRA targets); saved without a hybrid model card.
+        trust_remote_code: let a model folder's `auto_map` run the code it ships (never needed for hybrid models).
+        allow_pickle: load pickled `pytorch_model.bin` weights when a folder has no safetensors.
         quiet: no summary printed.
+
+    Raises:
+        ValueError, OSError: bad input (one-line messages); ValueError also when the loss becomes NaN or infinite
+            (the step, the loss and the likely cause are named; nothing is written).
     """
     from accelerate import PartialState
     from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from .training import add_span_logging, lora_config, perplexity, text_dataset
+    from .checkpoint import check_output, output_lock
+    from .training import StopOnNonFiniteLoss, add_span_logging, lora_config, perplexity, text_dataset
 
     started = time.perf_counter()
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
-    for name, value, low in (("steps", steps, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                             ("lora_r", lora_r, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-    if span_loss_coef is not None and not span_loss_coef >= 0:
-        raise ValueError(f"span-loss-coef must be >= 0, got {span_loss_coef!r}")
+    check_arguments(
+        steps=steps, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
+        logging_steps=logging_steps, save_steps=save_steps, seed=seed, lr=lr, eval_fraction=eval_fraction,
+        span_loss_coef=span_loss_coef,
+    )  # fmt: skip
     output = Path(output).expanduser().absolute() if output is not None else None
-    if output is not None and (output.exists() or output.is_symlink()):
-        if not force:
-            raise FileExistsError(f"{output} exists; pass --force to replace it")
-        if not (output.is_dir() and ((output / "config.json").is_file() or not any(output.iterdir()))):
-            raise FileExistsError(f"refusing to replace {output}: it is not a model folder (no config.json)")
+    if output is None and (save_steps is not None or resume):
+        raise ValueError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
+    if output is not None:
+        check_output(output, force)
 
     train_texts = list(texts or []) + _read_texts(data_files, "data")
     held_out = list(eval_texts or []) + _read_texts(eval_files, "eval data")
@@ -286,56 +377,84 @@ def finetune(
         raise ValueError("the training data is empty (no text)" if train_texts or data_files else "no training data given")
     if (eval_files or eval_texts) and not any(text.strip() for text in held_out):
         raise ValueError("the eval data is empty (no text)")
+    # What a resumed run must share with the interrupted one for the same result.
+    run = {
+        "model": str(model) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
+        "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
+        "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed, "lora": lora,
+        "lora_r": lora_r, "lora_alpha": lora_alpha, "span_loss_coef": span_loss_coef, "settings": settings,
+        "hybrid": hybrid, "eval_fraction": eval_fraction,
+    }  # fmt: skip
+    checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
+    resume_from = _resume_point(checkpoints, run, resume) if checkpoints is not None else None
+    if resume_from is not None and save_steps is None:
+        save_steps = json.loads((checkpoints / RUN_FILE).read_text(encoding="utf-8")).get("save_steps")
 
     use_cpu = _default_use_cpu() if use_cpu is None else use_cpu
     state = PartialState(cpu=use_cpu)
-    set_seed(seed)
-    with state.main_process_first():  # one process fills the caches (remote code, hub files) at a time
-        if isinstance(model, PreTrainedModel):
-            if tokenizer is None:
-                raise ValueError("a loaded model needs its tokenizer")
-            base_model = base_model or model.config._name_or_path or None
-            model, converted = prepare_model(model, settings, span_loss_coef, hybrid)
-        else:
-            name = str(model)
-            model, tokenizer, converted = load_model(name, settings, span_loss_coef, hybrid=hybrid, seq_len=seq_len)
-            base_model = base_model or name
-        _check_positions(model.config, seq_len)
-        if held_out:
-            train_part, eval_part = train_texts, held_out
-        else:
-            head, tail = _split_tail(train_texts, eval_fraction)
-            train_part, eval_part = [head], [tail]
-        try:
-            train_dataset = text_dataset(tokenizer, train_part, seq_len)
-        except ValueError as error:
-            raise ValueError(f"training data: {error}") from None
-        try:
-            eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
-        except ValueError as error:
-            hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
-            raise ValueError(f"eval data{hint}: {error}") from None
-    train_tokens = sum(len(ids) for ids in train_dataset["input_ids"])
-    eval_tokens = sum(len(ids) for ids in eval_dataset["input_ids"])
-
-    model.to(state.device)
-    ppl_before = perplexity(model, eval_dataset, batch_size=batch_size)
-    lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_r
-    if lora:
-        from peft import get_peft_model
-
+    with contextlib.ExitStack() as stack:
+        if output is not None and state.is_main_process:
+            stack.enter_context(output_lock(output))  # a busy or unwritable output fails here, before loading
+            check_output(output, force)  # again: another run may have written it meanwhile
         set_seed(seed)
-        model = get_peft_model(model, lora_config(model, r=lora_r, alpha=lora_alpha))
+        with state.main_process_first():  # one process fills the caches (remote code, hub files) at a time
+            if isinstance(model, PreTrainedModel):
+                if tokenizer is None:
+                    raise ValueError("a loaded model needs its tokenizer")
+                base_model = base_model or model.config._name_or_path or None
+                model, converted = prepare_model(model, settings, span_loss_coef, hybrid)
+            else:
+                name = str(model)
+                model, tokenizer, converted = load_model(
+                    name, settings, span_loss_coef, hybrid=hybrid, seq_len=seq_len,
+                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                )  # fmt: skip
+                base_model = base_model or name
+            _check_positions(model.config, seq_len)
+            if held_out:
+                train_part, eval_part = train_texts, held_out
+            else:
+                head, tail = _split_tail(train_texts, eval_fraction)
+                train_part, eval_part = [head], [tail]
+            try:
+                train_dataset = text_dataset(tokenizer, train_part, seq_len)
+            except ValueError as error:
+                raise ValueError(f"training data: {error}") from None
+            try:
+                eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
+            except ValueError as error:
+                hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
+                raise ValueError(f"eval data{hint}: {error}") from None
+        train_tokens = sum(len(ids) for ids in train_dataset["input_ids"])
+        eval_tokens = sum(len(ids) for ids in eval_dataset["input_ids"])
 
-    with tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-") as scratch:
+        model.to(state.device)
+        ppl_before = perplexity(model, eval_dataset, batch_size=batch_size)
+        lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_r
+        if lora:
+            from peft import get_peft_model
+
+            set_seed(seed)
+            model = get_peft_model(model, lora_config(model, r=lora_r, alpha=lora_alpha))
+
+        if save_steps is not None:
+            trainer_dir = checkpoints
+            if state.is_main_process:
+                checkpoints.mkdir(exist_ok=True)
+                (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
+        else:
+            trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
         args = TrainingArguments(
-            output_dir=scratch,
+            output_dir=str(trainer_dir),
             max_steps=steps,
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=1,
             learning_rate=lr,
             logging_steps=logging_steps or max(1, steps // 10),
-            save_strategy="no",
+            logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
+            save_strategy="steps" if save_steps is not None else "no",
+            save_steps=save_steps or 500,
+            save_total_limit=1,
             eval_strategy="no",
             report_to=report_to,
             seed=seed,
@@ -348,59 +467,67 @@ def finetune(
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
         add_span_logging(trainer)
-        trainer.train()
-    trained = trainer.model
-    if lora:
-        trained = trained.merge_and_unload()
-    trained.eval()
-    ppl_after = perplexity(trained, eval_dataset, batch_size=batch_size)
-    num_processes = trainer.args.world_size
-    result = FinetuneResult(
-        output=output,
-        perplexity_before=ppl_before,
-        perplexity_after=ppl_after,
-        steps=trainer.state.global_step,
-        wall_time_s=0.0,
-        log_history=list(trainer.state.log_history),
-        train_tokens=train_tokens,
-        eval_tokens=eval_tokens,
-        converted=converted,
-        lora=lora,
-        num_processes=num_processes,
-        model=trained,
-    )
-
-    if output is not None and trainer.is_world_process_zero():
-        card = None
-        if hybrid:
-            summary: dict[str, Any] = {
-                "base model": base_model or "-",
-                "converted from the host model here": converted,
-                "training text": ", ".join(Path(f).name for f in data_files) or f"{len(texts or [])} text(s)",
-                "held-out text": ", ".join(Path(f).name for f in eval_files)
-                or (f"{len(eval_texts)} text(s)" if eval_texts else f"last {eval_fraction:.0%} of the training text"),
-                "training tokens": train_tokens,
-                "held-out tokens": eval_tokens,
-                "steps": result.steps,
-                "sequence length": seq_len,
-                "batch size (per process)": batch_size,
-                "processes": num_processes,
-                "learning rate": lr,
-                "method": f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full fine-tuning",
-                "perplexity before (held-out, LM loss only)": ppl_before,
-                "perplexity after": ppl_after,
-            }
-            if result.final_span is not None:
-                summary["mean span at the last log (tokens)"] = result.final_span
-            summary["wall time (s)"] = round(time.perf_counter() - started, 1)
-            card = dict(
-                base_model=base_model,
-                settings={key: getattr(trained.config, key) for key in SETTING_NAMES if hasattr(trained.config, key)},
-                training_summary=summary,
-                repo_id=str(output),
+        guard = StopOnNonFiniteLoss()
+        trainer.add_callback(guard)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        if guard.step is not None:
+            raise ValueError(
+                f"training diverged at step {guard.step}: the loss is {guard.loss}; the learning rate (lr {lr:g}) "
+                "is likely too high, try a lower one; nothing was written"
             )
-        write_atomically(output, trained, tokenizer, force=force, card=card)
-    state.wait_for_everyone()
+        trained = trainer.model
+        if lora:
+            trained = trained.merge_and_unload()
+        trained.eval()
+        ppl_after = perplexity(trained, eval_dataset, batch_size=batch_size)
+        num_processes = trainer.args.world_size
+        result = FinetuneResult(
+            output=output,
+            perplexity_before=ppl_before,
+            perplexity_after=ppl_after,
+            steps=trainer.state.global_step,
+            wall_time_s=0.0,
+            log_history=list(trainer.state.log_history),
+            train_tokens=train_tokens,
+            eval_tokens=eval_tokens,
+            converted=converted,
+            lora=lora,
+            num_processes=num_processes,
+            model=trained,
+        )
+
+        if output is not None and trainer.is_world_process_zero():
+            card = None
+            if hybrid:
+                summary: dict[str, Any] = {
+                    "base model": base_model or "-",
+                    "converted from the host model here": converted,
+                    "training text": ", ".join(Path(f).name for f in data_files) or f"{len(texts or [])} text(s)",
+                    "held-out text": ", ".join(Path(f).name for f in eval_files)
+                    or (f"{len(eval_texts)} text(s)" if eval_texts else f"last {eval_fraction:.0%} of the training text"),
+                    "training tokens": train_tokens,
+                    "held-out tokens": eval_tokens,
+                    "steps": result.steps,
+                    "sequence length": seq_len,
+                    "batch size (per process)": batch_size,
+                    "processes": num_processes,
+                    "learning rate": lr,
+                    "method": f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full fine-tuning",
+                    "perplexity before (held-out, LM loss only)": ppl_before,
+                    "perplexity after": ppl_after,
+                }
+                if result.final_span is not None:
+                    summary["mean span at the last log (tokens)"] = result.final_span
+                summary["wall time (s)"] = round(time.perf_counter() - started, 1)
+                card = dict(
+                    base_model=base_model,
+                    settings={key: getattr(trained.config, key) for key in SETTING_NAMES if hasattr(trained.config, key)},
+                    training_summary=summary,
+                    repo_id=str(output),
+                )
+            write_atomically(output, trained, tokenizer, force=force, card=card)
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+        state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
     if not quiet and state.is_main_process:
         span = f", mean span {result.final_span:.2f} tokens" if result.final_span is not None else ""
@@ -440,13 +567,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logging-steps", type=int, default=None, help="log every N steps (default: steps / 10)")
     parser.add_argument("--report-to", default="none", help="Trainer integrations, e.g. tensorboard (default none)")
     parser.add_argument("--cpu", action="store_true", help="train on CPU even when an accelerator is available")
+    parser.add_argument("--save-steps", type=int, default=None, metavar="N",
+                        help=f"write a checkpoint every N steps into OUTPUT{CHECKPOINTS_SUFFIX} (removed at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue an interrupted run from its last checkpoint in OUTPUT{CHECKPOINTS_SUFFIX} "
+                        "(same arguments)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the modeling code a model folder ships (auto_map); never needed for hybrid models")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load pickled pytorch_model.bin weights (they can run code) when there are no safetensors")
     conversion = parser.add_argument_group("conversion settings (host models only)")
     conversion.add_argument("--max-span", type=int, default=None, help="longest local span in tokens")
     conversion.add_argument("--ramp", type=int, default=None, help="soft edge of the span mask in tokens")
     conversion.add_argument("--tau-min", type=float, default=None, help="temperature at the shortest span")
     conversion.add_argument("--tau-max", type=float, default=None, help="temperature at the longest span")
     conversion.add_argument("--initial-span", type=float, default=None, help="initial span as a fraction of max-span")
-    conversion.add_argument("--hybrid-layers", default=None, metavar="I,J,...",
+    conversion.add_argument("--hybrid-layers", type=layer_list, default=None, metavar="I,J,...",
                             help="comma-separated layer indices to make hybrid (default: all)")
     conversion.add_argument("--shared-span", action="store_true", help="one span per token shared by its heads")
     return parser
@@ -454,26 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {args.seq_len}")
-    for flag in ("steps", "batch_size", "lora_r"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.logging_steps is not None and args.logging_steps < 1:
-        raise UsageError(f"--logging-steps must be at least 1, got {args.logging_steps}")
-    hybrid_layers = None
-    if args.hybrid_layers is not None:
-        try:
-            hybrid_layers = [int(item) for item in args.hybrid_layers.split(",") if item.strip()]
-        except ValueError:
-            raise UsageError(f"--hybrid-layers must be comma-separated integers, got {args.hybrid_layers!r}") from None
     settings = {
         "max_span": args.max_span,
         "ramp": args.ramp,
         "tau_min": args.tau_min,
         "tau_max": args.tau_max,
         "initial_span": args.initial_span,
-        "hybrid_layers": hybrid_layers,
+        "hybrid_layers": args.hybrid_layers,
         "span_per_head": False if args.shared_span else None,
     }
     finetune(
@@ -492,7 +615,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         force=args.force,
         logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        resume=args.resume,
         report_to=args.report_to,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
         use_cpu=True if args.cpu else None,
     )
     return 0

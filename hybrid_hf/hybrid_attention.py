@@ -28,8 +28,9 @@ def validate_span_settings(
             raise ValueError(f"`{name}` must be a positive integer (number of tokens), got {value!r}")
     if tau_min is not None or tau_max is not None:
         for name, value in (("tau_min", tau_min), ("tau_max", tau_max)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+            # Below 1e-3 the softmax is an argmax already; far below, logits / tau overflow to inf and NaN.
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1e-3 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0.001 (a temperature), got {value!r}")
         if tau_min > tau_max:
             raise ValueError(f"`tau_min` ({tau_min}) must be <= `tau_max` ({tau_max})")
 
@@ -293,7 +294,7 @@ def adaptive_local_attention(
     reach = max_span + ramp  # keys at distance <= reach - 1 may be read
     tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
     if not tracking:
-        reach = min(reach, int(math.ceil(span.max().item())) + ramp)
+        reach = min(reach, int(math.ceil(span.max().nan_to_num(max_span).item())) + ramp)  # NaN: the full band
     if max_distance is not None:
         reach = min(reach, max_distance + 1)
     left = reach - 1

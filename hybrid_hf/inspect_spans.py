@@ -9,6 +9,7 @@ Library:
 Command (through `hybrid-hf`):
 
     hybrid-hf inspect MODEL (--text FILE | --prompt TEXT) --out DIR [--max-tokens 512] [--layers 0,5,9]
+                      [--trust-remote-code]
 
 The span of a token is `s * max_span` tokens and its local-softmax temperature `tau_min + (tau_max - tau_min) * s`,
 with `s` in `[0, 1]` the output of the layer's span predictor (DESIGN section 1, steps 3-5).
@@ -348,6 +349,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layers", help="layer indices for the span-along-sequence plot, e.g. 0,5,9 (default: first, middle, last)"
     )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the modeling code the folder ships (auto_map); never needed for hybrid models",
+    )
     return parser
 
 
@@ -377,11 +382,17 @@ def _read_text(args) -> str:
     return text
 
 
-def load_model_and_tokenizer(model_path: str):
-    """A hybrid model (causal LM, or base model for encoders) and its tokenizer, both from one folder."""
+def load_model_and_tokenizer(model_path: str, trust_remote_code: bool = False):
+    """A hybrid model (causal LM, or base model for encoders) and its tokenizer, both from one folder.
+
+    No code shipped with the folder runs unless `trust_remote_code` (the hybrid classes are registered from the
+    folder's `model_type`); damaged weights get one-line errors (`checkpoint.load_weights`).
+    """
     import transformers
 
-    import hybrid_hf  # noqa: F401  (registers the hybrid model types with the Auto classes)
+    from .architectures import is_encoder
+    from .checkpoint import load_source_config, load_weights
+    from .configuration_hybrid import HYBRID_PREFIX
 
     folder = Path(model_path)
     if not folder.exists():
@@ -390,13 +401,15 @@ def load_model_and_tokenizer(model_path: str):
         raise ValueError(f"model must be a folder (with config.json and a tokenizer), got a file: {model_path}")
     if not (folder / "config.json").is_file():
         raise ValueError(f"no config.json in {model_path}; is it a saved model folder?")
+    config = load_source_config(model_path, trust_remote_code)  # one-line errors for a bad config, before weights
+    if not config.model_type.startswith(HYBRID_PREFIX):
+        raise ValueError(
+            f"{model_path} has no hybrid attention layers (model_type {config.model_type!r}); "
+            f"convert it first with `hybrid-hf convert {model_path} OUT_DIR` and inspect OUT_DIR"
+        )
+    auto_class = transformers.AutoModel if is_encoder(config) else transformers.AutoModelForCausalLM
     with quiet_transformers():  # progress bars and load reports would break the one-line error contract
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True)
-        except ValueError as error:
-            if "Unrecognized configuration class" not in str(error):
-                raise
-            model = transformers.AutoModel.from_pretrained(model_path, trust_remote_code=True)  # encoders
+        model = load_weights(auto_class, model_path, model_path, trust_remote_code=trust_remote_code)
     if not hybrid_layers(model):
         raise ValueError(
             f"{model_path} has no hybrid attention layers (model_type {model.config.model_type!r}); "
@@ -404,7 +417,7 @@ def load_model_and_tokenizer(model_path: str):
         )
     try:
         with quiet_transformers():
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out must be a folder, but {args.out} is a file")
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code)
     limit = args.max_tokens
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions and limit > positions:

@@ -34,7 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, find_packed_sequence_indices
 from transformers.models.auto import modeling_auto
 
-from .configuration_hybrid import host_class, hybrid_config_class
+from .configuration_hybrid import HYBRID_ATTENTION, host_class, hybrid_config_class
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -43,8 +43,6 @@ from .hybrid_attention import (
     span_temperature,
 )
 
-#: the `attn_implementation` name of hybrid attention
-HYBRID_ATTENTION = "hybrid"
 #: the keyword argument that carries a forward's `HybridForwardState` to the attention function
 STATE_KWARG = "hybrid_state"
 
@@ -293,15 +291,20 @@ def check_cache(cache) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The host's self-attention modules in order, as its `_can_record_outputs["attentions"]` names them."""
-    specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+def attention_specs(model_class: type) -> list:
+    """What a model class's `_can_record_outputs["attentions"]` names: its self-attention classes (or recorders)."""
+    specs = (getattr(model_class, "_can_record_outputs", None) or {}).get("attentions")
     if specs is None:
         raise UnsupportedHostError(
-            f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
+            f"{model_class.__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
             "so its self-attention cannot be found"
         )
-    specs = specs if isinstance(specs, (list, tuple)) else [specs]
+    return list(specs) if isinstance(specs, (list, tuple)) else [specs]
+
+
+def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The host's self-attention modules in order, as its `_can_record_outputs["attentions"]` names them."""
+    specs = attention_specs(type(model))
     found = []
     for name, module in model.named_modules():
         for spec in specs:
@@ -431,22 +434,21 @@ def _hybrid_forward(host_forward):
     def forward(self, *args, **kwargs):
         if STATE_KWARG in kwargs:  # called by an outer hybrid model, which adds the span loss
             return host_forward(self, *args, **kwargs)
-        if cache_name == "cache" and "past_key_values" in kwargs:
-            kwargs["cache"] = kwargs.pop("past_key_values")
         bound = signature.bind(self, *args, **kwargs)
         extra = bound.arguments.setdefault(var_keyword, {})
         arguments = {**extra, **bound.arguments}  # named and keyword-only arguments alike
-        mask, cache = arguments.get("attention_mask"), arguments.get(cache_name)
+        legacy = cache_name == "cache" and arguments.get("past_key_values") is not None  # the host warns and renames
+        mask, cache = arguments.get("attention_mask"), arguments.get("past_key_values" if legacy else cache_name)
         use_cache = arguments.get("use_cache")
         use_cache = getattr(self.config, "use_cache", False) if use_cache is None else use_cache
         checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
-        if cache is None and use_cache and self._hybrid_decoder and not checkpointing:  # as the host would make one
-            cache = DynamicCache(config=self.config)
-            (bound.arguments if cache_name in signature.parameters else extra)[cache_name] = cache
+        takes_cache = cache_name in signature.parameters
+        if cache is None and use_cache and takes_cache and self._hybrid_decoder and not checkpointing:
+            cache = bound.arguments[cache_name] = DynamicCache(config=self.config)  # as the host would make one
         check_cache(cache)
         state = HybridForwardState(
             self.config,
-            key_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            key_mask=_padding_mask(mask, arguments),
             cache=cache,
             segment_ids=_packed_segments(arguments) if mask is None and cache is None else None,
         )
@@ -473,6 +475,20 @@ def _hybrid_forward(host_forward):
         return outputs
 
     return forward
+
+
+def _padding_mask(mask, arguments: dict) -> torch.Tensor | None:
+    """The `(B, S)` padding mask of a forward: the 2-D `attention_mask`, or the `(B, choices, S)` one of a
+    multiple-choice head, whose choices run as rows; None for no mask or a 4-D mask given as is."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask
+    inputs = arguments.get("input_ids")
+    inputs = arguments["inputs_embeds"][..., 0] if inputs is None and arguments.get("inputs_embeds") is not None else inputs
+    if mask.dim() == 3 and inputs is not None and inputs.shape == mask.shape:
+        return mask.reshape(-1, mask.shape[-1])
+    return None
 
 
 def _packed_segments(arguments: dict) -> torch.Tensor | None:

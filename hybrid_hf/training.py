@@ -236,6 +236,40 @@ def add_span_logging(trainer, per_head: bool = False) -> SpanLoggingCallback:
     return callback
 
 
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop training at the end of the first step whose training loss is NaN or infinite, without saving it.
+
+    The loss of every training forward is read by a forward hook on the model (one scalar read per step). After
+    training, `step` is that step (None if every loss was finite) and `loss` its value: `finetune` reports them.
+    """
+
+    def __init__(self):
+        self.step: int | None = None
+        self.loss: float | None = None
+        self._last: torch.Tensor | None = None
+        self._handle = None
+
+    def _record(self, module, inputs, output) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if module.training and loss is not None:
+            self._last = loss.detach()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._handle = model.register_forward_hook(self._record)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._last is not None and self.step is None and not torch.isfinite(self._last).all():
+            self.step, self.loss = state.global_step, float(self._last.float().mean())
+            control.should_training_stop = True
+            control.should_save = False  # a diverged model is no checkpoint to resume from
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Data and evaluation
 

@@ -5,8 +5,8 @@ import inspect
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import DECODERS, ENCODERS, batch, outputs_of, perturb, tiny_host
-from transformers import DynamicCache, Trainer, TrainingArguments
+from tiny_models import DECODERS, ENCODERS, batch, outputs_of, perturb, tiny_config, tiny_host
+from transformers import BertForMultipleChoice, DynamicCache, GPT2ForQuestionAnswering, Trainer, TrainingArguments
 
 from hybrid_hf import HYBRID_ATTENTION, convert, hybrid_layers
 
@@ -143,3 +143,33 @@ def test_packed_sequences_equal_each_sequence_alone(model_type):
             alone = hybrid(input_ids=ids[:, start : start + n], use_cache=False).logits
             torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=0)
             start += n
+
+
+def test_multiple_choice_padding_is_honoured_with_the_local_branch_active():
+    torch.manual_seed(0)
+    model = convert(BertForMultipleChoice(tiny_config("bert")).eval(), **SETTINGS)
+    perturb(model)
+    ids, mask = batch("bert", batch_size=2, length=10, padding="right")  # two choices, the second padded in reach
+    with torch.no_grad():
+        together = model(input_ids=ids[None], attention_mask=mask[None]).logits[0, 1]
+        alone = model(input_ids=ids[None, 1:, :-5], attention_mask=mask[None, 1:, :-5]).logits[0, 0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_config_output_attentions_follows_the_global_branch():
+    hybrid = perturbed("llama")
+    with pytest.raises(ValueError, match="global branch.*eager"):
+        hybrid.config.output_attentions = True  # sdpa returns no weights
+    hybrid.set_attn_implementation("eager")
+    hybrid.config.output_attentions = True
+    input_ids, _ = batch("llama")
+    assert len(hybrid(input_ids).attentions) == 2
+
+
+def test_heads_without_a_cache_argument_run_with_use_cache():
+    torch.manual_seed(0)
+    model = convert(GPT2ForQuestionAnswering(tiny_config("gpt2")).eval(), **SETTINGS)
+    input_ids, _ = batch("gpt2")
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True)
+    assert out.start_logits.shape == input_ids.shape

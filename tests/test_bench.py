@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hybrid_hf import bench
+from hybrid_hf import bench, cli
 
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
@@ -34,5 +34,5 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
 
 
 def test_unknown_section_is_an_error(tmp_path, capsys):
-    assert bench.main(["--only", "nope", "--out", str(tmp_path)]) == 2
+    assert cli.main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown section" in capsys.readouterr().err

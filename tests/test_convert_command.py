@@ -284,19 +284,31 @@ def test_existing_output_is_refused_and_left_untouched(sources, tmp_path, capsys
     assert _leftovers(tmp_path) == []
 
 
-def test_force_replaces_the_output(sources, tmp_path, capsys) -> None:
-    out = tmp_path / "out"
+def _model_folder(out: Path) -> Path:
+    """An earlier output: a model folder (config.json) with a marker file."""
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "marker.txt").write_text("mine")
+    return out
+
+
+def test_force_replaces_a_model_folder_only(sources, tmp_path, capsys) -> None:
+    out = _model_folder(tmp_path / "out")
     status, _, err = _convert(capsys, sources["llama"], out, "--force")
     assert status == 0, err
     assert not (out / "marker.txt").exists() and (out / "model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
-    # A file in the way is replaced as well.
-    out_file = tmp_path / "file"
-    out_file.write_text("a file")
-    assert _convert(capsys, sources["bert"], out_file, "--force")[0] == 0
-    assert (out_file / "config.json").is_file() and _leftovers(tmp_path) == []
+    # User files (a folder without config.json, or a file) are never replaced.
+    for mine in (tmp_path / "notes", tmp_path / "file"):
+        if mine.name == "notes":
+            mine.mkdir()
+            (mine / "thesis.tex").write_text("mine")
+        else:
+            mine.write_text("a file")
+        status, _, err = _convert(capsys, sources["bert"], mine, "--force")
+        assert "not a model folder" in _assert_one_line_error(status, err)
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "mine" and (tmp_path / "file").read_text() == "a file"
+    assert _leftovers(tmp_path) == []
 
 
 def test_output_may_not_replace_its_source(sources, tmp_path, capsys) -> None:
@@ -323,20 +335,16 @@ def test_failed_save_leaves_nothing(sources, tmp_path, capsys, monkeypatch, fail
 
 
 def test_failed_tokenizer_save_with_force_keeps_the_old_output(sources, tmp_path, capsys, monkeypatch) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "marker.txt").write_text("mine")
+    out = _model_folder(tmp_path / "out")
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", _boom)
     status, _, err = _convert(capsys, sources["llama"], out, "--force")
     assert "disk full" in _assert_late_error(status, err)
-    assert sorted(p.name for p in out.iterdir()) == ["marker.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "marker.txt"]
     assert _leftovers(tmp_path) == []
 
 
 def test_failed_final_rename_with_force_restores_the_old_output(sources, tmp_path, capsys, monkeypatch) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "marker.txt").write_text("mine")
+    out = _model_folder(tmp_path / "out")
     real_rename = os.rename
 
     def rename(src, dst):
@@ -347,7 +355,7 @@ def test_failed_final_rename_with_force_restores_the_old_output(sources, tmp_pat
     monkeypatch.setattr(checkpoint.os, "rename", rename)
     status, _, err = _convert(capsys, sources["bert"], out, "--force")
     assert "rename failed" in _assert_late_error(status, err)
-    assert sorted(p.name for p in out.iterdir()) == ["marker.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "marker.txt"]
     assert _leftovers(tmp_path) == []
 
 

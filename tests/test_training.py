@@ -550,7 +550,7 @@ def test_cli_bad_arguments(folders, tmp_path, capfd):
 def test_cli_unknown_model_subprocess(folders, tmp_path):
     result = run_cli("no-such-org/no-such-model", tmp_path / "out", "--data", folders["text"])
     assert result.returncode == 2
-    assert "unknown model" in one_error_line(result.stderr)
+    assert "not found" in one_error_line(result.stderr)
 
 
 @pytest.mark.slow

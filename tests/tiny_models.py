@@ -66,9 +66,9 @@ def _shrink(config, keep):
 
 
 def tiny_host(model_type: str, task: str | None = None, seed: int = 0, **overrides):
-    """A random host model in eval mode; `task` defaults to the causal LM, else the base model."""
+    """A random host model in eval mode; `task` defaults to the causal LM of a decoder family, else the base model."""
     classes = model_classes(model_type)
-    task = task or ("causal_lm" if "causal_lm" in classes else "base")
+    task = task or ("causal_lm" if "causal_lm" in classes and "masked_lm" not in classes else "base")
     torch.manual_seed(seed)
     model = getattr(transformers, classes[task])(tiny_config(model_type, **overrides))
     return model.eval()
@@ -102,3 +102,22 @@ def outputs_of(model, input_ids, attention_mask=None) -> torch.Tensor:
     """The model's main output tensor: logits for heads, last hidden state for base models."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     return out.logits if "logits" in out else out.last_hidden_state
+
+
+#: words of `TEXT` and of `word_tokenizer`
+WORDS = "the cat sat on a mat and dog ran in park king queen play act scene night day old young".split()
+#: a repetitive training text for tiny models (a few hundred tokens)
+TEXT = " .\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8)) for i in range(60)) + " .\n"
+
+
+def word_tokenizer():
+    """A word-level tokenizer of `WORDS`, built offline (ids below `VOCAB`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, ".": 4, **{w: i + 5 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )

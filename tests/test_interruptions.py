@@ -1,0 +1,222 @@
+"""Commands that are killed, interrupted, run twice at once, or diverge; and model folders that ship code.
+
+- `finetune --save-steps N` killed with SIGKILL resumes (`--resume`) to the weights of an uninterrupted run;
+- SIGTERM stops a command like Ctrl-C: exit status 2, "interrupted", no temporary folder left;
+- temporary folders a killed run left beside OUTPUT are removed by the next run of a command writing OUTPUT, but not
+  while another process holds OUTPUT's lock (it fails cleanly instead);
+- two commands writing the same OUTPUT at once: one wins, the other fails cleanly, the output is complete;
+- a diverging fine-tune stops with the step, the loss and the learning rate;
+- code a model folder ships runs only with `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import TEXT, tiny_host, word_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hybrid_hf import cli, convert
+
+# Writes the file PWNED beside itself when imported (transformers imports a copy from its module cache: the path is
+# written in): a model folder whose code runs unasked would leave it behind.
+EVIL_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+TRAIN = ["--steps", "40", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2", "--logging-steps", "5", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    tokenizer = word_tokenizer()
+    for name, model in (("host", tiny_host("llama")), ("hybrid", convert(tiny_host("llama"), max_span=8, ramp=4))):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    (root / "text.txt").write_text(TEXT * 4)
+    return {"host": root / "host", "hybrid": root / "hybrid", "text": root / "text.txt"}
+
+
+def _command(*args) -> list[str]:
+    return [sys.executable, "-m", "hybrid_hf.cli", *map(str, args)]
+
+
+def _finetune(sources, output, *extra) -> list[str]:
+    return _command("finetune", sources["host"], output, "--data", sources["text"], *TRAIN, *extra)
+
+
+def _wait_for_checkpoint(process: subprocess.Popen, folder: Path, timeout: float = 300) -> Path:
+    """The first complete checkpoint (its trainer_state.json is written last) under `folder`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = sorted(folder.glob("checkpoint-*/trainer_state.json"))
+        if done:
+            return done[0].parent
+        assert process.poll() is None, "the run ended before its first checkpoint: " + process.stderr.read()
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+def _hidden(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(sources, tmp_path):
+    reference = subprocess.run(_finetune(sources, tmp_path / "reference"), env=ENV, capture_output=True, text=True,
+                               timeout=600)  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "out"
+    checkpoints = tmp_path / "out.checkpoints"
+    process = subprocess.Popen(_finetune(sources, out, "--save-steps", "5"), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = _wait_for_checkpoint(process, checkpoints)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not out.exists() and first.is_dir()
+    step = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    assert 5 <= step < 40
+
+    resumed = subprocess.run(_finetune(sources, out, "--save-steps", "5", "--resume"), capture_output=True, text=True,
+                             env={**ENV, "TRANSFORMERS_VERBOSITY": "info"}, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Loading model from {checkpoints / f'checkpoint-{step}'}." in resumed.stderr  # the Trainer's log line
+    assert not checkpoints.exists() and _hidden(tmp_path, "out") == []
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(_finetune(sources, out, "--save-steps", "5", "--steps", "100000"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_checkpoint(process, tmp_path / "out.checkpoints")
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]  # after it, progress bars close
+    assert errors == ["error: interrupted"] and "Traceback" not in stderr
+    assert not out.exists() and _hidden(tmp_path, "out") == []  # no temporary folder, no lock file
+    assert list((tmp_path / "out.checkpoints").glob("checkpoint-*"))  # kept for --resume
+
+
+def _stale(parent: Path, name: str) -> list[Path]:
+    """What a run killed while writing `name` leaves: its temporary folder (as large as the weights) and an aside."""
+    folders = [parent / f".{name}.tmp-k1ll3d", parent / f".{name}.old-k1ll3d" / "old"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    return folders
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_a_later_run_removes_stale_temporary_folders(command, sources, tmp_path, capsys):
+    _stale(tmp_path, "out")
+    _stale(tmp_path, "other")  # another output's: not ours to remove
+    (tmp_path / ".outer.tmp-1").mkdir()  # a name that only starts like ours
+    if command == "convert":
+        argv = ["convert", sources["host"], tmp_path / "out", "--max-span", "8", "--ramp", "4"]
+    else:
+        argv = ["finetune", sources["host"], tmp_path / "out", "--data", sources["text"], *TRAIN[:6], "--steps", "2"]
+    status = cli.main([str(arg) for arg in argv])
+    assert status == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert _hidden(tmp_path, "out") == []
+    assert _hidden(tmp_path, "other") == [".other.old-k1ll3d", ".other.tmp-k1ll3d"]
+    assert (tmp_path / ".outer.tmp-1").is_dir()
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_an_output_being_written_is_refused_and_its_folders_kept(command, sources, tmp_path, capsys):
+    stale = _stale(tmp_path, "out")
+    with open(tmp_path / ".out.lock", "a") as lock:  # as another process writing OUTPUT holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if command == "convert":
+            status = cli.main(["convert", str(sources["host"]), str(tmp_path / "out")])
+        else:
+            status = cli.main(["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"])])
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip().splitlines() == [
+        f"error: another process is writing {str(tmp_path / 'out')!r} (it holds .out.lock); wait for it to finish"
+    ]
+    assert not (tmp_path / "out").exists() and all(folder.is_dir() for folder in stale)
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_two_runs_into_one_output_one_wins(command, sources, tmp_path):
+    out = tmp_path / "out"
+    if command == "convert":
+        argv = _command("convert", sources["host"], out, "--max-span", "8", "--ramp", "4")
+    else:
+        argv = _finetune(sources, out, "--steps", "3")
+    runs = [subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(status for status, _ in results) == [0, 2], results
+    loser = next(err for status, err in results if status == 2).strip().splitlines()
+    assert "Traceback" not in "".join(loser)
+    assert "another process is writing" in loser[-1] or "already exists" in loser[-1], loser
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # complete: it loads, in-process classes, no remote code
+    assert type(loaded).__name__ == "HybridLlamaForCausalLM"
+    assert _hidden(tmp_path, "out") == []
+
+
+def test_diverging_finetune_names_the_step_the_loss_and_the_learning_rate(sources, tmp_path, capsys):
+    status = cli.main(["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"]),
+                       *TRAIN[:6], "--lr", "1e6", "--steps", "20"])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1].startswith("error: training diverged at step ")
+    assert "the loss is nan" in lines[-1] or "the loss is inf" in lines[-1], lines[-1]
+    assert "learning rate (lr 1e+06)" in lines[-1] and "nothing was written" in lines[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _ships_code(folder: Path, target: Path) -> Path:
+    """A copy of `folder` whose config's auto_map points at code shipped with it: Llama's classes, and a PWNED file
+    written beside it when the code runs."""
+    target.mkdir()
+    for path in folder.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    (target / "shipped.py").write_text(
+        EVIL_CODE.format(marker=str(target / "PWNED"))
+        + "from transformers import LlamaConfig as Config, LlamaForCausalLM as Model\n"
+    )
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "shipped.Config", "AutoModelForCausalLM": "shipped.Model"}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["host", "hybrid"])
+def test_shipped_code_does_not_run_unasked(kind, sources, tmp_path, capsys):
+    folder = _ships_code(sources[kind], tmp_path / f"ships-code-{kind}")  # one name per module cache entry
+    text = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "1"]
+    assert cli.main(["finetune", str(folder), str(tmp_path / "out"), *text]) == 0, capsys.readouterr().err
+    if kind == "hybrid":
+        status = cli.main(["inspect", str(folder), "--prompt", "the cat sat", "--out", str(tmp_path / "plots")])
+        assert status == 0, capsys.readouterr().err
+    assert not (folder / "PWNED").exists()  # the built-in and registered classes were used
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).__name__ == "HybridLlamaForCausalLM"
+
+
+def test_shipped_code_runs_with_trust_remote_code(sources, tmp_path):
+    """In a process of its own: transformers marks classes loaded as remote code for good (`register_for_auto_class`)."""
+    folder = _ships_code(sources["host"], tmp_path / "ships-code-trusted")
+    command = _command("finetune", folder, tmp_path / "out", "--data", sources["text"], *TRAIN[:6], "--steps", "1",
+                       "--trust-remote-code")  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (folder / "PWNED").read_text() == "ran"
