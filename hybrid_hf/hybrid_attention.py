@@ -139,8 +139,10 @@ def _check_attention_inputs(
         if tensor.dim() != 4:
             raise ValueError(f"`{name}` must be a 4-d tensor (B, H, N, D), got shape {tuple(tensor.shape)}")
     batch, heads, length, head_dim = query.shape
-    if key.shape != value.shape:
-        raise ValueError(f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(
+            f"`key` and `value` must agree in (B, H_kv, S), got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     if key.shape[0] != batch or key.shape[3] != head_dim:
         raise ValueError(
             f"`key` must be (B={batch}, H_kv, S, D={head_dim}) to match `query` {tuple(query.shape)}, "
@@ -254,7 +256,8 @@ def adaptive_local_attention(
 
     Args:
         query: `(B, H, N, D)`.
-        key, value: `(B, H_kv, S, D)` with `H` a multiple of `H_kv` (grouped-query attention), `S >= N`.
+        key, value: `(B, H_kv, S, D)` and `(B, H_kv, S, D_v)`, with `H` a multiple of `H_kv` (grouped-query
+            attention) and `S >= N`.
         span: span in tokens, broadcastable to `(B, H, N)` (e.g. `(B, 1, N)` for one span per token).
         temperature: positive, broadcastable to `(B, H, N)`.
         max_span, ramp: positive integers fixing the band (`max_span + ramp` keys on each reachable side).
@@ -271,7 +274,7 @@ def adaptive_local_attention(
             the fused inference path).
 
     Returns:
-        `(B, H, N, D)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
+        `(B, H, N, D_v)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
         at inference it only reaches `max(z) + ramp`, so short learned spans cost less.
 
     The soft-masked softmax runs in place on the score tensor with a hand-written backward (`_SoftMaskedSoftmax`);
@@ -283,10 +286,10 @@ def adaptive_local_attention(
         segment_ids,
     )
     batch, heads, length, head_dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
+    kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
     if length == 0:
-        return query.new_zeros(query.shape)
+        return query.new_zeros((batch, heads, 0, value_dim))
     scaling = head_dim**-0.5 if scaling is None else scaling
 
     span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
@@ -364,7 +367,7 @@ def adaptive_local_attention(
         out = F.scaled_dot_product_attention(
             q.reshape(*flat, groups * block, head_dim),
             k_t.transpose(-1, -2).reshape(*flat, width, head_dim),
-            v.reshape(*flat, width, head_dim),
+            v.reshape(*flat, width, value_dim),
             attn_mask=bias,
             scale=1.0,
         )  # empty rows -> zeros
@@ -377,8 +380,8 @@ def adaptive_local_attention(
             probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
         probs = probs.view(batch, kv_heads, num_blocks, groups * block, width)
         out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
-    out = out.view(batch, kv_heads, num_blocks, groups, block, head_dim).transpose(2, 3)
-    return out.reshape(batch, heads, padded, head_dim)[:, :, :length].to(query.dtype)
+    out = out.view(batch, kv_heads, num_blocks, groups, block, value_dim).transpose(2, 3)
+    return out.reshape(batch, heads, padded, value_dim)[:, :, :length].to(query.dtype)
 
 
 def reference_local_attention(

@@ -135,7 +135,12 @@ def hybrid_attention_forward(
             "layer keeps in the cache needs one call per layer"
         )
     state.layers_reached.add(id(module))
-    batch, heads, length, head_dim = query.shape
+    batch, length, heads, value_dim = global_output.shape
+    if heads * value_dim != module.mix.out_features or module.span_predictor.proj.out_features not in (1, heads):
+        raise UnsupportedHostError(
+            f"{type(module).__name__} attends with {heads} heads of {value_dim} features, but its config gives "
+            f"{module.mix.out_features} features in all (num_attention_heads x head_dim), which sized the hybrid layer"
+        )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     key_mask = _key_mask(state.key_mask, key.shape[2])
@@ -176,7 +181,7 @@ def hybrid_attention_forward(
     )  # (B, H, N, D)
     local_flat = local_output.transpose(1, 2).reshape(batch, length, -1).to(global_flat.dtype)  # (B, N, H * D)
     mixed = module.mix(torch.cat([local_flat, global_flat], dim=-1))  # (B, N, H * D)
-    return mixed.view(batch, length, heads, head_dim), weights
+    return mixed.view(batch, length, heads, value_dim), weights
 
 
 def hybrid_mask_function(*args, config: PreTrainedConfig, **kwargs):

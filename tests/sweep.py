@@ -77,6 +77,8 @@ def check(model_type: str) -> dict:
         hybrid = convert(host, **SETTINGS)
     except UnsupportedHostError as error:
         return {"status": "refused", "reason": _line(error), "decoder": decoder}
+    except Exception as error:
+        return {"status": "fail", "reason": f"conversion: {type(error).__name__}: {_line(error)}", "decoder": decoder}
     try:
         return {"status": "pass", "reason": _verify(host, hybrid, decoder, ids, expected), "decoder": decoder}
     except Exception as error:
