@@ -13,7 +13,16 @@ from transformers.initialization import no_init_weights
 from transformers.models import auto
 
 from .configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
-from .modeling_hybrid import AUTO_CLASSES, HybridModelMixin, attention_specs, auto_class_name, hybrid_layers, hybrid_model_class, reset_hybrid_parameters
+from .modeling_hybrid import (
+    AUTO_CLASSES,
+    HybridModelMixin,
+    UnsupportedHostError,
+    attention_specs,
+    auto_class_name,
+    hybrid_layers,
+    hybrid_model_class,
+    reset_hybrid_parameters,
+)
 
 NEW_PARAMETER_MODULES = ("span_predictor", "mix")
 
@@ -76,10 +85,17 @@ def _probe(hybrid: PreTrainedModel) -> None:
     device = next(hybrid.parameters()).device
     if device.type == "meta":
         return
-    multiple_choice = type(hybrid).__name__.removeprefix("Hybrid") in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
+    host_name = type(hybrid).__name__.removeprefix("Hybrid")
+    multiple_choice = host_name in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
     shape = (1, 1, 2) if multiple_choice else (1, 2)  # (batch, choices, tokens) for multiple-choice heads
-    with torch.no_grad():
-        hybrid(input_ids=torch.ones(shape, dtype=torch.long, device=device))
+    try:
+        with torch.no_grad():
+            hybrid(input_ids=torch.ones(shape, dtype=torch.long, device=device))
+    except UnsupportedHostError:
+        raise
+    except Exception as error:  # the host itself refuses what the hybrid forward does (e.g. a cache of its own)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedHostError(f"{type(hybrid).__name__} fails its first forward: {message}") from error
 
 
 def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:

@@ -29,7 +29,7 @@ import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, find_packed_sequence_indices
 from transformers.models.auto import modeling_auto
@@ -272,6 +272,10 @@ def _hybrid_layer_class(layer_class: type) -> type:
 def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayerMixin:
     """The cache layer of hybrid layer `layer_idx`, given the context state on first use (a dynamic layer only)."""
     layer = cache.layers[layer_idx]
+    if not isinstance(layer, DynamicLayer):
+        raise ValueError(
+            f"hybrid layer {layer_idx} needs a dynamic cache layer for its context state, got {type(layer).__name__}"
+        )
     if not isinstance(layer, HybridCacheLayerMixin):
         hybrid = _hybrid_layer_class(type(layer)).__new__(_hybrid_layer_class(type(layer)))
         hybrid.__dict__.update(vars(layer))  # the same keys, values and counters
@@ -280,15 +284,14 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayerMixin:
 
 
 def check_cache(cache) -> None:
-    """Hybrid decoders keep their context state in dynamic cache layers; other caches are refused up front."""
-    layers = getattr(cache, "layers", None)
-    if cache is None or (layers is not None and all(isinstance(layer, DynamicLayer) for layer in layers)):
-        return
-    raise ValueError(
-        f"hybrid models decode with a dynamic cache (`DynamicCache`, the default), got {type(cache).__name__}: "
-        "its layers have no room for the hybrid layers' context state (so `cache_implementation='static'` and other "
-        "preallocated caches are not supported)"
-    )
+    """Hybrid decoders keep their context state in dynamic cache layers; preallocated caches are refused up front."""
+    for layer in getattr(cache, "layers", None) or []:
+        if isinstance(layer, StaticLayer):
+            raise ValueError(
+                f"hybrid models decode with a dynamic cache (`DynamicCache`, the default), got {type(cache).__name__} "
+                f"with {type(layer).__name__}s: preallocated layers have no room for the hybrid layers' context state "
+                "(so `cache_implementation='static'` is not supported)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,9 +299,21 @@ def check_cache(cache) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def uses_attention_interface(model_class: type) -> bool:
+    """transformers' own test of whether a model class's attention goes through `AttentionInterface` (the private
+    classmethod `_can_set_attn_implementation`, which reads the modeling file; where it is missing: assume so)."""
+    check = getattr(model_class, "_can_set_attn_implementation", None)
+    return True if check is None else bool(check())
+
+
 def attention_specs(model_class: type) -> list:
     """What a model class's `_can_record_outputs["attentions"]` names: its self-attention classes (or recorders)."""
     specs = (getattr(model_class, "_can_record_outputs", None) or {}).get("attentions")
+    if specs is None and not uses_attention_interface(model_class):
+        raise UnsupportedHostError(
+            f"{model_class.__name__}'s attention does not go through transformers' attention interface "
+            "(it is written inside the model), so there is no attention function to make hybrid"
+        )
     if specs is None:
         raise UnsupportedHostError(
             f"{model_class.__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "

@@ -103,6 +103,10 @@ def _verify(host, hybrid, decoder: bool, ids, expected) -> str:
         mask = torch.ones_like(ids[:, :10])
         mask[1, :4] = 0
         padded = ids[:, :10].masked_fill(mask == 0, pad)
+        try:  # some hosts cannot generate from a left-padded batch at all
+            host.generate(padded, attention_mask=mask, max_new_tokens=1, **greedy)
+        except Exception as error:
+            return f"exact; cached = uncached; left padding not checked: the host fails ({_line(error)[:80]})"
         together = hybrid.generate(padded, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **greedy)
         alone = hybrid.generate(padded[1:, 4:], max_new_tokens=8, min_new_tokens=8, **greedy)
         assert torch.equal(together[1, 10:], alone[0, 6:]), "a left-padded row differs from the row alone"

@@ -173,3 +173,33 @@ def test_heads_without_a_cache_argument_run_with_use_cache():
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True)
     assert out.start_logits.shape == input_ids.shape
+
+
+def test_uses_attention_interface_tells_the_two_kinds_of_model_apart():
+    from transformers import BloomForCausalLM, LlamaForCausalLM
+
+    from hybrid_hf.modeling_hybrid import uses_attention_interface
+
+    assert uses_attention_interface(LlamaForCausalLM) and not uses_attention_interface(BloomForCausalLM)
+
+
+@pytest.mark.parametrize(
+    "model_type,reason",
+    [
+        ("bloom", "does not go through transformers' attention interface"),
+        ("diffllama", "calls its attention more than once a forward"),
+        ("stablelm", "does not pass keyword arguments on to its attention"),
+    ],
+)
+def test_unsupported_hosts_are_refused_with_the_reason(model_type, reason):
+    from hybrid_hf.modeling_hybrid import UnsupportedHostError
+
+    with pytest.raises(UnsupportedHostError, match=reason):
+        convert(tiny_host(model_type), **SETTINGS)
+
+
+def test_register_model_type_names_unknown_types():
+    from hybrid_hf import register_model_type
+
+    with pytest.raises(ValueError, match="not_a_model"):
+        register_model_type("hybrid_not_a_model")

@@ -46,8 +46,20 @@ DECODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" in tasks]
 ENCODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" not in tasks]
 
 
+#: multi-head latent attention (DeepSeek-V2/V3 and kin): query/key halves and the value width, small and consistent
+_LATENT = dict(qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16)
+
+
 def tiny_config(model_type: str, **overrides):
-    config = CONFIG_MAPPING[model_type](**{**TINY, **_FAMILY.get(model_type, {}), **overrides})
+    config_class = CONFIG_MAPPING[model_type]
+    fields = {**TINY, **_FAMILY.get(model_type, {}), **overrides}
+    if "qk_rope_head_dim" in config_class().to_dict():
+        fields = {**_LATENT, **fields}
+    try:
+        config = config_class(**fields)
+    except AttributeError:  # a config whose head_dim is computed, not set (Falcon)
+        fields.pop("head_dim")
+        config = config_class(**fields)
     return _shrink(config, overrides)
 
 
@@ -62,6 +74,8 @@ def _shrink(config, keep):
             setattr(config, name, 4)
         elif "expert" in name and value > 2 and any(word in name for word in ("per_tok", "top")):
             setattr(config, name, 2)
+        elif name == "rotary_dim" and value > 8:  # at most the head size (GPT-J, CodeGen)
+            setattr(config, name, 8)
     return config
 
 
