@@ -230,6 +230,7 @@ def finetune(
     use_cpu: bool | None = None,
     ddp_find_unused_parameters: bool = False,
     base_model: str | None = None,
+    base_model_note: str | None = None,
     hybrid: bool = True,
     quiet: bool = False,
 ) -> FinetuneResult:
@@ -251,7 +252,8 @@ def finetune(
         logging_steps: Trainer log interval (default: steps // 10); report_to: Trainer integrations.
         use_cpu: train on CPU (default: when no accelerator is available; needed for gloo under a launcher).
         ddp_find_unused_parameters: see the module docstring.
-        base_model: name for the model card (default: `model` when it is a name).
+        base_model: the model card's base model, a Hub id or a local folder (default: `model` when it is a name);
+            base_model_note: how the weights came from it, for the card.
         hybrid: False trains a host model as it is, without converting it (a baseline with the same data, budget
             and LoRA targets); saved without a hybrid model card.
         quiet: no summary printed.
@@ -259,7 +261,7 @@ def finetune(
     from accelerate import PartialState
     from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from .training import add_span_logging, lora_config, perplexity, text_dataset
+    from .training import add_span_logging, get_lora_model, perplexity, text_dataset
 
     started = time.perf_counter()
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
@@ -319,13 +321,13 @@ def finetune(
     eval_tokens = sum(len(ids) for ids in eval_dataset["input_ids"])
 
     model.to(state.device)
-    ppl_before = perplexity(model, eval_dataset, batch_size=batch_size)
+    bars = state.is_main_process  # progress bars on the main process only, like the Trainer's
+    ppl_before = perplexity(model, eval_dataset, batch_size, progress="perplexity before training" if bars else None)
+    use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache off for training
     lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_r
     if lora:
-        from peft import get_peft_model
-
         set_seed(seed)
-        model = get_peft_model(model, lora_config(model, r=lora_r, alpha=lora_alpha))
+        model = get_lora_model(model, r=lora_r, alpha=lora_alpha)
 
     with tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-") as scratch:
         args = TrainingArguments(
@@ -353,7 +355,8 @@ def finetune(
     if lora:
         trained = trained.merge_and_unload()
     trained.eval()
-    ppl_after = perplexity(trained, eval_dataset, batch_size=batch_size)
+    trained.config.use_cache = use_cache
+    ppl_after = perplexity(trained, eval_dataset, batch_size, progress="perplexity after training" if bars else None)
     num_processes = trainer.args.world_size
     result = FinetuneResult(
         output=output,
@@ -374,7 +377,6 @@ def finetune(
         card = None
         if hybrid:
             summary: dict[str, Any] = {
-                "base model": base_model or "-",
                 "converted from the host model here": converted,
                 "training text": ", ".join(Path(f).name for f in data_files) or f"{len(texts or [])} text(s)",
                 "held-out text": ", ".join(Path(f).name for f in eval_files)
@@ -395,9 +397,10 @@ def finetune(
             summary["wall time (s)"] = round(time.perf_counter() - started, 1)
             card = dict(
                 base_model=base_model,
+                base_model_note=base_model_note,
                 settings={key: getattr(trained.config, key) for key in SETTING_NAMES if hasattr(trained.config, key)},
                 training_summary=summary,
-                repo_id=str(output),
+                model_id=output.name,
             )
         write_atomically(output, trained, tokenizer, force=force, card=card)
     state.wait_for_everyone()
