@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -246,3 +247,24 @@ def test_dequantized_smollm2_folder_has_the_modes_of_the_umask(tmp_path, monkeyp
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+# --- installing -----------------------------------------------------------------------------------------------
+
+
+def make_install_commands(*variables: str) -> str:
+    """The commands `make` would run to set up a fresh environment (a dry run: nothing is installed)."""
+    venv = "/nonexistent/venv"
+    result = subprocess.run(["make", "-n", "-B", f"VENV={venv}", *variables, f"{venv}/.installed"],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_cpu_only_torch_is_an_option_not_the_default():
+    assert "download.pytorch.org" not in make_install_commands()
+    cpu = make_install_commands("TORCH=cpu").splitlines()
+    torch_line = [i for i, line in enumerate(cpu) if "--index-url https://download.pytorch.org/whl/cpu" in line]
+    package_line = [i for i, line in enumerate(cpu) if '-e ".[dev]"' in line]
+    assert torch_line and package_line and torch_line[0] < package_line[0]  # torch first, then the rest from PyPI
