@@ -391,7 +391,7 @@ def hub_base_model(name: str | None) -> str | None:
     """The Hub id of the model `name` derives from, for a card's `base_model`; None when it is not known.
 
     `name` itself when it is a Hub id and no local path; for a local folder, the `base_model` of the folder's own
-    model card (a folder written by `hybrid-hf convert` or `finetune` from a Hub model), else None: a local folder's
+    model card (e.g. one `hybrid-hf finetune` wrote from a Hub model), else None: a local folder's
     name is no Hub id, even when it looks like one.
     """
     from huggingface_hub import ModelCard
