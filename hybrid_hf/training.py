@@ -519,12 +519,13 @@ def write_model_card(
     body = f"""
 # Hybrid-attention {host or "model"}
 
-{origin} converted to **hybrid attention** with `hybrid_hf`: every hybrid layer mixes the host's own global
-attention with an adaptive-span local attention, `y = W_mix [local ; global]`. Each token predicts its local span
-`s * max_span` (and a temperature `tau_min + (tau_max - tau_min) * s`: short spans are sharp) from the mean of the
-global output over the positions it can see; the soft span mask is the one of Sukhbaatar et al., 2019
-("Adaptive Attention Span in Transformers"). The modeling code ships with the checkpoint, so loading needs
-`trust_remote_code=True` and only `torch` and `transformers`.
+{origin}
+converted to **hybrid attention** with `hybrid_hf`: every hybrid layer mixes the host's own global attention with
+an adaptive-span local attention, `y = W_mix [local ; global]`. Each token predicts its local span `s * max_span`
+(and a temperature `tau_min + (tau_max - tau_min) * s`: short spans are sharp) from the mean of the global output
+over the positions it can see; the soft span mask is the one of Sukhbaatar et al., 2019 ("Adaptive Attention Span
+in Transformers"). The modeling code ships with the checkpoint, so loading needs `trust_remote_code=True` and only
+`torch` and `transformers`.
 
 ## Usage
 
