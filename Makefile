@@ -4,12 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Extra pip arguments for the environment, e.g. a pinned transformers: make test PIP_EXTRA="transformers==5.17.0"
 PIP_EXTRA ?=
+# A torch build from PyTorch's own wheel index, e.g. the CPU-only one (about 4 GB smaller than PyPI's CUDA build):
+# make clean test TORCH=cpu. Empty (the default): torch from PyPI like every other dependency.
+TORCH ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
 .PHONY: test sweep architectures demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+ifneq ($(TORCH),)
+	$(PY) -m pip install -q torch --index-url $(TORCH_INDEX)
+endif
 	$(PY) -m pip install -q -e ".[dev]" $(PIP_EXTRA)
 	touch $@
 

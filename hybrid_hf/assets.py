@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import _normalize_modes, _umask, drop_load_time_keys
+
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
@@ -121,10 +123,11 @@ def _asset(key: str) -> Asset:
 
 
 def _publish(tmp: Path, target: Path) -> bool:
-    """Rename the finished ``tmp`` folder to ``target``.
+    """Rename the finished ``tmp`` folder to ``target``, with the mode the user's umask gives a new folder.
 
     Returns False (and removes ``tmp``) when another process published ``target`` first.
     """
+    os.chmod(tmp, 0o777 & ~_umask())  # `mkdtemp` made it private
     try:
         os.rename(tmp, target)
     except OSError:
@@ -225,6 +228,7 @@ def smollm2_folder() -> Path:
         start = time.perf_counter()
         logger.info("Dequantizing %s into %s (once; this takes a while)", SMOLLM2_GGUF, target)
         _convert_gguf(source, SMOLLM2_GGUF, tmp)
+        _normalize_modes(tmp)  # `save_pretrained` writes the weights private (0600)
         if target.exists():
             logger.warning("Replacing incomplete folder %s", target)
             shutil.rmtree(target)
@@ -267,8 +271,6 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    from .checkpoint import drop_load_time_keys
-
     drop_load_time_keys(out / "tokenizer_config.json")
 
     config = json.loads((out / "config.json").read_text())

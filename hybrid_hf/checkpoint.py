@@ -538,6 +538,7 @@ def write_atomically(output: Path, hybrid, tokenizer, force: bool, card: dict | 
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+        vars(hybrid.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

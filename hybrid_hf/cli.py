@@ -14,7 +14,7 @@ COMMANDS = {
     "finetune": ("hybrid_hf.finetune", "fine-tune a model on text files with Trainer (optionally LoRA)"),
     "inspect": ("hybrid_hf.inspect_spans", "plot the learned spans and temperatures of a hybrid model"),
     "bench": ("hybrid_hf.bench", "benchmark the local kernel and hybrid models against the alternatives"),
-    "demo": ("hybrid_hf.demo", "convert SmolLM2-135M, fine-tune it on Shakespeare and report"),
+    "demo": ("hybrid_hf.demo", "convert SmolLM2-135M-Instruct, fine-tune it on Shakespeare and report"),
 }
 
 

@@ -314,6 +314,7 @@ def finetune(
     use_cpu: bool | None = None,
     ddp_find_unused_parameters: bool = False,
     base_model: str | None = None,
+    base_model_note: str | None = None,
     hybrid: bool = True,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -341,7 +342,8 @@ def finetune(
             final weights equal those of an uninterrupted run.
         use_cpu: train on CPU (default: when no accelerator is available; needed for gloo under a launcher).
         ddp_find_unused_parameters: see the module docstring.
-        base_model: name for the model card (default: `model` when it is a name).
+        base_model: the model card's base model, a Hub id or a local folder (default: `model` when it is a name);
+            base_model_note: how the weights came from it, for the card.
         hybrid: False trains a host model as it is, without converting it (a baseline with the same data, budget
             and LoRA targets); saved without a hybrid model card.
         trust_remote_code: let a model folder's `auto_map` run the code it ships (never needed for hybrid models).
@@ -356,7 +358,7 @@ def finetune(
     from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator, set_seed
 
     from .checkpoint import check_output, output_lock
-    from .training import StopOnNonFiniteLoss, add_span_logging, lora_config, perplexity, text_dataset
+    from .training import StopOnNonFiniteLoss, add_span_logging, get_lora_model, perplexity, text_dataset
 
     started = time.perf_counter()
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
@@ -429,13 +431,13 @@ def finetune(
         eval_tokens = sum(len(ids) for ids in eval_dataset["input_ids"])
 
         model.to(state.device)
-        ppl_before = perplexity(model, eval_dataset, batch_size=batch_size)
+        bars = state.is_main_process  # progress bars on the main process only, like the Trainer's
+        ppl_before = perplexity(model, eval_dataset, batch_size, progress="perplexity before training" if bars else None)
+        use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache off for training
         lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_r
         if lora:
-            from peft import get_peft_model
-
             set_seed(seed)
-            model = get_peft_model(model, lora_config(model, r=lora_r, alpha=lora_alpha))
+            model = get_lora_model(model, r=lora_r, alpha=lora_alpha)
 
         if save_steps is not None:
             trainer_dir = checkpoints
@@ -479,7 +481,8 @@ def finetune(
         if lora:
             trained = trained.merge_and_unload()
         trained.eval()
-        ppl_after = perplexity(trained, eval_dataset, batch_size=batch_size)
+        trained.config.use_cache = use_cache
+        ppl_after = perplexity(trained, eval_dataset, batch_size, progress="perplexity after training" if bars else None)
         num_processes = trainer.args.world_size
         result = FinetuneResult(
             output=output,
@@ -500,8 +503,7 @@ def finetune(
             card = None
             if hybrid:
                 summary: dict[str, Any] = {
-                    "base model": base_model or "-",
-                    "converted from the host model here": converted,
+                        "converted from the host model here": converted,
                     "training text": ", ".join(Path(f).name for f in data_files) or f"{len(texts or [])} text(s)",
                     "held-out text": ", ".join(Path(f).name for f in eval_files)
                     or (f"{len(eval_texts)} text(s)" if eval_texts else f"last {eval_fraction:.0%} of the training text"),
@@ -521,9 +523,10 @@ def finetune(
                 summary["wall time (s)"] = round(time.perf_counter() - started, 1)
                 card = dict(
                     base_model=base_model,
+                    base_model_note=base_model_note,
                     settings={key: getattr(trained.config, key) for key in SETTING_NAMES if hasattr(trained.config, key)},
                     training_summary=summary,
-                    repo_id=str(output),
+                    model_id=output.name,
                 )
             write_atomically(output, trained, tokenizer, force=force, card=card)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume

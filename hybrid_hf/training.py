@@ -1,9 +1,9 @@
 """Training helpers for hybrid models: LoRA defaults, span logging, a causal-LM text dataset, perplexity, model cards.
 
-    from hybrid_hf.training import lora_config, add_span_logging, text_dataset, perplexity
+    from hybrid_hf.training import add_span_logging, get_lora_model, perplexity, text_dataset
 
     model = hybrid_hf.convert(host, max_span=64, ramp=16, span_loss_coef=0.05)
-    peft_model = peft.get_peft_model(model, lora_config(model))      # LoRA on q/k/v/o + hybrid modules trained
+    peft_model = get_lora_model(model)                               # LoRA on q/k/v/o + hybrid modules trained
     trainer = Trainer(model=peft_model, args=..., train_dataset=text_dataset(tokenizer, texts, 256))
     add_span_logging(trainer)                                        # span/temperature per layer in every log
     trainer.train()
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .architectures import attention_projections, model_classes
 from .architectures import model_task as _model_task
@@ -110,6 +112,19 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
     return LoraConfig(**settings)
 
 
+def get_lora_model(model, **kwargs: Any):
+    """`peft.get_peft_model(model, lora_config(model, **kwargs))`: the model with LoRA adapters, ready to train.
+
+    PEFT (0.21 and earlier) reads `model.is_gradient_checkpointing`, which transformers deprecates with a
+    `FutureWarning`; that one warning, about a call this package does not make, is silenced here.
+    """
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config(model, **kwargs))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Span logging
 
@@ -138,7 +153,8 @@ class SpanLoggingCallback(TrainerCallback):
     callback adds its values to `logs` (seen by every callback after it: the progress bar / printer, which the
     Trainer always adds last) and to the `state.log_history` entry of this log. Reporting integrations
     (`report_to`: TensorBoard, W&B, MLflow...) are created *before* the callbacks passed to `Trainer(callbacks=...)`,
-    so they would miss the values: use `add_span_logging(trainer)`, which puts this callback first.
+    so they would miss the values: use `add_span_logging(trainer)`, which puts this callback first, and has the
+    console show only the means (`console_logs`).
     """
 
     def __init__(self, per_head: bool = True):
@@ -225,14 +241,39 @@ class SpanLoggingCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
+def console_logs(logs: dict[str, Any]) -> dict[str, Any]:
+    """`logs` without the per-layer and per-head span values: loss, learning rate, `span/mean`, `temperature/mean`..."""
+    return {key: value for key, value in logs.items() if "/layer_" not in key}
+
+
+class SpanProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, printing each log as `console_logs` shortens it (one short line per log)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
+class SpanPrinterCallback(PrinterCallback):
+    """The Trainer's log printer (used with `disable_tqdm=True`), printing each log as `console_logs` shortens it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
 def add_span_logging(trainer, per_head: bool = False) -> SpanLoggingCallback:
-    """Add a `SpanLoggingCallback` to `trainer` as its *first* callback, so that every logger sees the values.
+    """Add a `SpanLoggingCallback` to `trainer` as its *first* callback, so that every logger sees the values, and
+    have the console show only their means.
 
     (`Trainer(callbacks=[...])` places user callbacks after the `report_to` integrations, which log in their own
-    `on_log` before a later callback could add anything.) Returns the callback.
+    `on_log` before a later callback could add anything.) The Trainer's progress bar or log printer is replaced by
+    `SpanProgressCallback` or `SpanPrinterCallback`, which leave the per-layer values out of the console line; the
+    integrations and `state.log_history` still get all of them. Returns the callback.
     """
     callback = SpanLoggingCallback(per_head=per_head)
     trainer.callback_handler.callbacks.insert(0, callback)
+    for printer, short_printer in ((ProgressCallback, SpanProgressCallback), (PrinterCallback, SpanPrinterCallback)):
+        if trainer.pop_callback(printer) is not None:
+            trainer.add_callback(short_printer)
     return callback
 
 
@@ -320,14 +361,15 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model, dataset, batch_size: int = 8) -> float:
+def perplexity(model, dataset, batch_size: int = 8, progress: str | None = None) -> float:
     """Perplexity of a causal LM on a `text_dataset`: `exp` of the mean next-token cross-entropy over all tokens.
 
     The LM loss only: the model is called without labels (so no span loss is added) and the cross-entropy is
     computed here from the logits, with labels shifted by one and `-100` ignored, summed over every predicted
     token of the dataset and divided by their number (not a mean of per-batch means). Rows of different lengths are
     right-padded. Runs in eval mode under `no_grad`, restoring the model's mode afterwards. Works on PEFT-wrapped
-    models. Returns `inf` if the mean loss overflows `exp`.
+    models. Returns `inf` if the mean loss overflows `exp`. With `progress`, a progress bar of that title counts the
+    batches.
     """
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
@@ -337,7 +379,8 @@ def perplexity(model, dataset, batch_size: int = 8) -> float:
     total_loss = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
     try:
-        for start in range(0, len(dataset), batch_size):
+        starts = range(0, len(dataset), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             rows = dataset[start : start + batch_size]
             input_ids = rows["input_ids"]
             labels = rows.get("labels", input_ids)
@@ -369,11 +412,27 @@ def perplexity(model, dataset, batch_size: int = 8) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Model card
 
-def _is_hub_model(name: str | None) -> bool:
-    """A Hub repo id rather than a local folder (the card's `base_model` metadata takes only Hub ids)."""
+def hub_base_model(name: str | None) -> str | None:
+    """The Hub id of the model `name` derives from, for a card's `base_model`; None when it is not known.
+
+    `name` itself when it is a Hub id and no local path; for a local folder, the `base_model` of the folder's own
+    model card (e.g. one `hybrid-hf finetune` wrote from a Hub model), else None: a local folder's
+    name is no Hub id, even when it looks like one.
+    """
+    from huggingface_hub import ModelCard
+
     from .checkpoint import is_hub_id
 
-    return bool(name) and is_hub_id(name) and not Path(name).exists()
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name if is_hub_id(name) else None
+    try:
+        base_model = ModelCard.load(path / "README.md").data.base_model
+    except (OSError, ValueError):  # no card, or not a model card
+        return None
+    return base_model if isinstance(base_model, str) and is_hub_id(base_model) else None
 
 
 def _markdown_table(rows: dict[str, Any]) -> str:
@@ -406,24 +465,28 @@ def write_model_card(
     base_model: str | None,
     settings: dict[str, Any],
     training_summary: dict[str, Any],
+    base_model_note: str | None = None,
     pipeline_tag: str | None = None,
-    repo_id: str | None = None,
+    model_id: str | None = None,
     license: str | None = None,
 ) -> Path:
     """Write `folder/README.md`: a Hub model card for a hybrid checkpoint, built with `huggingface_hub.ModelCard`.
 
-    Metadata: `base_model` (only when it looks like a Hub id, not a local path, since the Hub rejects paths),
-    `library_name: transformers`, `tags` (hybrid-attention, adaptive-span, custom_code, trust_remote_code, the host
-    family), `pipeline_tag` (from `folder/config.json`'s class when not given) and `license` when given. Body: the
-    hybrid settings, the training summary and a loading snippet with `trust_remote_code=True`.
+    Metadata: `base_model` (a Hub id, see `hub_base_model`; left out when unknown), `library_name: transformers`,
+    `tags` (hybrid-attention, adaptive-span, custom_code, trust_remote_code, the host family), `pipeline_tag` (from
+    `folder/config.json`'s class when not given) and `license` when given. Body: what the model is, a loading snippet,
+    the hybrid settings and the training summary. No local path goes into the card: the snippet loads `model_id`.
 
     Args:
         folder: a saved hybrid model folder.
-        base_model: the model it was converted / fine-tuned from (hub id or path; paths go in the text only).
+        base_model: the model it was converted / fine-tuned from: a Hub id, or a local folder (its own card's
+            `base_model` is used, when it has one).
         settings: the hybrid settings (`max_span`, `ramp`, ...), shown as a table.
         training_summary: what the training did (steps, perplexities...), shown as a table.
-        pipeline_tag, repo_id, license: override the inferred pipeline tag; the id used in the snippet (default:
-            the folder path); the license metadata.
+        base_model_note: how the weights came from `base_model`, shown beside it (e.g. "its Q4_1 GGUF, dequantized").
+        pipeline_tag: overrides the pipeline tag inferred from the config.
+        model_id: what the usage snippet loads: the Hub id, or the folder's name (the default).
+        license: the license metadata.
     Returns:
         The path of the README.
     """
@@ -437,14 +500,12 @@ def write_model_card(
     host = model_type.removeprefix(HYBRID_PREFIX) if model_type else None
     if pipeline_tag is None:
         pipeline_tag = _pipeline_tag(config)
-    tags = ["hybrid-attention", "adaptive-span", "custom_code", "trust_remote_code"]
-    if host:
-        tags.append(host)
+    base_model = hub_base_model(base_model)
     data = ModelCardData(
-        base_model=base_model if _is_hub_model(base_model) else None,
+        base_model=base_model,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=tags,
+        tags=["hybrid-attention", "adaptive-span", "custom_code", "trust_remote_code", *([host] if host else [])],
         license=license,
     )
     auto_class = {
@@ -452,35 +513,44 @@ def write_model_card(
         "fill-mask": "AutoModelForMaskedLM",
         "text-classification": "AutoModelForSequenceClassification",
     }.get(pipeline_tag, "AutoModel")
-    name = repo_id or str(folder)
+    generate = (
+        [
+            'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+        ]
+        if auto_class == "AutoModelForCausalLM"
+        else []
+    )
+    # `trust_remote_code=True` on the tokenizer too: `AutoTokenizer` reads config.json with `AutoConfig`, which asks
+    # before running the folder's configuration code. The tokenizer itself is the library class in
+    # tokenizer_config.json.
     usage = "\n".join(
         [
             "```python",
             f"from transformers import AutoTokenizer, {auto_class}",
             "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-            f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)',
-            *(
-                [
-                    'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
-                    "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
-                ]
-                if auto_class == "AutoModelForCausalLM"
-                else []
-            ),
+            f'model_id = "{model_id or folder.name}"  # this folder, or its Hub id once pushed',
+            "tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)",
+            f"model = {auto_class}.from_pretrained(model_id, trust_remote_code=True)",
+            *generate,
             "```",
         ]
     )
-    base_line = f"`{base_model}`" if base_model else "a host model"
+    if base_model:
+        origin = f"[`{base_model}`](https://huggingface.co/{base_model})"
+        origin += f" ({base_model_note})" if base_model_note else ""
+    else:
+        origin = f"A {host or 'host'} model"
     body = f"""
 # Hybrid-attention {host or "model"}
 
-{base_line} converted to **hybrid attention** with `hybrid_hf`: every hybrid layer mixes the host's own global
-attention with an adaptive-span local attention, `y = W_mix [local ; global]`. Each token predicts its local span
-`s * max_span` (and a temperature `tau_min + (tau_max - tau_min) * s`: short spans are sharp) from the mean of the
-global output over the positions it can see; the soft span mask is the one of Sukhbaatar et al., 2019
-("Adaptive Attention Span in Transformers"). The modeling code ships with the checkpoint, so loading needs
-`trust_remote_code=True` and only `torch` and `transformers`.
+{origin}
+converted to **hybrid attention** with `hybrid_hf`: every hybrid layer mixes the host's own global attention with
+an adaptive-span local attention, `y = W_mix [local ; global]`. Each token predicts its local span `s * max_span`
+(and a temperature `tau_min + (tau_max - tau_min) * s`: short spans are sharp) from the mean of the global output
+over the positions it can see; the soft span mask is the one of Sukhbaatar et al., 2019 ("Adaptive Attention Span
+in Transformers"). The modeling code ships with the checkpoint, so loading needs `trust_remote_code=True` and only
+`torch` and `transformers`.
 
 ## Usage
 

