@@ -187,6 +187,7 @@ def test_uses_attention_interface_tells_the_two_kinds_of_model_apart():
     "model_type,reason",
     [
         ("bloom", "does not go through transformers' attention interface"),
+        ("falcon", "does not go through transformers' attention interface"),
         ("diffllama", "calls its attention more than once a forward"),
         ("stablelm", "does not pass keyword arguments on to its attention"),
     ],

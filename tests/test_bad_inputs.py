@@ -353,8 +353,8 @@ DEMO = {
     "empty text file": (["--model", "{host}", "--text", "{empty}"], ["--text", "empty"]),
     "missing eval text": (["--model", "{host}", "--text", "{text}", "--eval-text", "{missing}"],
                           ["--eval-text file not found"]),
-    "output exists": (["--out", "{user_files}"], ["user_files", "already exists", "--force"]),
-    "force onto user files": (["--out", "{user_files}", "--force"], ["user_files", "not a model folder"]),
+    "output exists": (["--out", "{user_files}"], ["user_files", "not a demo output", "--force"]),
+    "force onto user files": (["--out", "{user_files}", "--force"], ["user_files", "neither a demo output nor a model"]),
     "unknown flag": (["--epochs", "3"], ["unrecognized arguments: --epochs"]),
 }
 
