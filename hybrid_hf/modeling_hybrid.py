@@ -212,31 +212,38 @@ def _key_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
 
 class HybridCacheLayerMixin:
     """Added to a dynamic cache layer of a hybrid layer: beside its keys and values, the running sums of the global
-    output at every cached position, `context_sums` `(B, S, H * D)` (float32) and `context_counts` `(B, S)`, so the
-    prefix-mean context continues across decoding steps, and is cropped, reordered and selected with the keys."""
+    output at every cached position, `(B, S, H * D)` in float32, and the running counts of real tokens `(B, S)`, so
+    the prefix-mean context continues across decoding steps, and is cropped, reordered and selected with the keys.
+    The sums sit in a buffer that grows by doubling, so a decoding step writes one position instead of copying all.
+    """
 
-    context_sums: torch.Tensor | None = None
-    context_counts: torch.Tensor | None = None
+    context_sums: torch.Tensor | None = None  # (B, capacity, H * D), the first `context_length` positions in use
+    context_counts: torch.Tensor | None = None  # (B, capacity)
+    context_length: int = 0
 
     def context_before(self, new_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(sum (B, d), count (B,))` over the positions before the `new_tokens` this call added to the cache."""
         seen = self.get_seq_length() - new_tokens
-        stored = 0 if self.context_sums is None else self.context_sums.shape[1]
-        if stored != seen:
+        if self.context_length != seen:
             raise RuntimeError(
-                f"the cache holds {seen} earlier tokens but the hybrid context state {stored}; a cache filled "
-                "outside this model's forward cannot be continued"
+                f"the cache holds {seen} earlier tokens but the hybrid context state {self.context_length}; a cache "
+                "filled outside this model's forward cannot be continued"
             )
         if seen == 0:
             return None, None
-        return self.context_sums[:, -1], self.context_counts[:, -1]
+        return self.context_sums[:, seen - 1], self.context_counts[:, seen - 1]
 
     def append_context(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        if self.context_sums is None or self.context_sums.shape[1] == 0:
-            self.context_sums, self.context_counts = sums, counts
-        else:
-            self.context_sums = torch.cat([self.context_sums, sums], dim=1)
-            self.context_counts = torch.cat([self.context_counts, counts], dim=1)
+        start, end = self.context_length, self.context_length + sums.shape[1]
+        if self.context_sums is None or end > self.context_sums.shape[1]:
+            capacity = end if self.context_sums is None else max(end, 2 * self.context_sums.shape[1])
+            grown_sums = sums.new_empty((sums.shape[0], capacity, sums.shape[2]))
+            grown_counts = counts.new_empty((counts.shape[0], capacity))
+            if start:
+                grown_sums[:, :start], grown_counts[:, :start] = self.context_sums[:, :start], self.context_counts[:, :start]
+            self.context_sums, self.context_counts = grown_sums, grown_counts
+        self.context_sums[:, start:end], self.context_counts[:, start:end] = sums, counts
+        self.context_length = end
 
     def _apply_to_context(self, fn) -> None:
         if self.context_sums is not None:
@@ -244,8 +251,7 @@ class HybridCacheLayerMixin:
 
     def crop(self, *args, **kwargs) -> None:
         super().crop(*args, **kwargs)
-        length = self.get_seq_length()
-        self._apply_to_context(lambda t: t[:, :length])
+        self.context_length = min(self.context_length, self.get_seq_length())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -262,6 +268,7 @@ class HybridCacheLayerMixin:
     def reset(self) -> None:
         super().reset()
         self.context_sums = self.context_counts = None
+        self.context_length = 0
 
 
 @functools.cache
