@@ -33,12 +33,7 @@ MAX_LINE = 200
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def console_lines(text: str) -> list[str]:
