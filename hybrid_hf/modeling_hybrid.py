@@ -386,7 +386,11 @@ def reset_hybrid_parameters(module: nn.Module) -> None:
 
 def hybrid_layers(model: nn.Module) -> list[nn.Module]:
     """The hybrid attention modules of a model, in order (works on PEFT-wrapped and remote-code models)."""
-    return [m for m in model.modules() if type(getattr(m, "span_predictor", None)).__name__ == "SpanPredictor"]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "span_predictor", None), nn.Module) and isinstance(getattr(m, "mix", None), nn.Module)
+    ]
 
 
 def _mean_span_scale(spans: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:

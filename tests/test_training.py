@@ -33,6 +33,7 @@ from hybrid_hf.finetune import finetune
 from hybrid_hf.training import (
     SpanLoggingCallback,
     add_span_logging,
+    get_lora_model,
     lora_config,
     perplexity,
     text_dataset,
@@ -571,3 +572,16 @@ def test_cli_accelerate_launch_two_processes(folders, tmp_path):
     card = (output / "README.md").read_text()
     assert "library_name: transformers" in card and "| processes | 2 |" in card
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ddp-out.")]
+
+
+def test_span_logging_under_lora(tmp_path, dataset):
+    """PEFT wraps `span_predictor` (modules_to_save) and `mix` (LoRA): the layers and their spans are still found."""
+    model = make_hybrid(span_loss_coef=0.1)
+    peft_model = get_lora_model(model)
+    assert len(hybrid_layers(peft_model)) == 2
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset,
+                      data_collator=default_data_collator)
+    add_span_logging(trainer)
+    trainer.train()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert train_logs and all({"span/mean", "temperature/mean", "span/layer_00"} <= set(e) for e in train_logs)
