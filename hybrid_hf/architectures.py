@@ -13,10 +13,10 @@ from .modeling_hybrid import hybrid_layers, self_attention_modules
 
 #: task -> transformers' table of the host class for that task
 TASK_TABLES = {
+    "base": modeling_auto.MODEL_MAPPING_NAMES,
     "causal_lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "masked_lm": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     "sequence_classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    "base": modeling_auto.MODEL_MAPPING_NAMES,
 }
 TASKS = tuple(TASK_TABLES)
 

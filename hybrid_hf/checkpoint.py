@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .architectures import default_task, model_classes
+from .architectures import TASKS, default_task, model_classes
 from .cli import ArgumentParser, first_line, quiet_transformers
 from .configuration_hybrid import HYBRID_PREFIX
 from .conversion import register_model_type
@@ -52,7 +52,6 @@ VERIFY_TEXT = (
 #: Number of token ids used for verification when there is no tokenizer.
 VERIFY_LENGTH = 48
 
-TASKS = ("base", "causal_lm", "masked_lm", "sequence_classification")
 _SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = (

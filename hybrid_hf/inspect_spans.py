@@ -12,7 +12,7 @@ Command (through `hybrid-hf`):
                       [--trust-remote-code]
 
 The span of a token is `s * max_span` tokens and its local-softmax temperature `tau_min + (tau_max - tau_min) * s`,
-with `s` in `[0, 1]` the output of the layer's span predictor (DESIGN section 1, steps 3-5).
+with `s` in `[0, 1]` the output of the layer's span predictor.
 """
 
 from __future__ import annotations

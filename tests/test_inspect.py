@@ -3,7 +3,7 @@
 A tiny random Llama is converted, its span predictors get random weights, and it is saved with a tiny offline
 tokenizer. The spans the command writes are checked against an independent computation: the global branch's
 output is caught at the input of `mix` (`[local ; global]`), its causal prefix mean is taken by hand, and the
-span is `sigmoid(W c + b) * max_span` (DESIGN section 1, steps 2-4).
+span is `sigmoid(W c + b) * max_span`.
 """
 
 from __future__ import annotations
