@@ -303,6 +303,21 @@ def adaptive_local_attention(
     left = reach - 1
     right = 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
+        start, stop = max(0, offset - left), min(keys, offset + right + 1)
+        distance = (offset - torch.arange(start, stop, device=query.device)).abs()  # (W,); right = 0 when causal
+        if max_distance is not None:
+            distance = distance.masked_fill(distance > max_distance, max_span + ramp)
+        dist = distance.to(compute).expand(batch, 1, 1, stop - start)  # (B, 1, 1, W)
+        if key_mask is not None:
+            dist = dist.masked_fill(~key_mask[:, None, None, start:stop].bool(), float("inf"))
+        z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
+        q = query.to(compute).view(batch, kv_heads, groups, head_dim)
+        q = q * (scaling / temperature.to(compute)).view(batch, kv_heads, groups, 1)
+        scores = torch.matmul(q, key[:, :, start:stop].to(compute).transpose(-1, -2))  # (B, H_kv, G, W)
+        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
+        out = torch.matmul(probs.to(value.dtype), value[:, :, start:stop])  # (B, H_kv, G, D_v)
+        return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
     # Inference on the CPU in float32/64: one fused SDPA call (whose CPU kernel returns zeros for empty rows).
     sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
     if block_size is None:

@@ -1178,3 +1178,20 @@ def test_no_grad_band_follows_the_largest_span():
         sizes[top] = mode.max_numel
         assert mode.max_numel <= length * (block + int(math.ceil(top)) + ramp - 1)
     assert sizes[4.0] < sizes[32.0] < sizes[64.0]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("max_distance", [None, 3])
+@pytest.mark.parametrize("padding", ["none", "holes"])
+def test_single_query_path_matches_reference_at_every_offset(causal, max_distance, padding):
+    """One query (a decoding step) takes its own short path at inference: the reference at every position."""
+    keys = 3 * WINDOW
+    query, key, value, span, temperature = make_case(length=1, keys=keys, seed=21, kv_heads=2, heads=4)
+    key_mask = make_key_mask(2, keys, padding)
+    for offset in range(keys):
+        kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, query_offset=offset,
+                      max_distance=max_distance)
+        with torch.no_grad():
+            fast = adaptive_local_attention(query, key, value, span, temperature, **kwargs)
+        torch.testing.assert_close(fast, reference_local_attention(query, key, value, span, temperature, **kwargs),
+                                   atol=1e-5, rtol=0, msg=lambda m: f"offset {offset}: {m}")
