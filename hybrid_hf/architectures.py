@@ -9,7 +9,8 @@ from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
 from .configuration_hybrid import HYBRID_PREFIX
-from .modeling_hybrid import hybrid_layers, self_attention_modules
+from .conversion import NEW_PARAMETER_MODULES
+from .modeling_hybrid import self_attention_modules
 
 #: task -> transformers' table of the host class for that task
 TASK_TABLES = {
@@ -60,12 +61,10 @@ def attention_projections(model: nn.Module) -> list[str]:
     """Names of the linear layers inside the host's self-attention modules (e.g. `q_proj, k_proj, v_proj, o_proj`
     for Llama, `c_attn, c_proj` for GPT-2, `query, key, value` for BERT): LoRA's targets. The hybrid modules'
     own linear layers are left out."""
-    hybrid = {id(module) for layer in hybrid_layers(model) for module in (layer.span_predictor, layer.mix)}
     names = []
     for attention in self_attention_modules(model):
-        skip = {id(m) for child in attention.children() if id(child) in hybrid for m in child.modules()}
         for name, module in attention.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in skip:
+            if isinstance(module, (nn.Linear, Conv1D)) and name.split(".")[0] not in NEW_PARAMETER_MODULES:
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf not in names:
                     names.append(leaf)

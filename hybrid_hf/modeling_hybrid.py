@@ -284,7 +284,8 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayerMixin:
             f"hybrid layer {layer_idx} needs a dynamic cache layer for its context state, got {type(layer).__name__}"
         )
     if not isinstance(layer, HybridCacheLayerMixin):
-        hybrid = _hybrid_layer_class(type(layer)).__new__(_hybrid_layer_class(type(layer)))
+        hybrid_class = _hybrid_layer_class(type(layer))
+        hybrid = hybrid_class.__new__(hybrid_class)
         hybrid.__dict__.update(vars(layer))  # the same keys, values and counters
         cache.layers[layer_idx] = layer = hybrid
     return layer
@@ -508,6 +509,14 @@ def _hybrid_forward(host_forward):
     return forward
 
 
+def _input_shape(arguments: dict) -> torch.Size | None:
+    """The shape of a forward's tokens: `input_ids`'s, or `inputs_embeds`'s without the hidden size."""
+    if arguments.get("input_ids") is not None:
+        return arguments["input_ids"].shape
+    embeds = arguments.get("inputs_embeds")
+    return embeds.shape[:-1] if embeds is not None else None
+
+
 def _padding_mask(mask, arguments: dict) -> torch.Tensor | None:
     """The `(B, S)` padding mask of a forward: the 2-D `attention_mask`, or the `(B, choices, S)` one of a
     multiple-choice head, whose choices run as rows; None for no mask or a 4-D mask given as is."""
@@ -515,9 +524,7 @@ def _padding_mask(mask, arguments: dict) -> torch.Tensor | None:
         return None
     if mask.dim() == 2:
         return mask
-    inputs = arguments.get("input_ids")
-    inputs = arguments["inputs_embeds"][..., 0] if inputs is None and arguments.get("inputs_embeds") is not None else inputs
-    if mask.dim() == 3 and inputs is not None and inputs.shape == mask.shape:
+    if mask.dim() == 3 and _input_shape(arguments) == mask.shape:
         return mask.reshape(-1, mask.shape[-1])
     return None
 
@@ -525,12 +532,10 @@ def _padding_mask(mask, arguments: dict) -> torch.Tensor | None:
 def _packed_segments(arguments: dict) -> torch.Tensor | None:
     """Sequence indices `(B, N)` of packed rows from `position_ids` (transformers' rule: a new sequence wherever the
     position does not go up by one); None when every row holds one sequence."""
-    position_ids = arguments.get("position_ids")
-    inputs = arguments.get("input_ids")
-    inputs = arguments.get("inputs_embeds") if inputs is None else inputs
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or inputs is None:
+    position_ids, shape = arguments.get("position_ids"), _input_shape(arguments)
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or shape is None:
         return None
-    return find_packed_sequence_indices(position_ids.expand(inputs.shape[0], -1))
+    return find_packed_sequence_indices(position_ids.expand(shape[0], -1))
 
 
 def auto_class_name(host: type) -> str | None:
