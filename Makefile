@@ -9,7 +9,7 @@ PIP_EXTRA ?=
 TORCH ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: test sweep architectures demo bench clean
+.PHONY: test lint sweep architectures demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ endif
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Ruff's checks, configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check hybrid_hf tests
 
 # Every model type of the installed transformers, converted and checked (about 10 minutes).
 sweep: $(VENV)/.installed

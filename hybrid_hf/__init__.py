@@ -5,16 +5,16 @@ model whose attention goes through transformers' attention interface hybrid, and
 Auto classes; `register_model_type("llama")` does the latter for loading saved hybrid folders without remote code.
 """
 
-from .configuration_hybrid import HybridSettings, hybrid_config_class
 from .conversion import convert, register_model_type
-from .hybrid_attention import (
+from .model.configuration_hybrid import HybridSettings, hybrid_config_class
+from .model.hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
     causal_prefix_mean,
     masked_mean,
     span_temperature,
 )
-from .modeling_hybrid import HYBRID_ATTENTION, hybrid_layers, hybrid_model_class
+from .model.modeling_hybrid import HYBRID_ATTENTION, hybrid_layers, hybrid_model_class
 
 __all__ = [
     "HYBRID_ATTENTION",
@@ -35,7 +35,7 @@ __version__ = "0.2.0"
 
 def __getattr__(name: str):
     """`hybrid_hf.HybridLlamaForCausalLM`, `hybrid_hf.HybridLlamaConfig` and the like, made on demand."""
-    from . import configuration_hybrid, modeling_hybrid
+    from .model import configuration_hybrid, modeling_hybrid
 
     for module in (modeling_hybrid, configuration_hybrid):
         try:

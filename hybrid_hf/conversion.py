@@ -12,8 +12,8 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
 
-from .configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
-from .modeling_hybrid import (
+from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
+from .model.modeling_hybrid import (
     AUTO_CLASSES,
     HybridModelMixin,
     UnsupportedHostError,

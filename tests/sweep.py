@@ -20,7 +20,7 @@ from tiny_models import perturb, tiny_config
 from transformers.models.auto import modeling_auto
 
 from hybrid_hf import convert
-from hybrid_hf.modeling_hybrid import UnsupportedHostError
+from hybrid_hf.model.modeling_hybrid import UnsupportedHostError
 
 SETTINGS = dict(max_span=4, ramp=2)
 MAX_PARAMETERS = 10_000_000

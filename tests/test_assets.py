@@ -18,7 +18,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 
-from hybrid_hf import assets
+from hybrid_hf.examples import assets
 
 pytestmark = pytest.mark.real
 

@@ -178,7 +178,7 @@ def test_heads_without_a_cache_argument_run_with_use_cache():
 def test_uses_attention_interface_tells_the_two_kinds_of_model_apart():
     from transformers import BloomForCausalLM, LlamaForCausalLM
 
-    from hybrid_hf.modeling_hybrid import uses_attention_interface
+    from hybrid_hf.model.modeling_hybrid import uses_attention_interface
 
     assert uses_attention_interface(LlamaForCausalLM) and not uses_attention_interface(BloomForCausalLM)
 
@@ -193,7 +193,7 @@ def test_uses_attention_interface_tells_the_two_kinds_of_model_apart():
     ],
 )
 def test_unsupported_hosts_are_refused_with_the_reason(model_type, reason):
-    from hybrid_hf.modeling_hybrid import UnsupportedHostError
+    from hybrid_hf.model.modeling_hybrid import UnsupportedHostError
 
     with pytest.raises(UnsupportedHostError, match=reason):
         convert(tiny_host(model_type), **SETTINGS)

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from tiny_models import TEXT, VOCAB, tiny_host, word_tokenizer
 from transformers import BertConfig, BertModel, BloomConfig
 
 import hybrid_hf
-from hybrid_hf import HybridSettings, cli, convert
-from hybrid_hf.finetune import finetune
+from hybrid_hf import HybridSettings, commands, convert
+from hybrid_hf.finetuning import finetune
 
 INF, NAN = float("inf"), float("nan")
 # Writes the file PWNED beside itself when imported (transformers imports a copy from its module cache: the path is
@@ -209,13 +211,22 @@ CONVERT = {
     "initial span 0": (["{host}", "{out}", "--initial-span", "0"], ["initial_span", "(0, 1)"]),
     "initial span 1": (["{host}", "{out}", "--initial-span", "1"], ["initial_span", "(0, 1)"]),
     "initial span nan": (["{host}", "{out}", "--initial-span", "nan"], ["initial_span", "(0, 1)"]),
-    "layer out of range": (["{host}", "{out}", "--layers", "5"], ["hybrid_layers", "[0, 2)"]),
-    "layer repeated": (["{host}", "{out}", "--layers", "0,0"], ["hybrid_layers", "distinct"]),
-    "layer negative": (["{host}", "{out}", "--layers", "-1"], ["--layers", "comma-separated layer indices"]),
-    "layers not numbers": (["{host}", "{out}", "--layers", "one"], ["--layers", "comma-separated layer indices"]),
+    "layer out of range": (["{host}", "{out}", "--hybrid-layers", "5"], ["hybrid_layers", "[0, 2)"]),
+    "layer repeated": (["{host}", "{out}", "--hybrid-layers", "0,0"], ["hybrid_layers", "distinct"]),
+    "layer negative": (
+        ["{host}", "{out}", "--hybrid-layers", "-1"],
+        ["--hybrid-layers", "comma-separated layer indices"],
+    ),
+    "layers not numbers": (
+        ["{host}", "{out}", "--hybrid-layers", "one"],
+        ["--hybrid-layers", "comma-separated layer indices"],
+    ),
     "removed flag": (["{host}", "{out}", "--local-projections", "both"], ["unrecognized", "--local-projections"]),
     "task unknown": (["{host}", "{out}", "--task", "nope"], ["--task", "'causal_lm'"]),
-    "task not for the architecture": (["{host}", "{out}", "--task", "masked_lm"], ["masked_lm", "not available for llama"]),
+    "task not for the architecture": (
+        ["{host}", "{out}", "--task", "masked_lm"],
+        ["masked_lm", "not available for llama"],
+    ),
     "unknown flag": (["{host}", "{out}", "--max-spam", "8"], ["unrecognized arguments: --max-spam"]),
     "no output argument": (["{host}"], ["output"]),
     "output exists": (["{host}", "{user_files}"], ["user_files", "already exists", "--force"]),
@@ -230,10 +241,15 @@ FINETUNE = {
     "missing model": (["{missing}", "{out}", *FINETUNE_TEXT], ["does/not/exist", "not found"]),
     "model is a file": (["{notes}", "{out}", *FINETUNE_TEXT], ["notes.txt", "not a model folder"]),
     "model without config.json": (["{user_files}", "{out}", *FINETUNE_TEXT], ["user_files", "no config.json"]),
-    "unsupported architecture": (["{unsupported}", "{out}", *FINETUNE_TEXT],
-                                 ["BloomForCausalLM", "attention interface"]),
+    "unsupported architecture": (
+        ["{unsupported}", "{out}", *FINETUNE_TEXT],
+        ["BloomForCausalLM", "attention interface"],
+    ),
     "encoder": (["{bert}", "{out}", *FINETUNE_TEXT], ["causal LMs", "encoders"]),
-    "unknown architecture with remote code": (["{evil_remote}", "{out}", *FINETUNE_TEXT], ["'evil'", "no model class"]),
+    "unknown architecture with remote code": (
+        ["{evil_remote}", "{out}", *FINETUNE_TEXT],
+        ["'evil'", "no model class"],
+    ),
     "config.json not json": (["{bad_json}", "{out}", *FINETUNE_TEXT], ["unreadable config.json"]),
     "zero attention heads": (["{zero_heads}", "{out}", *FINETUNE_TEXT], ["num_attention_heads", "positive integer"]),
     "pickle only": (["{pickle_only}", "{out}", *FINETUNE_TEXT], ["pytorch_model.bin", "--allow-pickle"]),
@@ -249,9 +265,14 @@ FINETUNE = {
     "missing data file": (["{host}", "{out}", "--data", "{missing}"], ["data file not found", "does/not/exist"]),
     "empty data file": (["{host}", "{out}", "--data", "{empty}"], ["training data is empty"]),
     "data not utf-8": (["{host}", "{out}", "--data", "{latin1}"], ["latin1.txt", "not UTF-8"]),
-    "data a single token": (["{host}", "{out}", "--data", "{tiny_text}", "--eval-data", "{text}"],
-                            ["training data", "single token"]),
-    "missing eval file": (["{host}", "{out}", *FINETUNE_TEXT, "--eval-data", "{missing}"], ["eval data file not found"]),
+    "data a single token": (
+        ["{host}", "{out}", "--data", "{tiny_text}", "--eval-data", "{text}"],
+        ["training data", "single token"],
+    ),
+    "missing eval file": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--eval-data", "{missing}"],
+        ["eval data file not found"],
+    ),
     "empty eval file": (["{host}", "{out}", *FINETUNE_TEXT, "--eval-data", "{empty}"], ["eval data is empty"]),
     "steps 0": (["{host}", "{out}", *FINETUNE_TEXT, "--steps", "0"], ["steps", "integer >= 1"]),
     "steps negative": (["{host}", "{out}", *FINETUNE_TEXT, "--steps", "-5"], ["steps", "integer >= 1"]),
@@ -268,8 +289,14 @@ FINETUNE = {
     "seed negative": (["{host}", "{out}", *FINETUNE_TEXT, "--seed", "-1"], ["seed", "integer >= 0"]),
     "logging steps 0": (["{host}", "{out}", *FINETUNE_TEXT, "--logging-steps", "0"], ["logging-steps", ">= 1"]),
     "save steps 0": (["{host}", "{out}", *FINETUNE_TEXT, "--save-steps", "0"], ["save-steps", ">= 1"]),
-    "span loss coef nan": (["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "nan"], ["span-loss-coef", "finite"]),
-    "span loss coef inf": (["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "inf"], ["span-loss-coef", "finite"]),
+    "span loss coef nan": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "nan"],
+        ["span-loss-coef", "finite"],
+    ),
+    "span loss coef inf": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "inf"],
+        ["span-loss-coef", "finite"],
+    ),
     "span loss coef negative": (["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "-1"], ["span-loss-coef"]),
     "max span 0": (["{host}", "{out}", *FINETUNE_TEXT, "--max-span", "0"], ["max_span", "positive integer"]),
     "max span huge": (["{host}", "{out}", *FINETUNE_TEXT, "--max-span", "99999999999"], ["max_span", "positions"]),
@@ -277,8 +304,10 @@ FINETUNE = {
     "initial span 2": (["{host}", "{out}", *FINETUNE_TEXT, "--initial-span", "2"], ["initial_span", "(0, 1)"]),
     "hybrid layers not numbers": (["{host}", "{out}", *FINETUNE_TEXT, "--hybrid-layers", "x"], ["--hybrid-layers"]),
     "hybrid layer out of range": (["{host}", "{out}", *FINETUNE_TEXT, "--hybrid-layers", "9"], ["hybrid_layers"]),
-    "removed flag": (["{host}", "{out}", *FINETUNE_TEXT, "--local-projections", "x"],
-                     ["unrecognized", "--local-projections"]),
+    "removed flag": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--local-projections", "x"],
+        ["unrecognized", "--local-projections"],
+    ),
     "settings for a hybrid model": (["{hybrid}", "{out}", *FINETUNE_TEXT, "--max-span", "4"], ["already hybrid"]),
     "unknown flag": (["{host}", "{out}", *FINETUNE_TEXT, "--learning-rate", "1"], ["unrecognized arguments"]),
     "output exists": (["{host}", "{user_files}", *FINETUNE_TEXT], ["user_files", "already exists", "--force"]),
@@ -286,10 +315,14 @@ FINETUNE = {
     "force onto a file": (["{host}", "{notes}", *FINETUNE_TEXT, "--force"], ["notes.txt", "not a model folder"]),
     "output under a file": (["{host}", "{notes}/out", *FINETUNE_TEXT], ["notes.txt/out", "cannot write the output"]),
     "resume without checkpoints": (["{host}", "{out}", *FINETUNE_TEXT, "--resume"], ["nothing to resume"]),
-    "checkpoints of an interrupted run": (["{host}", "{interrupted}", *FINETUNE_TEXT],
-                                          ["interrupted.checkpoints", "--resume"]),
-    "resume with other arguments": (["{host}", "{interrupted}", *FINETUNE_TEXT, "--resume"],
-                                    ["other arguments", "steps 99 then, 50 now"]),
+    "checkpoints of an interrupted run": (
+        ["{host}", "{interrupted}", *FINETUNE_TEXT],
+        ["interrupted.checkpoints", "--resume"],
+    ),
+    "resume with other arguments": (
+        ["{host}", "{interrupted}", *FINETUNE_TEXT, "--resume"],
+        ["other arguments", "steps 99 then, 50 now"],
+    ),
 }
 
 INSPECT_OUT = ["--prompt", "the cat sat", "--out", "{out}"]
@@ -351,10 +384,15 @@ DEMO = {
     "model without config.json": (["--model", "{user_files}"], ["user_files", "no config.json"]),
     "missing text file": (["--model", "{host}", "--text", "{missing}"], ["--text file not found"]),
     "empty text file": (["--model", "{host}", "--text", "{empty}"], ["--text", "empty"]),
-    "missing eval text": (["--model", "{host}", "--text", "{text}", "--eval-text", "{missing}"],
-                          ["--eval-text file not found"]),
+    "missing eval text": (
+        ["--model", "{host}", "--text", "{text}", "--eval-text", "{missing}"],
+        ["--eval-text file not found"],
+    ),
     "output exists": (["--out", "{user_files}"], ["user_files", "not a demo output", "--force"]),
-    "force onto user files": (["--out", "{user_files}", "--force"], ["user_files", "neither a demo output nor a model"]),
+    "force onto user files": (
+        ["--out", "{user_files}", "--force"],
+        ["user_files", "neither a demo output nor a model"],
+    ),
     "unknown flag": (["--epochs", "3"], ["unrecognized arguments: --epochs"]),
 }
 
@@ -382,7 +420,7 @@ def test_command_bad_input(command, argv, fragments, world, capsys, monkeypatch,
     monkeypatch.chdir(world["cwd"])  # default outputs (bench_output, demo_output) would land here
     names = {key: str(value) for key, value in world.items()}
     before = _snapshot(world["root"])
-    status = cli.main([command, *(arg.format(**names) for arg in argv)])
+    status = commands.main([command, *(arg.format(**names) for arg in argv)])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert status == 2, err
@@ -418,7 +456,9 @@ API_CASES += [
     pytest.param(lambda: HybridSettings(span_loss_coef=NAN), ValueError, "span_loss_coef", id="HybridSettings coef"),
     pytest.param(lambda: HybridSettings(max_span=True), ValueError, "max_span", id="HybridSettings max_span=True"),
     pytest.param(lambda: HybridSettings(initial_span=NAN), ValueError, "initial_span", id="HybridSettings initial"),
-    pytest.param(lambda: HybridSettings(hybrid_layers=[True]), ValueError, "hybrid_layers", id="HybridSettings layers"),
+    pytest.param(
+        lambda: HybridSettings(hybrid_layers=[True]), ValueError, "hybrid_layers", id="HybridSettings layers"
+    ),
 ]  # fmt: skip
 for typo in ("max_spam", "maxspan", "span", "tau", "temperature", "local_projections"):
     API_CASES.append(pytest.param(lambda typo=typo: convert(tiny_host("llama"), **{typo: 16}), TypeError, typo,
@@ -453,10 +493,11 @@ def test_api_bad_input(call, error, field):
 
 def test_there_are_at_least_150_cases():
     assert len(COMMAND_CASES) + len(API_CASES) >= 150
-    assert len(COMMAND_CASES) >= 100 and {case.values[0] for case in COMMAND_CASES} == set(cli.COMMANDS)
+    assert len(COMMAND_CASES) >= 100 and {case.values[0] for case in COMMAND_CASES} == set(commands.COMMANDS)
 
 
 # --- random settings: a finite model, or ValueError ------------------------------------------------------------------
+
 
 def _any_value(numbers):
     """`numbers` (a useful range), any float (NaN, inf, subnormal, huge) and values of other types."""

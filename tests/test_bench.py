@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from hybrid_hf import bench, cli
+from hybrid_hf import commands
+from hybrid_hf.benchmarks import bench
 
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
@@ -34,5 +35,5 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
 
 
 def test_unknown_section_is_an_error(tmp_path, capsys):
-    assert cli.main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert commands.main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown section" in capsys.readouterr().err

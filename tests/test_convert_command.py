@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +40,10 @@ from transformers import (
 )
 
 import hybrid_hf
-from hybrid_hf import checkpoint, cli, conversion
-from hybrid_hf.checkpoint import VERIFY_TEXT, ConversionReport, VerificationError, convert_checkpoint
+from hybrid_hf import checkpoint, commands, conversion, publishing
+from hybrid_hf.checkpoint import ConversionReport, convert_checkpoint
+from hybrid_hf.verification import VERIFY_TEXT, VerificationError
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_MODULES = tuple(f".{name}." for name in conversion.NEW_PARAMETER_MODULES)
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
 
@@ -105,7 +104,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def _convert(capsys, *args: str) -> tuple[int, str, str]:
-    status = cli.main(["convert", *map(str, args)])
+    status = commands.main(["convert", *map(str, args)])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -220,7 +219,7 @@ def test_tied_embeddings_stay_tied_and_stored_once(sources, tmp_path) -> None:
 def test_shared_span_and_layers_flags(sources, tmp_path, capsys) -> None:
     out = tmp_path / "flags"
     status, stdout, err = _convert(
-        capsys, sources["llama"], out, "--shared-span", "--layers", "1",
+        capsys, sources["llama"], out, "--no-span-per-head", "--hybrid-layers", "1",
         "--tau-min", "0.25", "--tau-max", "2", "--span-loss-coef", "0.1", "--initial-span", "0.3",
     )  # fmt: skip
     assert status == 0, err
@@ -352,7 +351,7 @@ def test_failed_final_rename_with_force_restores_the_old_output(sources, tmp_pat
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    monkeypatch.setattr(publishing.os, "rename", rename)
     status, _, err = _convert(capsys, sources["bert"], out, "--force")
     assert "rename failed" in _assert_late_error(status, err)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "marker.txt"]
@@ -363,7 +362,7 @@ def test_failed_conversion_leaves_nothing(sources, tmp_path, monkeypatch) -> Non
     def broken(model, **settings):
         raise RuntimeError("conversion broke")
 
-    monkeypatch.setattr(conversion, "convert", broken)
+    monkeypatch.setattr(checkpoint, "convert", broken)
     with pytest.raises(RuntimeError, match="conversion broke"):
         convert_checkpoint(sources["llama"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -378,7 +377,7 @@ def test_verification_failure_writes_nothing(sources, tmp_path, capsys, monkeypa
             hybrid_hf.hybrid_layers(hybrid)[0].mix.weight.mul_(1.01)
         return hybrid
 
-    monkeypatch.setattr(conversion, "convert", off_by_a_little)
+    monkeypatch.setattr(checkpoint, "convert", off_by_a_little)
     with pytest.raises(VerificationError, match="differ"):
         convert_checkpoint(sources["llama"], tmp_path / "out")
     status, _, err = _convert(capsys, sources["bert"], tmp_path / "out")
@@ -455,8 +454,8 @@ BAD_SOURCES = {
     "max span 0": ("llama", ["--max-span", "0"], "max_span"),
     "tau min above tau max": ("llama", ["--tau-min", "2", "--tau-max", "1"], "tau_min"),
     "initial span out of range": ("llama", ["--initial-span", "1.5"], "initial_span"),
-    "layer out of range": ("llama", ["--layers", "5"], "hybrid_layers"),
-    "layers not a list": ("llama", ["--layers", "one"], "--layers"),
+    "layer out of range": ("llama", ["--hybrid-layers", "5"], "hybrid_layers"),
+    "layers not a list": ("llama", ["--hybrid-layers", "one"], "--hybrid-layers"),
     "task not in table": ("llama", ["--task", "masked_lm"], "masked_lm"),
     "unknown flag": ("llama", ["--spam"], "unrecognized arguments"),
     "already hybrid": ("hybrid", [], "already a hybrid model"),
@@ -486,7 +485,7 @@ def test_bad_input_is_one_line(case, sources, tmp_path, capsys, monkeypatch) -> 
 def test_bad_input_in_a_subprocess(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "hybrid_hf.cli", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
+        [sys.executable, "-m", "hybrid_hf", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
@@ -494,18 +493,3 @@ def test_bad_input_in_a_subprocess(tmp_path) -> None:
         f"error: source {str(tmp_path / 'missing')!r} not found: no such folder, and not a valid hub model id"
     ]
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
-
-
-def test_script_wrapper_runs_the_same_command(sources, tmp_path, capsys, monkeypatch) -> None:
-    out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["convert_checkpoint.py", str(sources["bert"]), str(out), "--max-span", "0"])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(REPO / "scripts" / "convert_checkpoint.py"), run_name="__main__")
-    assert exit_.value.code == 2
-    _assert_one_line_error(2, capsys.readouterr().err)
-    monkeypatch.setattr(sys, "argv", ["convert_checkpoint.py", str(sources["bert"]), str(out)])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(REPO / "scripts" / "convert_checkpoint.py"), run_name="__main__")
-    assert exit_.value.code == 0 and (out / "model.safetensors").is_file()
-    assert "HybridBertModel" in capsys.readouterr().out
-

@@ -24,10 +24,11 @@ from test_training import TEXT, make_host, make_hybrid, make_text, make_tokenize
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from transformers.integrations import integration_utils
 
-from hybrid_hf import assets, demo
+from hybrid_hf.cards import write_model_card
 from hybrid_hf.checkpoint import convert_checkpoint
-from hybrid_hf.finetune import finetune
-from hybrid_hf.training import get_lora_model, write_model_card
+from hybrid_hf.examples import assets, demo
+from hybrid_hf.finetuning import finetune
+from hybrid_hf.lora import get_lora_model
 
 MAX_LINE = 200
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -49,9 +50,18 @@ def assert_short_lines(text: str) -> None:
 def deep_host(layers: int = 8) -> LlamaForCausalLM:
     """A tiny Llama with enough layers that per-layer values on one line would exceed the limit."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -101,8 +111,9 @@ CARD_SNIPPET_RUNNER = textwrap.dedent(
 
 def test_the_cards_snippet_loads_the_folder_without_prompts_or_the_package(tmp_path):
     output = tmp_path / "tuned"
-    finetune(make_host(), output, tokenizer=make_tokenizer(), texts=[TEXT], steps=1, seq_len=32, use_cpu=True,
-             quiet=True)
+    finetune(
+        make_host(), output, tokenizer=make_tokenizer(), texts=[TEXT], steps=1, seq_len=32, use_cpu=True, quiet=True
+    )
     tokenizer_config = json.loads((output / "tokenizer_config.json").read_text())
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
@@ -111,8 +122,14 @@ def test_the_cards_snippet_loads_the_folder_without_prompts_or_the_package(tmp_p
     card = (output / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     assert 'model_id = "tuned"' in snippet
-    result = subprocess.run([sys.executable, "-c", CARD_SNIPPET_RUNNER, snippet], cwd=tmp_path, capture_output=True,
-                            text=True, stdin=subprocess.DEVNULL, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", CARD_SNIPPET_RUNNER, snippet],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for unwanted in ("custom code", "[y/N]", "to instantiate a model of type", "trust_remote_code"):
         assert unwanted not in result.stderr + result.stdout, unwanted
@@ -133,8 +150,17 @@ class Recorder(TrainerCallback):
 def test_console_shows_means_and_report_to_gets_every_layer(tmp_path, capfd, monkeypatch):
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
     Recorder.seen = []
-    finetune(deep_host(), tmp_path / "out", tokenizer=make_tokenizer(), texts=[TEXT], steps=3, seq_len=32,
-             logging_steps=1, report_to="recorder", use_cpu=True)
+    finetune(
+        deep_host(),
+        tmp_path / "out",
+        tokenizer=make_tokenizer(),
+        texts=[TEXT],
+        steps=3,
+        seq_len=32,
+        logging_steps=1,
+        report_to="recorder",
+        use_cpu=True,
+    )
     console = capfd.readouterr()
     assert_short_lines(console.out + console.err)
     logged = [line for line in console_lines(console.out + console.err) if "'loss'" in line]
@@ -144,7 +170,9 @@ def test_console_shows_means_and_report_to_gets_every_layer(tmp_path, capfd, mon
     train_logs = [entry for entry in Recorder.seen if "loss" in entry]
     assert len(train_logs) == 3
     for entry in train_logs:
-        assert {f"span/layer_{i:02d}" for i in range(8)} | {f"temperature/layer_{i:02d}" for i in range(8)} <= set(entry)
+        assert {f"span/layer_{i:02d}" for i in range(8)} | {f"temperature/layer_{i:02d}" for i in range(8)} <= set(
+            entry
+        )
 
 
 def test_lora_raises_no_deprecation_warning():
@@ -181,8 +209,29 @@ def test_convert_and_finetune_outputs_are_hub_ready(host_folder, tmp_path, monke
 
 
 def run_demo(host_folder: Path, text: Path, out: Path, *extra: str) -> None:
-    demo.main(["--model", str(host_folder), "--text", str(text), "--out", str(out), "--steps", "2", "--seq-len",
-               "32", "--batch-size", "2", "--eval-tokens", "64", "--max-span", "8", "--ramp", "4", *extra])
+    demo.main(
+        [
+            "--model",
+            str(host_folder),
+            "--text",
+            str(text),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--eval-tokens",
+            "64",
+            "--max-span",
+            "8",
+            "--ramp",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def test_demo_runs_twice_with_short_lines_and_a_hub_ready_folder(host_folder, tmp_path, capfd):
@@ -250,8 +299,13 @@ def test_dequantized_smollm2_folder_has_the_modes_of_the_umask(tmp_path, monkeyp
 def make_install_commands(*variables: str) -> str:
     """The commands `make` would run to set up a fresh environment (a dry run: nothing is installed)."""
     venv = "/nonexistent/venv"
-    result = subprocess.run(["make", "-n", "-B", f"VENV={venv}", *variables, f"{venv}/.installed"],
-                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["make", "-n", "-B", f"VENV={venv}", *variables, f"{venv}/.installed"],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hybrid_hf.hybrid_attention import (
+from hybrid_hf.model.hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
     causal_prefix_mean,

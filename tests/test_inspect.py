@@ -1,4 +1,4 @@
-"""Tests of `hybrid-hf inspect` and the library behind it (`hybrid_hf/inspect_spans.py`).
+"""Tests of `hybrid-hf inspect` and the library behind it (`hybrid_hf/spans.py`, `hybrid_hf/plots.py`).
 
 A tiny random Llama is converted, its span predictors get random weights, and it is saved with a tiny offline
 tokenizer. The spans the command writes are checked against an independent computation: the global branch's
@@ -19,14 +19,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hybrid_hf
-from hybrid_hf import cli, hybrid_layers
-from hybrid_hf.inspect_spans import (
-    JSON_NAME,
-    SPAN_ALONG_SEQUENCE,
-    SPAN_HEATMAP,
-    TEMPERATURE_HEATMAP,
-    collect_spans,
-)
+from hybrid_hf import commands, hybrid_layers
+from hybrid_hf.plots import SPAN_ALONG_SEQUENCE, SPAN_HEATMAP, TEMPERATURE_HEATMAP
+from hybrid_hf.spans import JSON_NAME, collect_spans
 
 MAX_SPAN = 8
 HEADS = 4
@@ -46,8 +41,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_hybrid(seed: int = 0, **settings):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=2,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
     )
     return hybrid_hf.convert(LlamaForCausalLM(config).eval(), max_span=MAX_SPAN, ramp=4, **settings)
 
@@ -60,7 +59,7 @@ def save(model, folder, tokenizer):
 
 def run_cli(capsys, *argv):
     capsys.readouterr()  # drop what the setup printed (e.g. save progress bars)
-    status = cli.main(["inspect", *map(str, argv)])
+    status = commands.main(["inspect", *map(str, argv)])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -89,7 +88,7 @@ def inspected(random_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect_out") / "figures"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        status = cli.main(["inspect", random_model[1], "--prompt", PROMPT, "--out", str(out)])
+        status = commands.main(["inspect", random_model[1], "--prompt", PROMPT, "--out", str(out)])
     assert status == 0, stderr.getvalue()
     return out, stdout.getvalue(), json.loads((out / JSON_NAME).read_text())
 
@@ -110,7 +109,7 @@ def independent_spans(model, input_ids) -> list[torch.Tensor]:
         for hook in hooks:
             hook.remove()
     spans = []
-    for layer, global_output in zip(layers, globals_):
+    for layer, global_output in zip(layers, globals_, strict=False):
         g = global_output[0].double()  # (N, d)
         prefix_mean = torch.cumsum(g, dim=0) / torch.arange(1, g.shape[0] + 1, dtype=g.dtype)[:, None]
         weight, bias = layer.span_predictor.proj.weight.double(), layer.span_predictor.proj.bias.double()
@@ -153,7 +152,9 @@ def test_json_shape_and_range(inspected, tokenizer):
         temps = torch.tensor(entry["mean_temperature_per_head"])
         assert temps.min() >= data["tau_min"] and temps.max() <= data["tau_max"]
         assert torch.allclose(values.mean(dim=1), torch.tensor(entry["mean_span_per_head"]), atol=1e-5)
-    assert "mean span" in stdout and len([line for line in stdout.splitlines() if line.strip()[:1].isdigit()]) >= LAYERS
+    assert (
+        "mean span" in stdout and len([line for line in stdout.splitlines() if line.strip()[:1].isdigit()]) >= LAYERS
+    )
 
 
 def test_json_matches_independent_computation(inspected, random_model, tokenizer):
@@ -161,7 +162,7 @@ def test_json_matches_independent_computation(inspected, random_model, tokenizer
     _, _, data = inspected
     input_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     expected = independent_spans(model, input_ids)
-    for entry, spans in zip(data["layers"], expected):
+    for entry, spans in zip(data["layers"], expected, strict=False):
         got = torch.tensor(entry["span_along_sequence"], dtype=torch.float64)
         torch.testing.assert_close(got, spans, atol=1e-4, rtol=0)
         scale = spans / MAX_SPAN
@@ -187,7 +188,7 @@ def test_padding_is_dropped(random_model):
     padded = collect_spans(model, ids, mask)
     plain = collect_spans(model, ids[:1, :6])
     assert padded.num_tokens == 6 and padded.layers == [0, 1, 2]
-    for a, b in zip(padded.spans, plain.spans):
+    for a, b in zip(padded.spans, plain.spans, strict=False):
         assert a.shape == (HEADS, 6)
         torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5, rtol=0)
     for layer in hybrid_layers(model):  # hooks removed
@@ -199,8 +200,16 @@ def test_encoder_spans_span_the_sequence():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    host = BertModel(BertConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=HEADS, max_position_embeddings=64)).eval()
+    host = BertModel(
+        BertConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            max_position_embeddings=64,
+        )
+    ).eval()
     model = hybrid_hf.convert(host, max_span=MAX_SPAN, ramp=4)
     with torch.no_grad():
         for layer in hybrid_layers(model):
@@ -226,7 +235,7 @@ def test_shared_span_exact(tokenizer, tmp_path, capsys):
     model = tiny_hybrid(span_per_head=False, tau_min=0.25, tau_max=2.0)
     biases = [-1.5, 0.0, 2.0]
     with torch.no_grad():
-        for layer, bias in zip(hybrid_layers(model), biases):
+        for layer, bias in zip(hybrid_layers(model), biases, strict=False):
             layer.span_predictor.proj.weight.zero_()
             layer.span_predictor.proj.bias.fill_(bias)
     folder = save(model, tmp_path / "model", tokenizer)
@@ -236,7 +245,7 @@ def test_shared_span_exact(tokenizer, tmp_path, capsys):
     assert status == 0, err
     data = json.loads((tmp_path / "out" / JSON_NAME).read_text())
     assert len(data["layers"]) == LAYERS
-    for entry, bias in zip(data["layers"], biases):
+    for entry, bias in zip(data["layers"], biases, strict=False):
         scale = torch.sigmoid(torch.tensor(bias, dtype=torch.float64)).item()
         assert len(entry["mean_span_per_head"]) == 1 and len(entry["span_along_sequence"]) == 1
         assert entry["mean_span_per_head"][0] == pytest.approx(scale * MAX_SPAN, abs=1e-5)
@@ -296,8 +305,16 @@ def test_text_and_prompt_are_exclusive(random_model, tmp_path, capsys):
 
 def test_not_hybrid_model(tokenizer, tmp_path, capsys):
     torch.manual_seed(0)
-    host = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    host = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     folder = save(host, tmp_path / "host", tokenizer)
     status, _, err = run_cli(capsys, folder, "--prompt", "the cat", "--out", tmp_path / "out")
     assert_one_line_error(status, err, "no hybrid attention layers", "hybrid-hf convert")

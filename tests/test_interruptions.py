@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from tiny_models import TEXT, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hybrid_hf import cli, convert
+from hybrid_hf import commands, convert
 
 # Writes the file PWNED beside itself when imported (transformers imports a copy from its module cache: the path is
 # written in): a model folder whose code runs unasked would leave it behind.
@@ -48,7 +48,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
 
 def _command(*args) -> list[str]:
-    return [sys.executable, "-m", "hybrid_hf.cli", *map(str, args)]
+    return [sys.executable, "-m", "hybrid_hf", *map(str, args)]
 
 
 def _finetune(sources, output, *extra) -> list[str]:
@@ -86,7 +86,9 @@ def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(sources,
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not out.exists() and first.is_dir()
-    step = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    step = max(
+        int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
     assert 5 <= step < 40
 
     resumed = subprocess.run(_finetune(sources, out, "--save-steps", "5", "--resume"), capture_output=True, text=True,
@@ -132,7 +134,7 @@ def test_a_later_run_removes_stale_temporary_folders(command, sources, tmp_path,
         argv = ["convert", sources["host"], tmp_path / "out", "--max-span", "8", "--ramp", "4"]
     else:
         argv = ["finetune", sources["host"], tmp_path / "out", "--data", sources["text"], *TRAIN[:6], "--steps", "2"]
-    status = cli.main([str(arg) for arg in argv])
+    status = commands.main([str(arg) for arg in argv])
     assert status == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert _hidden(tmp_path, "out") == []
@@ -146,9 +148,11 @@ def test_an_output_being_written_is_refused_and_its_folders_kept(command, source
     with open(tmp_path / ".out.lock", "a") as lock:  # as another process writing OUTPUT holds it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if command == "convert":
-            status = cli.main(["convert", str(sources["host"]), str(tmp_path / "out")])
+            status = commands.main(["convert", str(sources["host"]), str(tmp_path / "out")])
         else:
-            status = cli.main(["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"])])
+            status = commands.main(
+                ["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"])]
+            )
     err = capsys.readouterr().err
     assert status == 2 and err.strip().splitlines() == [
         f"error: another process is writing {str(tmp_path / 'out')!r} (it holds .out.lock); wait for it to finish"
@@ -175,7 +179,7 @@ def test_two_runs_into_one_output_one_wins(command, sources, tmp_path):
 
 
 def test_diverging_finetune_names_the_step_the_loss_and_the_learning_rate(sources, tmp_path, capsys):
-    status = cli.main(["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"]),
+    status = commands.main(["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"]),
                        *TRAIN[:6], "--lr", "1e6", "--steps", "20"])  # fmt: skip
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and lines[-1].startswith("error: training diverged at step ")
@@ -204,16 +208,17 @@ def _ships_code(folder: Path, target: Path) -> Path:
 def test_shipped_code_does_not_run_unasked(kind, sources, tmp_path, capsys):
     folder = _ships_code(sources[kind], tmp_path / f"ships-code-{kind}")  # one name per module cache entry
     text = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "1"]
-    assert cli.main(["finetune", str(folder), str(tmp_path / "out"), *text]) == 0, capsys.readouterr().err
+    assert commands.main(["finetune", str(folder), str(tmp_path / "out"), *text]) == 0, capsys.readouterr().err
     if kind == "hybrid":
-        status = cli.main(["inspect", str(folder), "--prompt", "the cat sat", "--out", str(tmp_path / "plots")])
+        status = commands.main(["inspect", str(folder), "--prompt", "the cat sat", "--out", str(tmp_path / "plots")])
         assert status == 0, capsys.readouterr().err
     assert not (folder / "PWNED").exists()  # the built-in and registered classes were used
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).__name__ == "HybridLlamaForCausalLM"
 
 
 def test_shipped_code_runs_with_trust_remote_code(sources, tmp_path):
-    """In a process of its own: transformers marks classes loaded as remote code for good (`register_for_auto_class`)."""
+    """In a process of its own: transformers marks classes loaded as remote code for good
+    (`register_for_auto_class`)."""
     folder = _ships_code(sources["host"], tmp_path / "ships-code-trusted")
     command = _command("finetune", folder, tmp_path / "out", "--data", sources["text"], *TRAIN[:6], "--steps", "1",
                        "--trust-remote-code")  # fmt: skip

@@ -7,8 +7,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCa
 
 import hybrid_hf
 from hybrid_hf import convert, hybrid_layers
-from hybrid_hf.configuration_hybrid import HybridLlamaConfig
-from hybrid_hf.modeling_hybrid import HybridLlamaForCausalLM, self_attention_modules
+from hybrid_hf.model.configuration_hybrid import HybridLlamaConfig
+from hybrid_hf.model.modeling_hybrid import HybridLlamaForCausalLM, self_attention_modules
 
 SETTINGS = dict(max_span=8, ramp=4)
 
@@ -53,7 +53,12 @@ def test_new_parameters_sit_on_the_host_attention_modules():
     layers = hybrid_layers(hybrid)
     assert layers == self_attention_modules(hybrid) == [block.self_attn for block in hybrid.model.layers]
     assert {name for name, _ in hybrid.model.layers[0].self_attn.named_children()} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "span_predictor", "mix"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "span_predictor",
+        "mix",
     }
 
 
@@ -74,11 +79,15 @@ def test_plain_checkpoint_loads_into_hybrid_class(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     input_ids, mask = batch("llama")
     with torch.no_grad():
-        torch.testing.assert_close(outputs_of(loaded, input_ids, mask), outputs_of(host, input_ids, mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            outputs_of(loaded, input_ids, mask), outputs_of(host, input_ids, mask), atol=1e-5, rtol=0
+        )
 
 
 def test_auto_classes_resolve_hybrid_types():
-    config = AutoConfig.for_model("hybrid_llama", **{k: v for k, v in tiny_config("llama").to_dict().items() if k != "model_type"})
+    config = AutoConfig.for_model(
+        "hybrid_llama", **{k: v for k, v in tiny_config("llama").to_dict().items() if k != "model_type"}
+    )
     assert type(config) is HybridLlamaConfig
     model = AutoModelForCausalLM.from_config(config)
     assert type(model) is HybridLlamaForCausalLM and len(hybrid_layers(model)) == 2
@@ -87,7 +96,9 @@ def test_auto_classes_resolve_hybrid_types():
 
 
 def test_from_config_trains_from_scratch():
-    config = HybridLlamaConfig(**{k: v for k, v in tiny_config("llama").to_dict().items() if k != "model_type"}, **SETTINGS)
+    config = HybridLlamaConfig(
+        **{k: v for k, v in tiny_config("llama").to_dict().items() if k != "model_type"}, **SETTINGS
+    )
     model = AutoModelForCausalLM.from_config(config)
     input_ids, _ = batch("llama")
     loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -131,7 +142,9 @@ def test_span_loss_is_added_to_the_loss_and_returned():
         without = hybrid(input_ids=input_ids, labels=input_ids)
     # Hand-computed penalty: the mean span scale over layers, tokens and heads.
     scales = []
-    hooks = [layer.span_predictor.register_forward_hook(lambda m, i, o: scales.append(o)) for layer in hybrid_layers(hybrid)]
+    hooks = [
+        layer.span_predictor.register_forward_hook(lambda m, i, o: scales.append(o)) for layer in hybrid_layers(hybrid)
+    ]
     with torch.no_grad():
         hybrid(input_ids=input_ids)
     for hook in hooks:

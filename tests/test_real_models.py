@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hybrid_hf import assets
 from hybrid_hf.checkpoint import VERIFY_TOLERANCE, convert_checkpoint
+from hybrid_hf.examples import assets
 
 pytestmark = pytest.mark.real
 

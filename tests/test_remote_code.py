@@ -152,7 +152,7 @@ def test_registered_hybrid_types_load_without_remote_code(tmp_path):
         from transformers import AutoModelForCausalLM
         hybrid_hf.register_model_type("hybrid_gemma3_text")
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}).eval()  # no trust_remote_code
-        assert type(model).__module__ == "hybrid_hf.modeling_hybrid", type(model)
+        assert type(model).__module__ == "hybrid_hf.model.modeling_hybrid", type(model)
         with torch.no_grad():
             torch.save(model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
         """

@@ -28,17 +28,12 @@ from transformers import (
 )
 
 import hybrid_hf
-from hybrid_hf import cli, hybrid_layers
-from hybrid_hf.finetune import finetune
-from hybrid_hf.training import (
-    SpanLoggingCallback,
-    add_span_logging,
-    get_lora_model,
-    lora_config,
-    perplexity,
-    text_dataset,
-    write_model_card,
-)
+from hybrid_hf import commands, hybrid_layers
+from hybrid_hf.callbacks import SpanLoggingCallback, add_span_logging
+from hybrid_hf.cards import write_model_card
+from hybrid_hf.data import perplexity, text_dataset
+from hybrid_hf.finetuning import finetune
+from hybrid_hf.lora import get_lora_model, lora_config
 
 peft = pytest.importorskip("peft")
 
@@ -69,7 +64,9 @@ def make_tokenizer():
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     special = ["<unk>", "<pad>", "<s>", "</s>"]
-    backend.train_from_iterator([TEXT, " ".join(WORDS)], trainers.WordLevelTrainer(vocab_size=99, special_tokens=special))
+    backend.train_from_iterator(
+        [TEXT, " ".join(WORDS)], trainers.WordLevelTrainer(vocab_size=99, special_tokens=special)
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -196,7 +193,9 @@ def test_lora_config_task_types_and_families():
     config = lora_config(gpt2)
     assert set(config.target_modules) == {"c_attn", "c_proj", "mix"}
     assert config.task_type == "CAUSAL_LM"
-    bert_config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    bert_config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
     bert = hybrid_hf.convert(BertForSequenceClassification(bert_config), max_span=8, ramp=4)
     config = lora_config(bert)
     assert config.task_type == "SEQ_CLS"
@@ -210,8 +209,9 @@ def test_lora_training_changes_only_adapters_and_hybrid_parameters(tmp_path, dat
     host_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     peft_model = peft.get_peft_model(model, lora_config(model))
     trainable_before = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
-    trainer = Trainer(model=peft_model, args=training_args(tmp_path), train_dataset=dataset,
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=peft_model, args=training_args(tmp_path), train_dataset=dataset, data_collator=default_data_collator
+    )
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -226,8 +226,11 @@ def test_lora_training_changes_only_adapters_and_hybrid_parameters(tmp_path, dat
         compared += 1
     assert compared >= len([k for k in host_before if not any(m in k for m in ("span_predictor", "mix"))])
     # The adapters and the trained copies of the hybrid modules did move.
-    changed = {name for name, p in peft_model.named_parameters() if p.requires_grad
-               and not torch.equal(p.detach(), trainable_before[name])}
+    changed = {
+        name
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad and not torch.equal(p.detach(), trainable_before[name])
+    }
     assert any("lora_B" in name for name in changed)
     assert any("span_predictor.modules_to_save" in name for name in changed)
     assert any("mix.lora_B" in name for name in changed)
@@ -245,8 +248,9 @@ def test_loss_includes_the_span_loss(tmp_path, dataset):
     assert float(penalised.span_loss) > 0
     torch.testing.assert_close(penalised.loss - plain.loss, penalised.span_loss, rtol=0, atol=1e-6)
     # The Trainer trains on exactly that loss.
-    trainer = Trainer(model=peft_model, args=training_args(tmp_path), train_dataset=dataset,
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=peft_model, args=training_args(tmp_path), train_dataset=dataset, data_collator=default_data_collator
+    )
     with torch.no_grad():
         torch.testing.assert_close(trainer.compute_loss(peft_model, dict(batch)), penalised.loss)
 
@@ -257,8 +261,12 @@ def test_span_penalty_weight_does_not_depend_on_gradient_accumulation(tmp_path, 
 
     def span_bias_grad(micro_batches: int) -> torch.Tensor:
         model = make_hybrid(span_loss_coef=1.0).train()
-        trainer = Trainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=micro_batches),
-                          train_dataset=dataset, data_collator=default_data_collator)
+        trainer = Trainer(
+            model=model,
+            args=training_args(tmp_path, gradient_accumulation_steps=micro_batches),
+            train_dataset=dataset,
+            data_collator=default_data_collator,
+        )
         num_items = batch["labels"][:, 1:].ne(-100).sum()
         size = 4 // micro_batches
         for start in range(0, 4, size):
@@ -281,14 +289,20 @@ def test_span_loss_makes_spans_shorter(tmp_path, dataset):
         model = make_hybrid(span_loss_coef=coef, initial_span=0.5)
         start = mean_span(model, eval_batch)
         assert start == pytest.approx(4.0, abs=1e-5)  # initial_span * max_span
-        trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=40, learning_rate=2e-2, logging_steps=10),
-                          train_dataset=dataset, data_collator=default_data_collator)
+        trainer = Trainer(
+            model=model,
+            args=training_args(tmp_path, max_steps=40, learning_rate=2e-2, logging_steps=10),
+            train_dataset=dataset,
+            data_collator=default_data_collator,
+        )
         add_span_logging(trainer)
         trainer.train()
         spans[coef] = mean_span(model, eval_batch)
         logged[coef] = [entry["span/mean"] for entry in trainer.state.log_history if "span/mean" in entry]
-    print(f"mean span on an eval batch after 40 steps (max_span 8, start 4.0): "
-          f"{spans[0.0]:.3f} without the penalty, {spans[0.1]:.3f} with span_loss_coef=0.1")
+    print(
+        f"mean span on an eval batch after 40 steps (max_span 8, start 4.0): "
+        f"{spans[0.0]:.3f} without the penalty, {spans[0.1]:.3f} with span_loss_coef=0.1"
+    )
     assert spans[0.1] < 4.0 - 1.0
     assert spans[0.1] < spans[0.0] - 1.0
     assert len(logged[0.1]) == 4 and logged[0.1][-1] < logged[0.1][0] < 4.0
@@ -310,8 +324,13 @@ class Recorder(TrainerCallback):
 def test_span_logging_reaches_log_history_and_every_logger(tmp_path, dataset):
     model = make_hybrid(span_loss_coef=0.1, hybrid_layers=[1])
     recorder = Recorder()
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3, learning_rate=1e-5), train_dataset=dataset,
-                      data_collator=default_data_collator, callbacks=[recorder])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=3, learning_rate=1e-5),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        callbacks=[recorder],
+    )
     callback = add_span_logging(trainer, per_head=True)
     assert trainer.callback_handler.callbacks[0] is callback
     trainer.train()
@@ -334,8 +353,13 @@ def test_span_logging_reaches_log_history_and_every_logger(tmp_path, dataset):
 
 def test_span_logging_as_a_plain_callback_shared_span(tmp_path, dataset):
     model = make_hybrid(span_per_head=False)
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset,
-                      data_collator=default_data_collator, callbacks=[SpanLoggingCallback()])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        callbacks=[SpanLoggingCallback()],
+    )
     trainer.train()
     entry = [entry for entry in trainer.state.log_history if "loss" in entry][0]
     assert {"span/layer_00", "span/layer_01", "temperature/layer_00", "span/mean"} <= set(entry)
@@ -398,15 +422,21 @@ def test_perplexity_is_the_lm_loss_without_the_span_loss(dataset):
 def test_merge_and_unload_saves_and_loads(tmp_path, dataset, tokenizer):
     model = make_hybrid(span_loss_coef=0.2)
     peft_model = peft.get_peft_model(model, lora_config(model))
-    Trainer(model=peft_model, args=training_args(tmp_path, max_steps=3), train_dataset=dataset,
-            data_collator=default_data_collator).train()
+    Trainer(
+        model=peft_model,
+        args=training_args(tmp_path, max_steps=3),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+    ).train()
     batch = batch_of(dataset, 2)
     with torch.no_grad():
         expected = peft_model.eval()(**batch)
     merged = peft_model.merge_and_unload()
     assert type(merged).__name__ == "HybridLlamaForCausalLM"
-    assert not any("lora_" in name or "modules_to_save" in name or "original_module" in name
-                   for name, _ in merged.named_parameters())
+    assert not any(
+        "lora_" in name or "modules_to_save" in name or "original_module" in name
+        for name, _ in merged.named_parameters()
+    )
     with torch.no_grad():
         got = merged.eval()(**batch)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
@@ -430,8 +460,12 @@ def test_model_card(tmp_path):
     folder = tmp_path / "card"
     make_hybrid().save_pretrained(folder)
     settings = {"max_span": 8, "ramp": 4}
-    path = write_model_card(folder, base_model="HuggingFaceTB/SmolLM2-135M", settings=settings,
-                            training_summary={"steps": 3, "perplexity after": 12.5})
+    path = write_model_card(
+        folder,
+        base_model="HuggingFaceTB/SmolLM2-135M",
+        settings=settings,
+        training_summary={"steps": 3, "perplexity after": 12.5},
+    )
     card = ModelCard.load(path)
     data = card.data.to_dict()
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
@@ -450,8 +484,18 @@ def test_model_card(tmp_path):
 
 def test_finetune_in_process(folders, tmp_path, capsys):
     output = tmp_path / "out"
-    result = finetune(str(folders["hybrid"]), output, data_files=[folders["text"]], steps=4, seq_len=32,
-                      batch_size=4, lr=1e-2, span_loss_coef=0.5, logging_steps=2, use_cpu=True)
+    result = finetune(
+        str(folders["hybrid"]),
+        output,
+        data_files=[folders["text"]],
+        steps=4,
+        seq_len=32,
+        batch_size=4,
+        lr=1e-2,
+        span_loss_coef=0.5,
+        logging_steps=2,
+        use_cpu=True,
+    )
     assert result.steps == 4 and result.num_processes == 1 and not result.converted and not result.lora
     assert result.perplexity_after < result.perplexity_before
     assert result.final_span is not None and result.final_span < 4.0
@@ -465,8 +509,16 @@ def test_finetune_in_process(folders, tmp_path, capsys):
         finetune(str(folders["hybrid"]), output, data_files=[folders["text"]], steps=1, seq_len=32)
     with pytest.raises(ValueError, match="already hybrid"):
         finetune(str(folders["hybrid"]), tmp_path / "x", data_files=[folders["text"]], settings={"max_span": 4})
-    again = finetune(str(folders["hybrid"]), output, data_files=[folders["text"]], steps=1, seq_len=32, force=True,
-                     quiet=True, use_cpu=True)
+    again = finetune(
+        str(folders["hybrid"]),
+        output,
+        data_files=[folders["text"]],
+        steps=1,
+        seq_len=32,
+        force=True,
+        quiet=True,
+        use_cpu=True,
+    )
     assert again.steps == 1 and (output / "README.md").is_file()
     not_a_model = tmp_path / "precious"
     (not_a_model / "notes.txt").parent.mkdir()
@@ -481,9 +533,23 @@ def test_finetune_loaded_host_with_lora_and_texts(tmp_path, tokenizer):
     output = tmp_path / "lora-out"
     host = make_host(seed=1)
     host_state = {name: tensor.clone() for name, tensor in host.state_dict().items()}
-    result = finetune(host, output, tokenizer=tokenizer, texts=[TEXT], eval_texts=[make_text(40, seed=5)],
-                      lora=True, lora_r=4, settings={"max_span": 8, "ramp": 4}, span_loss_coef=0.2, steps=3,
-                      seq_len=32, lr=1e-2, use_cpu=True, base_model="org/tiny-llama", quiet=True)
+    result = finetune(
+        host,
+        output,
+        tokenizer=tokenizer,
+        texts=[TEXT],
+        eval_texts=[make_text(40, seed=5)],
+        lora=True,
+        lora_r=4,
+        settings={"max_span": 8, "ramp": 4},
+        span_loss_coef=0.2,
+        steps=3,
+        seq_len=32,
+        lr=1e-2,
+        use_cpu=True,
+        base_model="org/tiny-llama",
+        quiet=True,
+    )
     assert result.converted and result.lora and result.steps == 3
     assert all(torch.equal(tensor, host_state[name]) for name, tensor in host.state_dict().items())  # input untouched
     loaded = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
@@ -496,8 +562,21 @@ def test_finetune_loaded_host_with_lora_and_texts(tmp_path, tokenizer):
     assert type(result.model).__name__ == "HybridLlamaForCausalLM"
 
     # The baseline form: the host trained as it is with the same LoRA budget, nothing saved.
-    baseline = finetune(host, None, tokenizer=tokenizer, texts=[TEXT], eval_texts=[make_text(40, seed=5)],
-                        lora=True, lora_r=4, steps=3, seq_len=32, lr=1e-2, use_cpu=True, hybrid=False, quiet=True)
+    baseline = finetune(
+        host,
+        None,
+        tokenizer=tokenizer,
+        texts=[TEXT],
+        eval_texts=[make_text(40, seed=5)],
+        lora=True,
+        lora_r=4,
+        steps=3,
+        seq_len=32,
+        lr=1e-2,
+        use_cpu=True,
+        hybrid=False,
+        quiet=True,
+    )
     assert baseline.output is None and not baseline.converted and baseline.final_span is None
     assert type(baseline.model).__name__ == "LlamaForCausalLM"
     assert baseline.perplexity_after < baseline.perplexity_before
@@ -506,9 +585,15 @@ def test_finetune_loaded_host_with_lora_and_texts(tmp_path, tokenizer):
 
 
 def run_cli(*args, cwd=None, timeout=300, launcher=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    command = (launcher or [sys.executable]) + ["-m", "hybrid_hf.cli", "finetune", *map(str, args)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = (launcher or [sys.executable]) + ["-m", "hybrid_hf", "finetune", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -535,7 +620,7 @@ def test_cli_bad_arguments(folders, tmp_path, capfd):
     }
     for name, (args, expected) in cases.items():
         capfd.readouterr()
-        status = cli.main(["finetune", *map(str, args)])
+        status = commands.main(["finetune", *map(str, args)])
         line = one_error_line(capfd.readouterr().err)
         assert status == 2, name
         assert expected in line, (name, line)
@@ -556,11 +641,49 @@ def test_cli_accelerate_launch_two_processes(folders, tmp_path):
     (`accelerate launch --cpu --num_processes 2` would start a single process: its multi-CPU mode needs MPI.)
     """
     output = tmp_path / "ddp-out"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    result = run_cli(folders["host"], output, "--data", folders["text"], "--steps", "3", "--seq-len", "16",
-                     "--batch-size", "2", "--lr", "1e-2", "--lora", "--lora-r", "4", "--max-span", "8", "--ramp", "4",
-                     "--span-loss-coef", "0.1", "--logging-steps", "1", "--cpu", launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    result = run_cli(
+        folders["host"],
+        output,
+        "--data",
+        folders["text"],
+        "--steps",
+        "3",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora",
+        "--lora-r",
+        "4",
+        "--max-span",
+        "8",
+        "--ramp",
+        "4",
+        "--span-loss-coef",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--cpu",
+        launcher=launcher,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "on 2 process(es)" in result.stdout, result.stdout
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
@@ -579,8 +702,12 @@ def test_span_logging_under_lora(tmp_path, dataset):
     model = make_hybrid(span_loss_coef=0.1)
     peft_model = get_lora_model(model)
     assert len(hybrid_layers(peft_model)) == 2
-    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset,
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=peft_model,
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+    )
     add_span_logging(trainer)
     trainer.train()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]

