@@ -9,7 +9,7 @@ PIP_EXTRA ?=
 TORCH ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: test lint sweep architectures demo bench clean
+.PHONY: test lint core sweep architectures demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(VENV)/.installed
 # Ruff's checks, configured in pyproject.toml.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check hybrid_hf tests
+
+# The core install alone (`pip install .`, no extras) in a fresh environment: convert a tiny model, save, load it.
+core:
+	rm -rf .venv-core
+	$(PYTHON) -m venv .venv-core
+	.venv-core/bin/python -m pip install -q --upgrade pip
+	.venv-core/bin/python -m pip install -q . $(PIP_EXTRA)
+	cd /tmp && $(CURDIR)/.venv-core/bin/python $(CURDIR)/tests/core_check.py $$(mktemp -d)/out
 
 # Every model type of the installed transformers, converted and checked (about 10 minutes).
 sweep: $(VENV)/.installed

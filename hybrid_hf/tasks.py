@@ -14,27 +14,30 @@ from transformers.models.auto import modeling_auto
 
 from .errors import UsageError
 from .model.configuration_hybrid import HYBRID_PREFIX
+from .model.modeling_hybrid import AUTO_CLASSES
 
 
 @dataclass(frozen=True)
 class Task:
     """What one task means to transformers, PEFT and the Hub."""
 
-    classes: dict[str, str]  # transformers' table: host model_type -> host class name
-    auto_class: str  # the Auto class that loads a saved folder
+    auto_class: str  # the Auto class that loads a saved folder (it builds the host class of a host checkpoint)
     peft_task_type: str | None  # PEFT's `TaskType` (None: PEFT's generic model)
     pipeline_tag: str  # the Hub's pipeline tag
 
+    @property
+    def classes(self) -> dict[str, str]:
+        """transformers' table of the Auto class: host model_type -> host class name."""
+        return getattr(modeling_auto, AUTO_CLASSES[self.auto_class])
+
 
 TASK_TABLE = {
-    "base": Task(modeling_auto.MODEL_MAPPING_NAMES, "AutoModel", "FEATURE_EXTRACTION", "feature-extraction"),
-    "causal_lm": Task(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM", "CAUSAL_LM",
-                      "text-generation"),
+    "base": Task("AutoModel", "FEATURE_EXTRACTION", "feature-extraction"),
+    "causal_lm": Task("AutoModelForCausalLM", "CAUSAL_LM", "text-generation"),
     # PEFT has no masked-LM task type; its generic PeftModel trains one fine.
-    "masked_lm": Task(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "AutoModelForMaskedLM", None, "fill-mask"),
-    "sequence_classification": Task(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                                    "AutoModelForSequenceClassification", "SEQ_CLS", "text-classification"),
-}  # fmt: skip
+    "masked_lm": Task("AutoModelForMaskedLM", None, "fill-mask"),
+    "sequence_classification": Task("AutoModelForSequenceClassification", "SEQ_CLS", "text-classification"),
+}
 TASKS = tuple(TASK_TABLE)
 
 
