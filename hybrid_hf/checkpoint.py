@@ -8,7 +8,8 @@ What `convert_checkpoint` does, in order:
 2. Load the host model in float32 with the Auto class of the task, and `convert` it.
 3. Verify on a short fixed batch (tokenized text when the source has a tokenizer, else fixed ids; the second row
    is padded) that the converted model's outputs equal the host's (max abs difference <= `VERIFY_TOLERANCE`).
-4. Write model (safetensors) and tokenizer into a temporary folder beside OUTPUT and rename it into place. Any
+4. Write model (safetensors), tokenizer and a model card into a temporary folder beside OUTPUT and rename it into
+   place. Any
    failure, or Ctrl-C, removes the temporary folder; an existing OUTPUT (with `force`) is replaced only once the
    new folder is complete.
 """
@@ -30,7 +31,7 @@ from .loading import check_weights, load_model, load_source_config
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .model.modeling_hybrid import hybrid_layers, self_attention_modules
 from .publishing import check_output, output_lock, save_model
-from .settings import check_settings
+from .settings import SETTINGS, check_settings
 from .tasks import TASKS, choose_task, model_classes
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
@@ -181,8 +182,19 @@ def convert_checkpoint(
             output=output.absolute(),
         )
         del model
+        card = dict(
+            base_model=source,
+            settings={name: getattr(hybrid.config, name) for name in SETTINGS},
+            training_summary={
+                "training": "none yet: converted, it computes what the host model computes",
+                "layers made hybrid": f"{report.layers_converted} of {report.layers_total}",
+                "parameters added": report.parameters_added,
+                "verification (max abs output difference)": "skipped" if max_difference is None else max_difference,
+            },
+            model_id=output.name,
+        )
         with torch.no_grad():
             logger.info("Writing %s", output)
-            save_model(output, hybrid, tokenizer, force)
+            save_model(output, hybrid, tokenizer, force, card=card)
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report

@@ -50,7 +50,7 @@ from .errors import UsageError
 from .loading import load_model as load_source
 from .loading import load_source_config
 from .lora import get_lora_model
-from .model.configuration_hybrid import HYBRID_PREFIX
+from .model.configuration_hybrid import FLOAT32_MAX, HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
 from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, resume_point
 from .settings import SETTINGS, check_settings, flag
@@ -118,9 +118,9 @@ def _check_positions(config, seq_len: int | None) -> None:
 
 def _check_span_loss_coef(value: float | None) -> None:
     if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= FLOAT32_MAX
     ):
-        raise UsageError(f"span-loss-coef must be a finite number >= 0, got {value!r}")
+        raise UsageError(f"span-loss-coef must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}), got {value!r}")
 
 
 def load_model(

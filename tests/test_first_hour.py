@@ -189,6 +189,9 @@ def test_convert_and_finetune_outputs_are_hub_ready(host_folder, tmp_path, monke
     converted = tmp_path / "conv2"
     convert_checkpoint(str(host_folder), converted, max_span=8, ramp=4)
     assert_hub_ready(converted, "Smollm2")
+    card = ModelCard.load(converted / "README.md")
+    assert "base_model" not in card.data.to_dict()  # a local folder is no Hub id
+    assert "| max_span | 8 |" in card.text and "none yet" in card.text
 
     text = tmp_path / "train.txt"
     text.write_text(TEXT)

@@ -19,6 +19,8 @@ from .hybrid_attention import validate_span_settings
 HYBRID_PREFIX = "hybrid_"
 #: the `attn_implementation` name of hybrid attention
 HYBRID_ATTENTION = "hybrid"
+#: the largest finite float32: the span penalty is computed in float32
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class HybridSettings(PreTrainedConfig):
@@ -52,8 +54,11 @@ class HybridSettings(PreTrainedConfig):
         if not isinstance(self.span_per_head, bool):
             raise ValueError(f"`span_per_head` must be True or False, got {self.span_per_head!r}")
         coef, initial = self.span_loss_coef, self.initial_span
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
-            raise ValueError(f"`span_loss_coef` must be a finite number >= 0, got {coef!r}")
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef <= FLOAT32_MAX:
+            raise ValueError(
+                f"`span_loss_coef` must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}, the float32 range), "
+                f"got {coef!r}"
+            )
         if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 < initial < 1:
             raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial!r}")
         if self.hybrid_layers is not None and not isinstance(self.hybrid_layers, (list, tuple)):

@@ -494,13 +494,13 @@ def _hybrid_forward(host_forward):
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
                 "transformers' attention interface"
             )
-        span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans)
+        span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans).float()
         labels, num_items = arguments.get("labels"), arguments.get("num_items_in_batch")
         if labels is not None and num_items is not None:
             # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
             # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
             counted = labels[..., 1:] if self._hybrid_causal_lm else labels
-            span_loss = span_loss * counted.ne(-100).sum() / num_items
+            span_loss = span_loss * (counted.ne(-100).sum() / num_items)
         penalise = labels is not None and self.config.span_loss_coef > 0
         if isinstance(outputs, tuple):  # return_dict=False: the loss, when there is one, comes first
             return (outputs[0] + span_loss,) + outputs[1:] if penalise else outputs
