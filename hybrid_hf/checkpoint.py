@@ -521,22 +521,35 @@ def drop_load_time_keys(path: Path) -> None:
 
 
 def _normalize_modes(folder: Path) -> None:
-    """Give every file the mode the umask implies (some writers create private 0600 files via `mkstemp`)."""
+    """Give every file the mode the umask implies (some writers create private 0600 files via `mkstemp`); files
+    hard-linked from elsewhere (a streamed conversion's host shards) keep theirs."""
     mode = 0o666 & ~_umask()
     for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1:
             os.chmod(path, mode)
 
 
-def write_atomically(output: Path, hybrid, tokenizer, force: bool, card: dict | None = None) -> None:
-    """Save model and tokenizer (and, with `card`, the arguments of `training.write_model_card`, a model card) into
-    a temporary folder beside `output`, then rename it into place; an existing `output` is replaced only with
-    `force`, and put back should the replacement fail."""
+@contextlib.contextmanager
+def atomic_output(output: Path, force: bool):
+    """A temporary folder beside `output` to write into; renamed into place when the block ends without error (an
+    existing `output` is replaced only with `force`, and put back should the replacement fail), else removed."""
     parent = output.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+        yield tmp
+        _normalize_modes(tmp)
+        _publish(tmp, output, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomically(output: Path, hybrid, tokenizer, force: bool, card: dict | None = None) -> None:
+    """Save model and tokenizer (and, with `card`, the arguments of `training.write_model_card`, a model card) into
+    a temporary folder beside `output`, then rename it into place (`atomic_output`)."""
+    with atomic_output(output, force) as tmp:
         vars(hybrid.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
@@ -546,11 +559,6 @@ def write_atomically(output: Path, hybrid, tokenizer, force: bool, card: dict | 
             from .training import write_model_card
 
             write_model_card(tmp, **card)
-        _normalize_modes(tmp)
-        _publish(tmp, output, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_checkpoint(
@@ -560,7 +568,8 @@ def convert_checkpoint(
     force: bool = False,
     allow_pickle: bool = False,
     task: str | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
+    streaming: bool = False,
     **settings,
 ) -> ConversionReport:
     """Convert the checkpoint SOURCE (hub id or local folder) into a hybrid checkpoint in the folder OUTPUT.
@@ -573,7 +582,11 @@ def convert_checkpoint(
         allow_pickle: accept pickled `pytorch_model.bin` weights when the source has no safetensors.
         task: `"base"`, `"causal_lm"`, `"masked_lm"` or `"sequence_classification"`; by default the task of the
             source's `config.architectures[0]`, else `causal_lm` for decoders and `base` for encoders.
-        verify: check that the converted model's outputs equal the source's (max abs difference <= 1e-4).
+        verify: check that the converted model's outputs equal the source's (max abs difference <= 1e-4); with
+            `streaming`, `"slice"` (or True: a one-layer slice at each end) or `"full"` (the whole model).
+        streaming: for a local safetensors folder, write the host shards unchanged (hard-linked or copied) beside one
+            new shard, in constant memory (`hybrid_hf.streaming`); other sources are converted in memory, with a
+            message.
         **settings: hybrid settings (see `HybridSettings`); a `None` value means the default.
 
     Returns:
@@ -611,6 +624,11 @@ def convert_checkpoint(
     with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
         check_output(output, force, source)  # again: another run may have written it meanwhile
         location = source_location(source)
+        if streaming:
+            report = _convert_streamed(source, output, config, class_name, task, settings, force, verify)
+            if report is not None:
+                logger.info("Done in %.1f s", time.perf_counter() - start)
+                return report
         model = load_weights(getattr(transformers, class_name), location, source, allow_pickle)
         tokenizer = _load_tokenizer(location)
         logger.info("Loaded %s from %s (float32)", class_name, source)
@@ -655,6 +673,24 @@ def convert_checkpoint(
     return report
 
 
+def _convert_streamed(source, output, config, class_name, task, settings, force, verify) -> ConversionReport | None:
+    """`streaming.convert_streamed`, or None (with a message) when the source needs the in-memory path."""
+    import transformers
+
+    from .streaming import NotStreamable, convert_streamed, streaming_refusal
+
+    reason = streaming_refusal(source)
+    if reason is None:
+        mode = {True: "slice", False: "none"}.get(verify, verify)
+        try:
+            return convert_streamed(source, output, config, getattr(transformers, class_name), task, settings, force,
+                                    verify=mode)
+        except NotStreamable as error:
+            reason = str(error)
+    logger.warning("Converting in memory: %s", reason)
+    return None
+
+
 # --- command line -------------------------------------------------------------------------------------
 
 
@@ -694,6 +730,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", choices=TASKS, help="model class to load (default: from the config)")
     parser.add_argument("--no-verify", action="store_true", help="skip the output-equality check")
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="constant memory: reuse the host's safetensors shards unchanged (hard-linked when possible) and write "
+        "the new parameters into one new shard (local safetensors folders; others are converted in memory)",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=("slice", "full"),
+        default="slice",
+        help="with --streaming: check a one-layer slice at each end of the model (default), or the whole model",
+    )
     return parser
 
 
@@ -735,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             allow_pickle=args.allow_pickle,
             task=args.task,
-            verify=not args.no_verify,
+            verify=False if args.no_verify else args.verify,
+            streaming=args.streaming,
             **settings,
         )
     except VerificationError as error:
