@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hybrid_hf.checkpoint")  # the log of the convert command
 
 #: Vocabulary rows kept by the slice verification.
 SLICE_VOCAB = 256
