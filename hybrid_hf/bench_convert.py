@@ -1,9 +1,9 @@
 """Benchmark of `hybrid-hf convert` on a large checkpoint: streamed (constant memory) against in memory.
 
-    python -m hybrid_hf.bench_convert [--layers 40] [--hidden 1024] [--out bench_output] [--keep]
+    python -m hybrid_hf.bench_convert [--layers 42] [--hidden 1024] [--out bench_output] [--keep]
 
 Writes a synthetic Llama-shaped checkpoint with random float32 weights in two or more safetensors shards (about
-2.1 GB with the defaults) and a tiny one of the same family under a temporary folder, converts each with and without
+2.2 GB, 2.0 GiB, with the defaults) and a tiny one of the same family under a temporary folder, converts each with and without
 `--streaming`, each command in a child process of its own, and reports wall time and peak resident memory (the
 child's `ru_maxrss`). The tiny checkpoint's peak is the fixed cost of Python, torch and transformers; what the large
 one adds to it is what the conversion itself holds. Then the logits of both large outputs on a short input are
@@ -85,7 +85,7 @@ def measure(command: list[str]) -> dict:
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     if measured["status"] != 0:
         raise RuntimeError(f"{' '.join(command)} failed with status {measured['status']}")
-    return {"wall_s": measured["wall_s"], "peak_mb": measured["peak_kb"] / 1024}
+    return {"wall_s": measured["wall_s"], "peak_mib": measured["peak_kb"] / 1024}
 
 
 def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_hf.bench_convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=40, help="decoder layers of the large checkpoint")
+    parser.add_argument("--layers", type=int, default=42, help="decoder layers of the large checkpoint")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the large checkpoint")
     parser.add_argument("--shard-gb", type=float, default=1.2, help="largest shard, in GB")
     parser.add_argument("--out", type=Path, default=Path("bench_output"), help="folder for convert.{json,md}")
@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             for mode, flags in (("streamed", ["--streaming"]), ("in memory", [])):
                 output = root / f"{checkpoint}-{mode.replace(' ', '-')}"
                 measured = measure([*convert, str(root / checkpoint), str(output), *settings, *flags])
-                rows.append({"checkpoint": checkpoint, "mode": mode, "checkpoint_mb": sizes[checkpoint] / 2**20,
+                rows.append({"checkpoint": checkpoint, "mode": mode, "checkpoint_mib": sizes[checkpoint] / 2**20,
                              **measured})
                 print(rows[-1], flush=True)
-        fixed = {row["mode"]: row["peak_mb"] for row in rows if row["checkpoint"] == "tiny"}
+        fixed = {row["mode"]: row["peak_mib"] for row in rows if row["checkpoint"] == "tiny"}
         for row in rows:
-            row["above_fixed_mb"] = row["peak_mb"] - fixed[row["mode"]]
-            row["above_fixed_share"] = row["above_fixed_mb"] / row["checkpoint_mb"]
+            row["above_fixed_mib"] = row["peak_mib"] - fixed[row["mode"]]
+            row["above_fixed_share"] = row["above_fixed_mib"] / row["checkpoint_mib"]
         ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
         difference = float((logits(root / "large-streamed", ids) - logits(root / "large-in-memory", ids)).abs().max())
     finally:
@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| checkpoint | MB | mode | wall (s) | peak RSS (MB) | above the tiny run (MB) | share of the checkpoint |",
+    lines = ["| checkpoint | MiB | mode | wall (s) | peak RSS (MiB) | above the tiny run (MiB) | share of the checkpoint |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        lines.append(f"| {row['checkpoint']} | {row['checkpoint_mb']:,.0f} | {row['mode']} | {row['wall_s']:.1f} | "
-                     f"{row['peak_mb']:,.0f} | {row['above_fixed_mb']:,.0f} | {100 * row['above_fixed_share']:.1f}% |")
+        lines.append(f"| {row['checkpoint']} | {row['checkpoint_mib']:,.0f} | {row['mode']} | {row['wall_s']:.1f} | "
+                     f"{row['peak_mib']:,.0f} | {row['above_fixed_mib']:,.0f} | {100 * row['above_fixed_share']:.1f}% |")
     lines.append(f"\nLarge checkpoint: {shards} shards. Max abs difference of the logits (streamed vs in memory, "
                  f"16 tokens): {difference:g}.")
     (args.out / "convert.md").write_text("\n".join(lines) + "\n")
