@@ -58,13 +58,21 @@ def unsharded_model_class(model: torch.nn.Module) -> type[torch.nn.Module]:
 
 def unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     """A model of `model`'s original class and config holding `state_dict` (the gathered weights, not copied), in
-    eval mode, to save with `save_pretrained`."""
+    eval mode, to save with `save_pretrained`. A PEFT model's adapters are merged into it (`merge_and_unload`)."""
     from accelerate import init_empty_weights
 
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft_config is not None else model
     with init_empty_weights(include_buffers=False):  # parameters come from `state_dict`; buffers are made as usual
-        copy = unsharded_model_class(model)(model.config)
+        copy = unsharded_model_class(base)(base.config)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            copy = get_peft_model(copy, peft_config["default"])
     copy.load_state_dict(state_dict, assign=True)
+    if peft_config is not None:
+        copy = copy.merge_and_unload()
     copy.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        copy.generation_config = model.generation_config
+    if getattr(base, "generation_config", None) is not None:
+        copy.generation_config = base.generation_config
     return copy.eval()

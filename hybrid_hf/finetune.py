@@ -100,7 +100,7 @@ class FinetuneResult:
     lora: bool = False
     num_processes: int = 1
     sharding: str | None = None  # "FSDP2" when the model was sharded across the processes
-    model: Any = field(default=None, repr=False, compare=False)  # the trained (merged) model
+    model: Any = field(default=None, repr=False, compare=False)  # the trained (merged; under FSDP sharded) model
 
     @property
     def final_span(self) -> float | None:
@@ -483,7 +483,7 @@ def finetune(
                 "is likely too high, try a lower one; nothing was written"
             )
         trained = trainer.model
-        if lora:
+        if lora and sharding(trainer) is None:  # sharded adapters are merged in the unsharded copy that is saved
             trained = trained.merge_and_unload()
         trained.eval()
         trained.config.use_cache = use_cache
