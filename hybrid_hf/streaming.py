@@ -190,8 +190,9 @@ def verify_slice(folder: Path, host_config, host_class, settings: dict, tokenize
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             host = host_class(piece)
             hybrid = hybrid_class(hybrid_config_from(piece, **settings))
-        names = [name for name, module in host.named_modules() if module is self_attention_modules(host)[0]]
-        head, found, _ = names[0].partition(".0.")
+        attention = self_attention_modules(host)[0]
+        name = next(name for name, module in host.named_modules() if module is attention)
+        head, found, _ = name.partition(".0.")
         if not found:
             raise ValueError(f"cannot cut a slice of {host_class.__name__}; verify the whole model (--verify full)")
 
