@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tiny_models import VOCAB, perturb, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hybrid_hf import cli, hybrid_layers, streaming
+from hybrid_hf import cli, convert, hybrid_layers, streaming
 from hybrid_hf.checkpoint import VerificationError, convert_checkpoint
 from hybrid_hf.conversion import NEW_PARAMETER_MODULES
 
@@ -115,6 +115,21 @@ def test_streamed_conversion_of_other_layouts(model_type, tmp_path):
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, host(ids).logits)
+
+
+def test_bfloat16_host_converts_exactly_in_memory_and_streamed(tmp_path):
+    """A bfloat16 host keeps its rotary tables in float32; both conversions keep them so and give its logits."""
+    source = tmp_path / "src"
+    sharded_source(source, "qwen3", dtype=torch.bfloat16)
+    host = AutoModelForCausalLM.from_pretrained(source).eval()
+    in_memory = convert(host, max_span=8, ramp=4)
+    assert {b.dtype for b in in_memory.buffers()} == {b.dtype for b in host.buffers()} == {torch.float32}
+    convert_checkpoint(source, tmp_path / "out", streaming=True, max_span=8, ramp=4)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = host(ids).logits
+        assert torch.equal(in_memory(ids).logits, expected) and torch.equal(streamed(ids).logits, expected)
 
 
 @pytest.mark.parametrize("verify", ["slice", "full"])
