@@ -53,6 +53,7 @@ def main() -> None:
         layer.reshard()
         report["layers"].append(entry)
     Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+    accelerator.wait_for_everyone()  # no process leaves while the other is still in a collective
     accelerator.end_training()  # the process group is destroyed before the interpreter exits
 
 
