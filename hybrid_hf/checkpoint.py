@@ -32,6 +32,7 @@ from .model.configuration_hybrid import HYBRID_PREFIX
 from .model.modeling_hybrid import hybrid_layers, self_attention_modules
 from .publishing import check_output, output_lock, save_model
 from .settings import SETTINGS, check_settings
+from .streaming import NotStreamable, convert_streamed, streaming_refusal
 from .tasks import TASKS, choose_task, model_classes
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
@@ -103,7 +104,8 @@ def convert_checkpoint(
     force: bool = False,
     allow_pickle: bool = False,
     task: str | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
+    streaming: bool = False,
     **settings,
 ) -> ConversionReport:
     """Convert the checkpoint SOURCE (hub id or local folder) into a hybrid checkpoint in the folder OUTPUT.
@@ -116,7 +118,11 @@ def convert_checkpoint(
         allow_pickle: accept pickled `pytorch_model.bin` weights when the source has no safetensors.
         task: `"base"`, `"causal_lm"`, `"masked_lm"` or `"sequence_classification"`; by default the task of the
             source's `config.architectures[0]`, else `causal_lm` for decoders and `base` for encoders.
-        verify: check that the converted model's outputs equal the source's (max abs difference <= 1e-4).
+        verify: check that the converted model's outputs equal the source's (max abs difference <= 1e-4); with
+            `streaming`, `"slice"` (or True: a one-layer slice at each end) or `"full"` (the whole model).
+        streaming: for a local safetensors folder, write the host shards unchanged (hard-linked or copied) beside one
+            new shard, in constant memory (`streaming.convert_streamed`); other sources are converted in memory,
+            with a message.
         **settings: hybrid settings (see `HybridSettings`); a `None` value means the default.
 
     Returns:
@@ -146,6 +152,12 @@ def convert_checkpoint(
 
     with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
         check_output(output, force, source)  # again: another run may have written it meanwhile
+        if streaming:
+            host_class = getattr(transformers, model_classes(config.model_type)[task])
+            report = _convert_streamed(source, output, config, host_class, task, settings, force, verify)
+            if report is not None:
+                logger.info("Done in %.1f s", time.perf_counter() - start)
+                return report
         model, tokenizer = load_model(source, task, config=config, tokenizer_required=False, allow_pickle=allow_pickle)
         logger.info("Loaded %s from %s (float32)", type(model).__name__, source)
 
@@ -198,3 +210,16 @@ def convert_checkpoint(
             save_model(output, hybrid, tokenizer, force, card=card)
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report
+
+
+def _convert_streamed(source, output, config, host_class, task, settings, force, verify) -> ConversionReport | None:
+    """`streaming.convert_streamed`, or None (with a message) when the source needs the in-memory path."""
+    reason = streaming_refusal(source)
+    if reason is None:
+        mode = {True: "slice", False: "none"}.get(verify, verify)
+        try:
+            return convert_streamed(source, output, config, host_class, task, settings, force, verify=mode)
+        except NotStreamable as error:
+            reason = str(error)
+    logger.warning("Converting in memory: %s", reason)
+    return None

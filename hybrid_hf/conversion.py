@@ -125,6 +125,8 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     with no_init_weights():
         hybrid = hybrid_cls(config)
     hybrid.to(dtype=model.dtype)
+    for name, buffer in model.named_buffers():  # as the host keeps them: rotary tables stay float32 in a bf16 model
+        hybrid.get_buffer(name).data = buffer.detach().clone()
     missing, unexpected = hybrid.load_state_dict(model.state_dict(), strict=False)
     not_new = [key for key in missing if not any(f".{name}." in key for name in NEW_PARAMETER_MODULES)]
     if unexpected or not_new:

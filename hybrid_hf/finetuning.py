@@ -72,7 +72,8 @@ class FinetuneResult:
     converted: bool = False
     lora: bool = False
     num_processes: int = 1
-    model: Any = field(default=None, repr=False, compare=False)  # the trained (merged) model
+    sharding: str | None = None  # "FSDP2" when the model was sharded across the processes
+    model: Any = field(default=None, repr=False, compare=False)  # the trained (merged; under FSDP sharded) model
 
     @property
     def final_span(self) -> float | None:
@@ -260,6 +261,8 @@ def finetune(
     from accelerate import PartialState
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
+    from .distributed import gathered_state_dict, shard_on_cpu, sharding, unsharded_copy
+
     started = time.perf_counter()
     settings = {key: value for key, value in (settings or {}).items() if value is not None}
     check_arguments(
@@ -296,6 +299,8 @@ def finetune(
 
     use_cpu = _default_use_cpu() if use_cpu is None else use_cpu
     state = PartialState(cpu=use_cpu)
+    # Under `accelerate launch` with FSDP on the CPU: shard there too (the Trainer then keeps that state).
+    configured = use_cpu and shard_on_cpu()
     with contextlib.ExitStack() as stack:
         if output is not None and state.is_main_process:
             stack.enter_context(output_lock(output))  # a busy or unwritable output fails here, before loading
@@ -370,6 +375,7 @@ def finetune(
             average_tokens_across_devices=False,
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            accelerator_config={"use_configured_state": True} if configured else None,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
         add_span_logging(trainer)
@@ -382,7 +388,7 @@ def finetune(
                 "is likely too high, try a lower one; nothing was written"
             )
         trained = trainer.model
-        if lora:
+        if lora and sharding(trainer) is None:  # sharded adapters are merged in the unsharded copy that is saved
             trained = trained.merge_and_unload()
         trained.eval()
         trained.config.use_cache = use_cache
@@ -402,9 +408,14 @@ def finetune(
             converted=converted,
             lora=lora,
             num_processes=num_processes,
+            sharding=sharding(trainer),
             model=trained,
         )
 
+        to_save = trained
+        if output is not None and result.sharding is not None:  # every process takes part in gathering the weights
+            state_dict = gathered_state_dict(trainer, trained)
+            to_save = unsharded_copy(trained, state_dict) if trainer.is_world_process_zero() else None
         if output is not None and trainer.is_world_process_zero():
             card = None
             if hybrid:
@@ -422,7 +433,7 @@ def finetune(
                     "steps": result.steps,
                     "sequence length": seq_len,
                     "batch size (per process)": batch_size,
-                    "processes": num_processes,
+                    "processes": num_processes if result.sharding is None else f"{num_processes} ({result.sharding})",
                     "learning rate": lr,
                     "method": f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged"
                     if lora
@@ -440,7 +451,7 @@ def finetune(
                     training_summary=summary,
                     model_id=output.name,
                 )
-            save_model(output, trained, tokenizer, force=force, card=card)
+            save_model(output, to_save, tokenizer, force=force, card=card)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
         state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
@@ -448,7 +459,8 @@ def finetune(
         span = f", mean span {result.final_span:.2f} tokens" if result.final_span is not None else ""
         print(
             f"perplexity {ppl_before:.3f} -> {ppl_after:.3f} on {eval_tokens} held-out tokens after {result.steps} "
-            f"steps on {num_processes} process(es){span}; {result.wall_time_s:.1f} s"
+            f"steps on {num_processes} process(es){f' ({result.sharding})' if result.sharding else ''}{span}; "
+            f"{result.wall_time_s:.1f} s"
             + (f"; saved to {output}" if output is not None else "")
         )
     return result

@@ -105,11 +105,12 @@ def _umask() -> int:
 
 def normalize_modes(folder: Path) -> None:
     """Give the folder and every file in it the mode the umask implies (`mkdtemp` makes folders private, and some
-    writers create private 0600 files)."""
+    writers create private 0600 files); files hard-linked from elsewhere (a streamed conversion's host shards) keep
+    theirs."""
     os.chmod(folder, 0o777 & ~_umask())
     mode = 0o666 & ~_umask()
     for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1:
             os.chmod(path, mode)
 
 

@@ -33,6 +33,18 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--task", choices=TASKS, help="model class to load (default: from the config)")
     parser.add_argument("--no-verify", action="store_true", help="skip the output-equality check")
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="constant memory: reuse the host's safetensors shards unchanged (hard-linked when possible) and write "
+        "the new parameters into one new shard (local safetensors folders; others are converted in memory)",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=("slice", "full"),
+        default="slice",
+        help="with --streaming: check a one-layer slice at each end of the model (default), or the whole model",
+    )
     return parser
 
 
@@ -63,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             allow_pickle=args.allow_pickle,
             task=args.task,
-            verify=not args.no_verify,
+            verify=False if args.no_verify else args.verify,
+            streaming=args.streaming,
             **settings_from_args(args),
         )
     except VerificationError as error:

@@ -22,7 +22,6 @@ import functools
 import inspect
 import math
 import sys
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,9 +63,11 @@ class UnsupportedHostError(ValueError):
     """The host model cannot be made hybrid (the message says why)."""
 
 
-@dataclass
 class HybridForwardState:
     """What one model forward hands its hybrid layers, through the attention function's keyword arguments.
+
+    A plain class, not a dataclass: FSDP2 rebuilds the dataclasses (and the lists in them) that it finds in a
+    layer's arguments, and the spans recorded by earlier layers would then go to a copy.
 
     Attributes:
         config: the hybrid config (settings and the global branch's implementation).
@@ -80,13 +81,20 @@ class HybridForwardState:
         finished: the model's forward has returned (gradient checkpointing then runs the layers again).
     """
 
-    config: PreTrainedConfig
-    key_mask: torch.Tensor | None = None
-    cache: Cache | None = None
-    segment_ids: torch.Tensor | None = None
-    spans: list = field(default_factory=list)
-    layers_reached: set[int] = field(default_factory=set)
-    finished: bool = False
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        key_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ):
+        self.config = config
+        self.key_mask = key_mask
+        self.cache = cache
+        self.segment_ids = segment_ids
+        self.spans: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.layers_reached: set[int] = set()
+        self.finished = False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""Large checkpoints: the streamed (constant-memory) conversion of a sharded safetensors folder, checked against the
+in-memory conversion, and converted folders run with most of their weights offloaded (`device_map="auto"`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_models import VOCAB, perturb, tiny_host, word_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hybrid_hf import commands, convert, hybrid_layers, streaming
+from hybrid_hf.checkpoint import convert_checkpoint
+from hybrid_hf.verification import VerificationError
+from hybrid_hf.conversion import NEW_PARAMETER_MODULES
+
+SETTINGS = ["--max-span", "8", "--ramp", "4"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sharded_source(folder, model_type="llama", dtype=torch.float32, **overrides):
+    """A tiny host saved in several safetensors shards, with a tokenizer."""
+    host = tiny_host(model_type, **{"num_hidden_layers": 3, **overrides}).to(dtype)
+    host.save_pretrained(folder, max_shard_size="20KB")
+    word_tokenizer().save_pretrained(folder)
+    assert len(set(json.loads((folder / streaming.INDEX_FILE).read_text())["weight_map"].values())) >= 2
+    return host
+
+
+def convert_cli(*args) -> int:
+    return commands.main(["convert", *map(str, args), *SETTINGS])
+
+
+def shard_files(folder) -> list:
+    return sorted(set(json.loads((folder / streaming.INDEX_FILE).read_text())["weight_map"].values()))
+
+
+def test_streamed_conversion_equals_the_in_memory_one(tmp_path, capsys):
+    source = tmp_path / "src"
+    sharded_source(source)
+    assert convert_cli(source, tmp_path / "memory") == 0
+    assert convert_cli(source, tmp_path / "streamed", "--streaming") == 0
+    assert "max |difference| 0 " in capsys.readouterr().out
+    streamed, memory = tmp_path / "streamed", tmp_path / "memory"
+
+    # The host shards are the source's files, hard-linked; one new shard holds exactly the new parameters.
+    host_shards, written = shard_files(source), shard_files(streamed)
+    assert len(written) == len(host_shards) + 1
+    for original, copy in zip(host_shards, written):
+        assert os.path.samefile(source / original, streamed / copy)
+    new = load_file(streamed / written[-1])
+    assert new and all(any(f".{m}." in name for m in NEW_PARAMETER_MODULES) for name in new)
+    index = json.loads((streamed / streaming.INDEX_FILE).read_text())
+    stored = sum(tensor.numel() * tensor.element_size() for shard in written for tensor in load_file(streamed / shard).values())
+    assert index["metadata"]["total_size"] == stored
+
+    # Same config, same code, same weights, same logits as the in-memory conversion.
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((memory / "config.json").read_text())
+    assert {p.name for p in streamed.glob("*.py")} == {p.name for p in memory.glob("*.py")}
+    assert (streamed / "tokenizer.json").is_file() and (streamed / "generation_config.json").is_file()
+    a = AutoModelForCausalLM.from_pretrained(memory, trust_remote_code=True).eval()
+    b = AutoModelForCausalLM.from_pretrained(streamed, trust_remote_code=True).eval()
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_streamed_folder_loads_in_a_clean_process(tmp_path):
+    """Loaded where `hybrid_hf` cannot be imported, the streamed folder gives the host's logits."""
+    source = tmp_path / "src"
+    host = sharded_source(source, "qwen3")
+    assert convert_cli(source, tmp_path / "out", "--streaming") == 0
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    script = textwrap.dedent(
+        """
+        import sys, torch, transformers
+        sys.modules["hybrid_hf"] = None
+        model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+        """
+    )
+    torch.save(ids, tmp_path / "ids.pt")
+    result = subprocess.run([sys.executable, "-c", script, tmp_path / "out", tmp_path / "ids.pt", tmp_path / "l.pt"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "l.pt"), host(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
+def test_streamed_conversion_of_other_layouts(model_type, tmp_path):
+    """GPT-2 (`transformer.h.N.attn`, tied head) and Gemma 3 (sliding and full layers, `layer_types`), bfloat16:
+    the shards keep their dtype, the new parameters take it, and the logits are the host's."""
+    source = tmp_path / "src"
+    sharded_source(source, model_type, dtype=torch.bfloat16)
+    host = AutoModelForCausalLM.from_pretrained(source).eval()  # loaded as the hybrid model is (bfloat16 buffers)
+    report = convert_checkpoint(source, tmp_path / "out", streaming=True, max_span=8, ramp=4, hybrid_layers=[0, 2])
+    assert report.layers_converted == 2 and report.max_difference == 0.0
+    new_shard = shard_files(tmp_path / "out")[-1]
+    assert {t.dtype for t in load_file(tmp_path / "out" / new_shard).values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert model.dtype == torch.bfloat16 and len(hybrid_layers(model)) == 2
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, host(ids).logits)
+
+
+def test_bfloat16_host_converts_exactly_in_memory_and_streamed(tmp_path):
+    """A bfloat16 host keeps its rotary tables in float32; both conversions keep them so and give its logits."""
+    source = tmp_path / "src"
+    sharded_source(source, "qwen3", dtype=torch.bfloat16)
+    host = AutoModelForCausalLM.from_pretrained(source).eval()
+    in_memory = convert(host, max_span=8, ramp=4)
+    assert {b.dtype for b in in_memory.buffers()} == {b.dtype for b in host.buffers()} == {torch.float32}
+    convert_checkpoint(source, tmp_path / "out", streaming=True, max_span=8, ramp=4)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = host(ids).logits
+        assert torch.equal(in_memory(ids).logits, expected) and torch.equal(streamed(ids).logits, expected)
+
+
+@pytest.mark.parametrize("verify", ["slice", "full"])
+def test_wrong_new_parameters_fail_verification_and_nothing_is_written(verify, tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    sharded_source(source)
+    reset = streaming.reset_hybrid_parameters
+
+    def off_identity(module):
+        reset(module)
+        with torch.no_grad():
+            module.mix.weight.add_(0.1)
+
+    monkeypatch.setattr(streaming, "reset_hybrid_parameters", off_identity)
+    with pytest.raises(VerificationError, match="differ"):
+        convert_checkpoint(source, tmp_path / "out", streaming=True, verify=verify, max_span=8, ramp=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_shards_are_copied_where_they_cannot_be_linked(tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    sharded_source(source)
+
+    def no_link(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(streaming.os, "link", no_link)
+    convert_checkpoint(source, tmp_path / "out", streaming=True, max_span=8, ramp=4)
+    for original, copy in zip(shard_files(source), shard_files(tmp_path / "out")):
+        assert not os.path.samefile(source / original, tmp_path / "out" / copy)
+        assert (source / original).read_bytes() == (tmp_path / "out" / copy).read_bytes()
+
+
+def test_single_file_and_pickle_sources(tmp_path, caplog):
+    """A single `model.safetensors` becomes the first of two shards; a pickle-only source is converted in memory,
+    with a message saying why."""
+    host = tiny_host("llama")
+    host.save_pretrained(tmp_path / "single")
+    assert convert_cli(tmp_path / "single", tmp_path / "a", "--streaming") == 0
+    assert len(shard_files(tmp_path / "a")) == 2 and not (tmp_path / "a" / "model.safetensors").exists()
+
+    host.config.save_pretrained(tmp_path / "pickle")
+    torch.save(host.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
+    assert convert_cli(tmp_path / "pickle", tmp_path / "b", "--streaming", "--allow-pickle") == 0
+    assert "Converting in memory" in caplog.text and "no safetensors weights" in caplog.text
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_shapes_that_do_not_match_the_config_are_refused(tmp_path, capsys):
+    source = tmp_path / "src"
+    sharded_source(source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    assert convert_cli(source, tmp_path / "out", "--streaming") == 2
+    assert "do not match its config.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_write_safetensors_in_turn_round_trips(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        "a": torch.randn(3, 5, generator=generator),
+        "b.weight": torch.randn(7, generator=generator).to(torch.bfloat16),
+        "c": torch.randn(2, 2, 3, generator=generator).to(torch.float16),
+    }
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    written = streaming.write_safetensors_in_turn(tmp_path / "x.safetensors", layout, iter(tensors.items()))
+    assert written == sum(t.numel() * t.element_size() for t in tensors.values())
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    with pytest.raises(RuntimeError, match="does not follow the header"):
+        streaming.write_safetensors_in_turn(tmp_path / "y.safetensors", layout, iter(reversed(tensors.items())))
+
+
+# --- big-model inference ----------------------------------------------------------------------------------------
+
+
+def test_offloaded_generation_gives_the_tokens_of_the_loaded_model(tmp_path):
+    """A streamed folder loaded with `device_map="auto"` and `max_memory` below its size (the rest offloaded to
+    disk) generates the tokens the fully loaded model generates."""
+    source = tmp_path / "src"
+    sharded_source(source, num_hidden_layers=4)
+    convert_checkpoint(source, tmp_path / "hybrid", streaming=True, max_span=8, ramp=4)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid", trust_remote_code=True).eval()
+    perturb(full)  # the local branch matters: save the perturbed model, then load it both ways
+    full.save_pretrained(tmp_path / "trained", max_shard_size="20KB")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "trained", trust_remote_code=True).eval()
+    size = sum(p.numel() * p.element_size() for p in full.parameters())
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "trained", trust_remote_code=True, device_map="auto", max_memory={"cpu": size // 2},
+        offload_folder=tmp_path / "offload",
+    ).eval()
+    places = set(offloaded.hf_device_map.values())
+    assert places == {"cpu", "disk"}, offloaded.hf_device_map
+    on_cpu = sum(p.numel() * p.element_size() for p in offloaded.parameters() if p.device.type == "cpu")
+    assert on_cpu <= size // 2
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    expected = full.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    actual = offloaded.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(actual, expected)
