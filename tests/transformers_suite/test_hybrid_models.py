@@ -64,7 +64,7 @@ class HybridModelTester:
         self.is_training = True
 
     def get_config(self):
-        return self.config_class(vocab_size=self.vocab_size, num_labels=self.num_labels, **self.config_fields, **HYBRID)
+        return self.config_class(vocab_size=self.vocab_size, **self.config_fields, **HYBRID)
 
     def prepare_config_and_inputs_for_common(self):
         input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
