@@ -3,20 +3,26 @@
 The testers follow transformers' own (`LlamaModelTester`, `GPT2ModelTester`, `BertModelTester`): tiny random
 configs, here of the hybrid config classes, with a local window (`max_span + ramp` = 6 keys) shorter than the
 7-token sequences, so the window's edge falls inside every test.
+
+A new model starts as its conversion leaves it: `mix = [0 | I]`, the global branch alone. The `Blended` test classes
+run the same tests with the local branch in use from the start (`a = (l + g) / 2`, spans that vary per token).
 """
 
 from __future__ import annotations
 
 import unittest
+from unittest import mock
 
 import pytest
 import torch
+from transformers import initialization as init
 from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING_NAMES
 from transformers.testing_utils import torch_device
 from transformers_tests.generation.test_utils import GenerationTesterMixin
 from transformers_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 
 import hybrid_hf
+from hybrid_hf.model import modeling_hybrid
 
 # transformers' tests check its deprecation warnings (FutureWarning), which this project's pytest settings hide.
 pytestmark = pytest.mark.filterwarnings("default::FutureWarning")
@@ -169,3 +175,38 @@ class HybridBertTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase)
                 self.model_tester.batch_size, dtype=torch.long, device=torch_device
             )
         return inputs_dict
+
+
+@torch.no_grad()
+def blended_hybrid_parameters(module: torch.nn.Module) -> None:
+    """Initial hybrid parameters that use the local branch: `a = (l + g) / 2`, spans that depend on the context.
+
+    Uses `transformers.initialization`, as the conversion-time values do, so loaded parameters keep their values.
+    """
+    width = module.mix.out_features
+    half = torch.eye(width) / 2
+    init.copy_(module.mix.weight, torch.cat([half, half], dim=1).to(module.mix.weight.dtype))  # (W, 2W)
+    init.normal_(module.span_predictor.proj.weight, std=1.0)
+    init.zeros_(module.span_predictor.proj.bias)
+
+
+class BlendedMixin:
+    """Every model the tests make starts with `blended_hybrid_parameters` instead of the conversion-time values."""
+
+    def setUp(self):
+        super().setUp()
+        patch = mock.patch.object(modeling_hybrid, "reset_hybrid_parameters", blended_hybrid_parameters)
+        patch.start()
+        self.addCleanup(patch.stop)
+
+
+class HybridLlamaBlendedTest(BlendedMixin, HybridLlamaTest):
+    pass
+
+
+class HybridGPT2BlendedTest(BlendedMixin, HybridGPT2Test):
+    pass
+
+
+class HybridBertBlendedTest(BlendedMixin, HybridBertTest):
+    pass
