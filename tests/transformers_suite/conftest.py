@@ -71,12 +71,16 @@ def _download_tests(version: str, package: Path) -> None:
 def transformers_tests() -> Path:
     """The folder to put on `sys.path` for `import transformers_tests` (the test sources of this transformers)."""
     given = os.environ.get("TRANSFORMERS_TESTS")
-    root = _cache_root() / ("checkout" if given else transformers.__version__)
+    if given:  # a checkout's full `tests` folder, used where it is
+        root = _cache_root() / "checkout"
+        link = root / "transformers_tests"
+        root.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(given).resolve(), target_is_directory=True)
+        return root
+    root = _cache_root() / transformers.__version__
     package = root / "transformers_tests"
-    if given:
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(given, package)
-    elif not (package / "test_modeling_common.py").exists():
+    if not (package / "test_modeling_common.py").exists():
         _download_tests(transformers.__version__, package)
     for folder in [package, *{(package / path).parent for path in STAND_INS}]:
         folder.mkdir(exist_ok=True)
