@@ -9,7 +9,7 @@ PIP_EXTRA ?=
 TORCH ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: test lint core sweep architectures demo bench clean
+.PHONY: test lint core sweep architectures transformers-tests demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ sweep: $(VENV)/.installed
 # The same sweep, written as the table in docs/architectures.md.
 architectures: $(VENV)/.installed
 	cd tests && ../$(PY) sweep.py ../docs/architectures.md
+
+# transformers' own model tests (ModelTesterMixin) on the hybrid Llama, GPT-2 and BERT classes. The test sources
+# come from the installed transformers' source distribution on PyPI (kept in ~/.cache/hybrid_hf); about 17 minutes
+# on two busy CPU cores, so CI leaves it out.
+transformers-tests: $(VENV)/.installed
+	$(PY) -m pip install -q parameterized
+	$(PY) -m pytest -q -o addopts="" -W ignore::pytest.PytestUnknownMarkWarning tests/transformers_suite $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/hybrid-hf demo $(DEMO_ARGS)

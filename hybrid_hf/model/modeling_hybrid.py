@@ -24,8 +24,9 @@ import math
 import sys
 
 import torch
+import transformers
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.masking_utils import (
@@ -575,6 +576,11 @@ def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
     cls = type(name, (HybridModelMixin, host), attributes)
     if auto_name is not None:
         cls.register_for_auto_class(auto_name)
+    # Task heads such as `LlamaForSequenceClassification` build their base model with `AutoModel.from_config`.
+    base_name = modeling_auto.MODEL_MAPPING_NAMES.get(host.config_class.model_type)
+    base = getattr(transformers, base_name, None) if isinstance(base_name, str) else None
+    if isinstance(base, type) and issubclass(base, PreTrainedModel):
+        AutoModel.register(config_class, cls if base is host else hybrid_model_class(base), exist_ok=True)
     return cls
 
 
