@@ -47,7 +47,6 @@ architectures: $(VENV)/.installed
 # come from the installed transformers' source distribution on PyPI (kept in ~/.cache/hybrid_hf); about 17 minutes
 # on two busy CPU cores, so CI leaves it out.
 transformers-tests: $(VENV)/.installed
-	$(PY) -m pip install -q parameterized
 	$(PY) -m pytest -q -o addopts="" -W ignore::pytest.PytestUnknownMarkWarning tests/transformers_suite $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
