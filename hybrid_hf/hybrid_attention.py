@@ -13,10 +13,17 @@ This file travels with saved checkpoints (`trust_remote_code`): it imports only 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: Checks that read tensor values (positive temperatures, a given `reach` that covers every span) cost a
+#: device-to-host copy and break `torch.compile`'s graph, so they run only when this is set (`HYBRID_HF_DEBUG=1`).
+#: In a hybrid model the temperature is positive by construction (`tau_min >= 0.001`, checked by the config).
+DEBUG = os.environ.get("HYBRID_HF_DEBUG", "") not in ("", "0")
 
 
 def validate_span_settings(
@@ -160,7 +167,7 @@ def _check_attention_inputs(
             raise ValueError(
                 f"`{name}` must broadcast to (B, H, N) = {(batch, heads, length)}, got shape {tuple(tensor.shape)}"
             ) from None
-    if (temperature <= 0).any():
+    if DEBUG and (temperature <= 0).any():
         raise ValueError("`temperature` must be positive everywhere")
     if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
         raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
@@ -239,6 +246,7 @@ def adaptive_local_attention(
     max_distance: int | None = None,
     segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
+    reach: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
 
@@ -272,12 +280,20 @@ def adaptive_local_attention(
             query reads only the keys of its own sequence.
         block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
             the fused inference path).
+        reach: keys at distance `< reach` may be read, at most `max_span + ramp`. None: the whole band when
+            gradients are tracked or under `torch.compile`; at inference in eager mode `band_reach(span, ...)`, i.e.
+            `max(z) + ramp` rounded up to one of 8 sizes, so short learned spans cost less. A compiled kernel keeps
+            that saving when called with `reach=band_reach(span, ...)` (one compiled graph per size). A reach shorter
+            than the spans need cuts their ramps off (checked only with `DEBUG`).
 
     Returns:
-        `(B, H, N, D_v)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
-        at inference it only reaches `max(z) + ramp`, so short learned spans cost less.
+        `(B, H, N, D_v)`, in `query`'s dtype.
 
-    The soft-masked softmax runs in place on the score tensor with a hand-written backward (`_SoftMaskedSoftmax`);
+    Nothing on the way reads a tensor's values unless `DEBUG` is set (`reach=None` at inference reads one, in eager
+    mode only), so `torch.compile(adaptive_local_attention, fullgraph=True)` traces it whole. When gradients are
+    tracked, the band is recomputed in the backward (`torch.utils.checkpoint`): only the inputs are kept, not the
+    band's probabilities and key/value windows. The soft-masked softmax runs in place on the score tensor with a
+    hand-written backward (`_SoftMaskedSoftmax`);
     at inference on the CPU the whole band goes through one `scaled_dot_product_attention` call with `log m` as its
     float mask.
     """
@@ -285,21 +301,74 @@ def adaptive_local_attention(
         query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
         segment_ids,
     )
+    batch, heads, length, _ = query.shape
+    if length == 0:
+        return query.new_zeros((batch, heads, 0, value.shape[3]))
+    band = max_span + ramp  # keys at distance <= band - 1 may be read
+    span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
+    temperature = temperature.expand(batch, heads, length)  # (B, H, N)
+    tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
+    if reach is None:
+        adaptive = not tracking and not torch.compiler.is_compiling()  # a shape read from values: eager only
+        reach = band_reach(span, max_span=max_span, ramp=ramp) if adaptive else band
+    elif isinstance(reach, bool) or not isinstance(reach, int) or not 1 <= reach <= band:
+        raise ValueError(f"`reach` must be None or an integer in [1, max_span + ramp = {band}], got {reach!r}")
+    elif DEBUG and reach < band_reach(span, max_span=max_span, ramp=ramp, buckets=band):
+        raise ValueError(f"`reach` ({reach}) is shorter than the spans need: use `band_reach(span, ...)`")
+    if max_distance is not None:
+        reach = min(reach, max_distance + 1)
+    settings = dict(
+        max_span=max_span, ramp=ramp, causal=causal, scaling=scaling, offset=offset, reach=reach,
+        max_distance=max_distance, block_size=block_size, tracking=tracking,
+    )
+    if tracking:  # recompute the band in the backward instead of keeping its probabilities and windows
+        return checkpoint(
+            _banded_attention, query, key, value, span, temperature, key_mask, segment_ids,
+            use_reentrant=False, preserve_rng_state=False, **settings,
+        )
+    return _banded_attention(query, key, value, span, temperature, key_mask, segment_ids, **settings)
+
+
+def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8) -> int:
+    """How far the band must reach for these spans at inference: `ceil(max(z)) + ramp` keys, rounded up to a
+    multiple of `ceil((max_span + ramp) / buckets)`, so that a compiled kernel sees at most `buckets` band widths.
+
+    Reads one value from `span` (a device-to-host copy); NaN spans get the full band `max_span + ramp`.
+    """
+    band = max_span + ramp
+    if span.numel() == 0:
+        return band
+    top = span.detach().amax().nan_to_num(max_span).clamp(0, max_span)
+    step = -(-band // buckets)
+    needed = int(math.ceil(top.item())) + ramp
+    return min(band, -(-needed // step) * step)
+
+
+def _banded_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    *,
+    max_span: int,
+    ramp: int,
+    causal: bool,
+    scaling: float | None,
+    offset: int,
+    reach: int,
+    max_distance: int | None,
+    block_size: int | None,
+    tracking: bool,
+) -> torch.Tensor:
+    """`adaptive_local_attention` on checked arguments, `span` and `temperature` expanded to `(B, H, N)`, reading the
+    keys at distance < `reach`."""
     batch, heads, length, head_dim = query.shape
     kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
-    if length == 0:
-        return query.new_zeros((batch, heads, 0, value_dim))
     scaling = head_dim**-0.5 if scaling is None else scaling
-
-    span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
-    temperature = temperature.expand(batch, heads, length)  # (B, H, N)
-    reach = max_span + ramp  # keys at distance <= reach - 1 may be read
-    tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
-    if not tracking:
-        reach = min(reach, int(math.ceil(span.max().nan_to_num(max_span).item())) + ramp)  # NaN: the full band
-    if max_distance is not None:
-        reach = min(reach, max_distance + 1)
     left = reach - 1
     right = 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
