@@ -24,6 +24,9 @@ Sections (``--only NAME``, repeatable or comma-separated; all by default):
   one Linear(512, 512) after it: both sides do the same four projections.
 - ``adaptive``: the kernel at inference (no grad) with every span at 20% of max_span against every span at 100%,
   N=8192, max_span=224, ramp=32: at inference the band only reaches ``max(span) + ramp``.
+- ``compile`` and ``lengths`` (in `bench_costs`): the kernel under ``torch.compile`` beside the eager kernel, and
+  a converted model's training memory and decoding speed beside its host's at N = 1K, 4K and 16K. The run ends
+  with a table of the cost targets (`bench_costs.targets_table`).
 - ``flops``: the kernel's achieved GFLOP/s (``4 * B * H * N_padded * width * D`` for its two matmuls,
   ``width = block + window - 1`` as the kernel computes it), beside this machine's float32 matmul GFLOP/s
   (2048 x 2048 @ 2048 x 2048) and a batched matmul of the kernel's own shapes, all in the same run.
@@ -625,14 +628,18 @@ def bench_model(ctx: BenchContext) -> list[dict]:
     return rows
 
 
+from .bench_costs import bench_compile, bench_lengths, targets_table  # noqa: E402 (built on the helpers above)
+
 # Section name -> function returning rows. Add new sections here.
 SECTIONS: dict[str, Callable[[BenchContext], list[dict]]] = {
     "kernel": bench_kernel,
     "seed": bench_seed,
+    "compile": bench_compile,
     "longformer": bench_longformer,
     "adaptive": bench_adaptive,
     "flops": bench_flops,
     "model": bench_model,
+    "lengths": bench_lengths,
 }
 
 
@@ -862,6 +869,9 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
         pass
 
     table = markdown_table(rows)
+    targets = targets_table(rows)
+    if targets:
+        table += "\nCost targets (converted model / original, and the kernel):\n\n" + targets
     header = (
         f"Benchmark on {meta['device']} ({device_name}, {meta['threads']} threads), torch {meta['torch']}, float32; "
         f"time = median of `calls` timed calls after a warm-up; peak MB = tensor memory allocated during one call; "

@@ -72,8 +72,10 @@ def causal_prefix_mean(
         Accumulated in float32.
     """
     weights = x.new_ones(x.shape[:2], dtype=torch.float32) if mask is None else mask.to(torch.float32)  # (B, N)
-    sums = torch.cumsum(x.float() * weights[..., None], dim=1)  # (B, N, d)
-    counts = torch.cumsum(weights, dim=1)  # (B, N)
+    sums = x.float() * weights[..., None]  # (B, N, d)
+    counts = weights  # (B, N)
+    if x.shape[1] > 1:  # one position (a decoding step) is its own running sum
+        sums, counts = torch.cumsum(sums, dim=1), torch.cumsum(counts, dim=1)
     if past_sum is not None:
         sums = sums + past_sum[:, None, :]
         counts = counts + past_count[:, None]
@@ -309,7 +311,9 @@ def adaptive_local_attention(
     temperature = temperature.expand(batch, heads, length)  # (B, H, N)
     tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
     if reach is None:
-        adaptive = not tracking and not torch.compiler.is_compiling()  # a shape read from values: eager only
+        # A band width read from the spans' values: at inference in eager mode, and not for one query (a decoding
+        # step reads at most max_span + ramp keys; reading the spans would cost more than it saves).
+        adaptive = length > 1 and not tracking and not torch.compiler.is_compiling()
         reach = band_reach(span, max_span=max_span, ramp=ramp) if adaptive else band
     elif isinstance(reach, bool) or not isinstance(reach, int) or not 1 <= reach <= band:
         raise ValueError(f"`reach` must be None or an integer in [1, max_span + ramp = {band}], got {reach!r}")
@@ -372,23 +376,32 @@ def _banded_attention(
     left = reach - 1
     right = 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    # Inference on the CPU in float32/64: fused SDPA calls (whose CPU kernel returns zeros for empty rows) with the
+    # float mask log(m); log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at log(tiny).
+    sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
+    tiny = torch.finfo(compute).tiny
     if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
         start, stop = max(0, offset - left), min(keys, offset + right + 1)
-        distance = (offset - torch.arange(start, stop, device=query.device)).abs()  # (W,); right = 0 when causal
+        distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
+        if not causal:
+            distance = distance.abs_()
         if max_distance is not None:
-            distance = distance.masked_fill(distance > max_distance, max_span + ramp)
-        dist = distance.to(compute).expand(batch, 1, 1, stop - start)  # (B, 1, 1, W)
+            distance = distance.masked_fill_(distance > max_distance, math.inf)
         if key_mask is not None:
-            dist = dist.masked_fill(~key_mask[:, None, None, start:stop].bool(), float("inf"))
+            distance = distance.masked_fill(key_mask[:, None, None, start:stop] == 0, math.inf)  # (B, 1, 1, W)
         z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
         q = query.to(compute).view(batch, kv_heads, groups, head_dim)
         q = q * (scaling / temperature.to(compute)).view(batch, kv_heads, groups, 1)
-        scores = torch.matmul(q, key[:, :, start:stop].to(compute).transpose(-1, -2))  # (B, H_kv, G, W)
-        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
-        out = torch.matmul(probs.to(value.dtype), value[:, :, start:stop])  # (B, H_kv, G, D_v)
+        k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
+        if sdpa_path:
+            bias = torch.sub(z, distance).div_(ramp).clamp_(tiny, 1).log_()  # (B, H_kv, G, W)
+            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), -math.inf)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H_kv, G, D_v)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, W)
+            probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, distance, ramp))
+            out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, D_v)
         return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
-    # Inference on the CPU in float32/64: one fused SDPA call (whose CPU kernel returns zeros for empty rows).
-    sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
     if block_size is None:
         block_size = 32 if sdpa_path else 64
 
@@ -441,20 +454,24 @@ def _banded_attention(
     dist = distance.to(compute).masked_fill(~valid, float("inf"))
 
     if sdpa_path:
-        # Inference: one fused SDPA call per block with the float mask log(m) (-inf outside); k/v stay views.
-        # log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at and below log(tiny).
-        tiny = torch.finfo(compute).tiny
-        bias = torch.sub(z, dist).div_(ramp).clamp_(tiny, 1).log_()
-        F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
-        bias = bias.reshape(batch * kv_heads, num_blocks, groups * block, width)
-        flat = (batch * kv_heads, num_blocks)
-        out = F.scaled_dot_product_attention(
-            q.reshape(*flat, groups * block, head_dim),
-            k_t.transpose(-1, -2).reshape(*flat, width, head_dim),
-            v.reshape(*flat, width, value_dim),
-            attn_mask=bias,
-            scale=1.0,
-        )  # empty rows -> zeros
+        # Fused SDPA calls with the float mask log(m) (-inf outside); k/v stay views. In chunks of blocks whose
+        # temporaries (mask, key windows) stay at a few MB: the allocator then reuses the same memory for every
+        # chunk, where one tensor over the whole sequence costs a page fault per fresh 4 KiB page on each call.
+        flat = batch * kv_heads
+        q = q.reshape(flat, num_blocks, groups * block, head_dim)
+        k = k_t.transpose(-1, -2).reshape(flat, num_blocks, width, head_dim)
+        v = v.reshape(flat, num_blocks, width, value_dim)
+        step = max(1, (1 << 20) // (flat * groups * block * width))
+        outs = []
+        for first in range(0, num_blocks, step):
+            last = min(num_blocks, first + step)
+            bias = torch.sub(z[:, :, first:last], dist[:, :, first:last]).div_(ramp).clamp_(tiny, 1).log_()
+            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
+            bias = bias.reshape(flat, last - first, groups * block, width)
+            outs.append(
+                F.scaled_dot_product_attention(q[:, first:last], k[:, first:last], v[:, first:last], attn_mask=bias, scale=1.0)
+            )  # empty rows -> zeros
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
     else:
         scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
         scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)

@@ -491,7 +491,8 @@ def _hybrid_forward(host_forward):
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
                 "transformers' attention interface"
             )
-        span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans)
+        coef = self.config.span_loss_coef
+        span_loss = coef * _mean_span_scale(state.spans) if coef else torch.zeros((), device=self.device)
         labels, num_items = arguments.get("labels"), arguments.get("num_items_in_batch")
         if labels is not None and num_items is not None:
             # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
