@@ -628,18 +628,27 @@ def bench_model(ctx: BenchContext) -> list[dict]:
     return rows
 
 
-from .bench_costs import bench_compile, bench_lengths, targets_table  # noqa: E402 (built on the helpers above)
+def _cost_section(name: str) -> Callable[[BenchContext], list[dict]]:
+    """Section `name` of `bench_costs`, imported when it runs (it builds on this module's helpers)."""
+
+    def section(ctx: BenchContext) -> list[dict]:
+        from . import bench_costs
+
+        return getattr(bench_costs, name)(ctx)
+
+    return section
+
 
 # Section name -> function returning rows. Add new sections here.
 SECTIONS: dict[str, Callable[[BenchContext], list[dict]]] = {
     "kernel": bench_kernel,
     "seed": bench_seed,
-    "compile": bench_compile,
+    "compile": _cost_section("bench_compile"),
     "longformer": bench_longformer,
     "adaptive": bench_adaptive,
     "flops": bench_flops,
     "model": bench_model,
-    "lengths": bench_lengths,
+    "lengths": _cost_section("bench_lengths"),
 }
 
 
@@ -867,6 +876,8 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
         meta["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
+
+    from .bench_costs import targets_table
 
     table = markdown_table(rows)
     targets = targets_table(rows)
