@@ -462,6 +462,8 @@ def _banded_attention(
         k = k_t.transpose(-1, -2).reshape(flat, num_blocks, width, head_dim)
         v = v.reshape(flat, num_blocks, width, value_dim)
         step = max(1, (1 << 20) // (flat * groups * block * width))
+        if torch.compiler.is_compiling():  # one chunk: a traced loop would unroll into a graph that grows with N
+            step = num_blocks
         outs = []
         for first in range(0, num_blocks, step):
             last = min(num_blocks, first + step)

@@ -411,7 +411,7 @@ class HybridModelMixin:
     function, the context state in its cache and the span loss in its outputs. The host's forward signature is kept.
     """
 
-    _can_compile_fullgraph = False  # the local band's width follows the learned spans (a data-dependent shape)
+    _can_compile_fullgraph = False  # the forward keeps Python state per call (context state, spans); the kernel compiles
 
     def __init__(self, config, *args, **kwargs):
         requested = config._attn_implementation  # before transformers resolves it
