@@ -162,16 +162,17 @@ def bench_lengths(ctx: BenchContext) -> list[dict]:
 
         prefill = ctx.compare({name: decode(m, 1) for name, m in models.items()}, repeats=1)
         full = ctx.compare({name: decode(m, new_tokens + 1) for name, m in models.items()}, repeats=1)
-        rate = {
-            name: new_tokens / max(1e-9, (full[name].median_ms - prefill[name].median_ms) * 1e-3) for name in models
-        }
+        seconds = {name: (full[name].median_ms - prefill[name].median_ms) * 1e-3 for name in models}
+        # None when the prompt alone took longer than prompt + tokens (load from other programs): no rate to report
+        rate = {name: new_tokens / seconds[name] if seconds[name] > 0 else None for name in models}
         mode = f"greedy decoding of {new_tokens} tokens after the prompt"
         pair = [
             make_row("lengths", f"{name}: {label}", n, mode, full[name], impl=name, tokens_per_s=rate[name],
-                     note=f"{rate[name]:.1f} tokens/s")
+                     note="no rate: the prompt alone took longer" if rate[name] is None else f"{rate[name]:.1f} tokens/s")
             for name in models
         ]
-        pair[1]["ratios"]["tokens/s hybrid/original"] = rate["hybrid"] / rate["original"]
+        if None not in rate.values():
+            pair[1]["ratios"]["tokens/s hybrid/original"] = rate["hybrid"] / rate["original"]
         rows += pair
     return rows
 
