@@ -29,6 +29,12 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "| section | what | N | mode | time (ms) |" in table
     assert table.count("\n| kernel |") == sum(row["section"] == "kernel" for row in rows)
     assert "| section | what |" in capsys.readouterr().out  # the table is printed too
+    # The cost targets, read from the rows of this run: the model's training memory at every length of `lengths`.
+    lengths = sorted({row["n"] for row in rows if row["section"] == "lengths"})
+    assert len(lengths) == 3
+    assert "| measure | this run | target | |" in table
+    for n in lengths:
+        assert f"| training peak memory, N={n}, converted / original (2-layer model) |" in table
 
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

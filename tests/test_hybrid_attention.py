@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hybrid_hf.model import hybrid_attention
 from hybrid_hf.model.hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
+    band_reach,
     causal_prefix_mean,
     masked_mean,
     reference_local_attention,
@@ -1049,7 +1051,9 @@ def test_good_settings_pass():
 
 @pytest.mark.parametrize("fn", KERNELS)
 @pytest.mark.parametrize("bad", [0.0, -1.0])
-def test_nonpositive_temperature_tensor_raises(fn, bad):
+def test_nonpositive_temperature_tensor_raises(fn, bad, monkeypatch):
+    """A check that reads values: it runs with `DEBUG` on (a hybrid model's temperatures are positive by its config)."""
+    monkeypatch.setattr(hybrid_attention, "DEBUG", True)
     args = _valid()
     args["temperature"] = args["temperature"].clone()
     args["temperature"][1, 2, 3] = bad
@@ -1126,6 +1130,21 @@ def test_bad_shapes_raise(case, fn):
         _call(fn, args)
 
 
+@pytest.mark.parametrize("bad", [0, MAX_SPAN + RAMP + 1, 2.0, True], ids=repr)
+def test_bad_reach_raises(bad):
+    with pytest.raises(ValueError, match="`reach`"):
+        _call(adaptive_local_attention, {**_valid(), "reach": bad})
+
+
+def test_reach_shorter_than_the_spans_raises_in_debug(monkeypatch):
+    monkeypatch.setattr(hybrid_attention, "DEBUG", True)
+    args = _valid()
+    args["span"] = torch.full_like(args["span"], 5.0)  # needs 5 + RAMP keys
+    _call(adaptive_local_attention, {**args, "reach": 5 + RAMP})
+    with pytest.raises(ValueError, match="`reach`"):
+        _call(adaptive_local_attention, {**args, "reach": 4 + RAMP})
+
+
 def test_valid_edge_offsets_do_not_raise():
     args = _valid(keys=30)
     args["query_offset"] = 20  # the last possible causal offset
@@ -1167,7 +1186,8 @@ def test_no_quadratic_intermediate_at_4096(grad, causal):
 
 
 def test_no_grad_band_follows_the_largest_span():
-    """At inference the band reaches max(z) + ramp: short spans allocate proportionally less."""
+    """At inference the band reaches max(z) + ramp, rounded up to a multiple of (max_span + ramp) / 8: short spans
+    allocate proportionally less."""
     length, max_span, ramp, block = 4096, 64, 16, 64
     sizes = {}
     for top in (4.0, 32.0, 64.0):
@@ -1176,7 +1196,8 @@ def test_no_grad_band_follows_the_largest_span():
         with torch.no_grad(), MaxNumel() as mode:
             adaptive_local_attention(*case, max_span=max_span, ramp=ramp, causal=True, block_size=block)
         sizes[top] = mode.max_numel
-        assert mode.max_numel <= length * (block + int(math.ceil(top)) + ramp - 1)
+        step = (max_span + ramp) // 8
+        assert mode.max_numel <= length * (block + math.ceil((math.ceil(top) + ramp) / step) * step - 1)
     assert sizes[4.0] < sizes[32.0] < sizes[64.0]
 
 

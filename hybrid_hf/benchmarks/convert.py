@@ -3,7 +3,8 @@
     python -m hybrid_hf.benchmarks.convert [--layers 42] [--hidden 1024] [--out bench_output] [--keep]
 
 Writes a synthetic Llama-shaped checkpoint with random float32 weights in two or more safetensors shards (about
-2.2 GB, 2.0 GiB, with the defaults) and a tiny one of the same family under a temporary folder, converts each with and without
+2.2 GB, 2.0 GiB, with the defaults) and a tiny one of the same family under a temporary folder, converts each with
+and without
 `--streaming`, each command in a child process of its own, and reports wall time and peak resident memory (the
 child's `ru_maxrss`). The tiny checkpoint's peak is the fixed cost of Python, torch and transformers; what the large
 one adds to it is what the conversion itself holds. Then the logits of both large outputs on a short input are
@@ -31,7 +32,8 @@ _MEASURE = textwrap.dedent(
     start = time.perf_counter()
     status = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
     wall = time.perf_counter() - start
-    print(json.dumps({"status": status, "wall_s": wall, "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"status": status, "wall_s": wall, "peak_kb": peak_kb}))
     """
 )
 
@@ -69,7 +71,9 @@ def write_random_checkpoint(folder: Path, config, max_shard_bytes: int, seed: in
         shard = {}
         for name in names:
             shape = layout[name].shape
-            shard[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            shard[name] = (
+                torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            )
         save_file(shard, folder / filename, metadata={"format": "pt"})
         del shard
     if split.is_sharded:
@@ -97,7 +101,9 @@ def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybrid_hf.benchmarks.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hybrid_hf.benchmarks.convert", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--layers", type=int, default=42, help="decoder layers of the large checkpoint")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the large checkpoint")
     parser.add_argument("--shard-gb", type=float, default=1.2, help="largest shard, in GB")
@@ -113,16 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = {
             "tiny": write_random_checkpoint(root / "tiny", llama_config(2, 64, vocab=1000), int(args.shard_gb * 1e9)),
-            "large": write_random_checkpoint(root / "large", llama_config(args.layers, args.hidden),
-                                             int(args.shard_gb * 1e9)),
+            "large": write_random_checkpoint(
+                root / "large", llama_config(args.layers, args.hidden), int(args.shard_gb * 1e9)
+            ),
         }
         shards = len(list((root / "large").glob("*.safetensors")))
         for checkpoint in ("tiny", "large"):
             for mode, flags in (("streamed", ["--streaming"]), ("in memory", [])):
                 output = root / f"{checkpoint}-{mode.replace(' ', '-')}"
                 measured = measure([*convert, str(root / checkpoint), str(output), *settings, *flags])
-                rows.append({"checkpoint": checkpoint, "mode": mode, "checkpoint_mib": sizes[checkpoint] / 2**20,
-                             **measured})
+                rows.append(
+                    {"checkpoint": checkpoint, "mode": mode, "checkpoint_mib": sizes[checkpoint] / 2**20, **measured}
+                )
                 print(rows[-1], flush=True)
         fixed = {row["mode"]: row["peak_mib"] for row in rows if row["checkpoint"] == "tiny"}
         for row in rows:
@@ -136,17 +144,28 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(root, ignore_errors=True)
 
-    summary = {"rows": rows, "large_shards": shards, "logits_max_abs_difference": difference,
-               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    summary = {
+        "rows": rows,
+        "large_shards": shards,
+        "logits_max_abs_difference": difference,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| checkpoint | MiB | mode | wall (s) | peak RSS (MiB) | above the tiny run (MiB) | share of the checkpoint |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| checkpoint | MiB | mode | wall (s) | peak RSS (MiB) | above the tiny run (MiB) | share of the checkpoint |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
-        lines.append(f"| {row['checkpoint']} | {row['checkpoint_mib']:,.0f} | {row['mode']} | {row['wall_s']:.1f} | "
-                     f"{row['peak_mib']:,.0f} | {row['above_fixed_mib']:,.0f} | {100 * row['above_fixed_share']:.1f}% |")
-    lines.append(f"\nLarge checkpoint: {shards} shards. Max abs difference of the logits (streamed vs in memory, "
-                 f"16 tokens): {difference:g}.")
+        lines.append(
+            f"| {row['checkpoint']} | {row['checkpoint_mib']:,.0f} | {row['mode']} | {row['wall_s']:.1f} | "
+            f"{row['peak_mib']:,.0f} | {row['above_fixed_mib']:,.0f} | {100 * row['above_fixed_share']:.1f}% |"
+        )
+    lines.append(
+        f"\nLarge checkpoint: {shards} shards. Max abs difference of the logits (streamed vs in memory, "
+        f"16 tokens): {difference:g}."
+    )
     (args.out / "convert.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

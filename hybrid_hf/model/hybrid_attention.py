@@ -13,10 +13,17 @@ This file travels with saved checkpoints (`trust_remote_code`): it imports only 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: Checks that read tensor values (positive temperatures, a given `reach` that covers every span) cost a
+#: device-to-host copy and break `torch.compile`'s graph, so they run only when this is set (`HYBRID_HF_DEBUG=1`).
+#: In a hybrid model the temperature is positive by construction (`tau_min >= 0.001`, checked by the config).
+DEBUG = os.environ.get("HYBRID_HF_DEBUG", "") not in ("", "0")
 
 
 def validate_span_settings(
@@ -65,8 +72,10 @@ def causal_prefix_mean(
         Accumulated in float32.
     """
     weights = x.new_ones(x.shape[:2], dtype=torch.float32) if mask is None else mask.to(torch.float32)  # (B, N)
-    sums = torch.cumsum(x.float() * weights[..., None], dim=1)  # (B, N, d)
-    counts = torch.cumsum(weights, dim=1)  # (B, N)
+    sums = x.float() * weights[..., None]  # (B, N, d)
+    counts = weights  # (B, N)
+    if x.shape[1] > 1:  # one position (a decoding step) is its own running sum
+        sums, counts = torch.cumsum(sums, dim=1), torch.cumsum(counts, dim=1)
     if past_sum is not None:
         sums = sums + past_sum[:, None, :]
         counts = counts + past_count[:, None]
@@ -160,7 +169,7 @@ def _check_attention_inputs(
             raise ValueError(
                 f"`{name}` must broadcast to (B, H, N) = {(batch, heads, length)}, got shape {tuple(tensor.shape)}"
             ) from None
-    if (temperature <= 0).any():
+    if DEBUG and (temperature <= 0).any():
         raise ValueError("`temperature` must be positive everywhere")
     if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
         raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
@@ -239,6 +248,7 @@ def adaptive_local_attention(
     max_distance: int | None = None,
     segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
+    reach: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
 
@@ -272,12 +282,20 @@ def adaptive_local_attention(
             query reads only the keys of its own sequence.
         block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
             the fused inference path).
+        reach: keys at distance `< reach` may be read, at most `max_span + ramp`. None: the whole band when
+            gradients are tracked or under `torch.compile`; at inference in eager mode `band_reach(span, ...)`, i.e.
+            `max(z) + ramp` rounded up to one of 8 sizes, so short learned spans cost less. A compiled kernel keeps
+            that saving when called with `reach=band_reach(span, ...)` (one compiled graph per size). A reach shorter
+            than the spans need cuts their ramps off (checked only with `DEBUG`).
 
     Returns:
-        `(B, H, N, D_v)`, in `query`'s dtype. The band is fixed (`max_span + ramp`) when gradients are tracked;
-        at inference it only reaches `max(z) + ramp`, so short learned spans cost less.
+        `(B, H, N, D_v)`, in `query`'s dtype.
 
-    The soft-masked softmax runs in place on the score tensor with a hand-written backward (`_SoftMaskedSoftmax`);
+    Nothing on the way reads a tensor's values unless `DEBUG` is set (`reach=None` at inference reads one, in eager
+    mode only), so `torch.compile(adaptive_local_attention, fullgraph=True)` traces it whole. When gradients are
+    tracked, the band is recomputed in the backward (`torch.utils.checkpoint`): only the inputs are kept, not the
+    band's probabilities and key/value windows. The soft-masked softmax runs in place on the score tensor with a
+    hand-written backward (`_SoftMaskedSoftmax`);
     at inference on the CPU the whole band goes through one `scaled_dot_product_attention` call with `log m` as its
     float mask.
     """
@@ -285,41 +303,105 @@ def adaptive_local_attention(
         query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
         segment_ids,
     )
+    batch, heads, length, _ = query.shape
+    if length == 0:
+        return query.new_zeros((batch, heads, 0, value.shape[3]))
+    band = max_span + ramp  # keys at distance <= band - 1 may be read
+    span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
+    temperature = temperature.expand(batch, heads, length)  # (B, H, N)
+    tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
+    if reach is None:
+        # A band width read from the spans' values: at inference in eager mode, and not for one query (a decoding
+        # step reads at most max_span + ramp keys; reading the spans would cost more than it saves).
+        adaptive = length > 1 and not tracking and not torch.compiler.is_compiling()
+        reach = band_reach(span, max_span=max_span, ramp=ramp) if adaptive else band
+    elif isinstance(reach, bool) or not isinstance(reach, int) or not 1 <= reach <= band:
+        raise ValueError(f"`reach` must be None or an integer in [1, max_span + ramp = {band}], got {reach!r}")
+    elif DEBUG and reach < band_reach(span, max_span=max_span, ramp=ramp, buckets=band):
+        raise ValueError(f"`reach` ({reach}) is shorter than the spans need: use `band_reach(span, ...)`")
+    if max_distance is not None:
+        reach = min(reach, max_distance + 1)
+    settings = dict(
+        max_span=max_span, ramp=ramp, causal=causal, scaling=scaling, offset=offset, reach=reach,
+        max_distance=max_distance, block_size=block_size, tracking=tracking,
+    )
+    if tracking:  # recompute the band in the backward instead of keeping its probabilities and windows
+        return checkpoint(
+            _banded_attention, query, key, value, span, temperature, key_mask, segment_ids,
+            use_reentrant=False, preserve_rng_state=False, **settings,
+        )
+    return _banded_attention(query, key, value, span, temperature, key_mask, segment_ids, **settings)
+
+
+def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8) -> int:
+    """How far the band must reach for these spans at inference: `ceil(max(z)) + ramp` keys, rounded up to a
+    multiple of `ceil((max_span + ramp) / buckets)`, so that a compiled kernel sees at most `buckets` band widths.
+
+    Reads one value from `span` (a device-to-host copy); NaN spans get the full band `max_span + ramp`.
+    """
+    band = max_span + ramp
+    if span.numel() == 0:
+        return band
+    top = span.detach().amax().nan_to_num(max_span).clamp(0, max_span)
+    step = -(-band // buckets)
+    needed = int(math.ceil(top.item())) + ramp
+    return min(band, -(-needed // step) * step)
+
+
+def _banded_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    *,
+    max_span: int,
+    ramp: int,
+    causal: bool,
+    scaling: float | None,
+    offset: int,
+    reach: int,
+    max_distance: int | None,
+    block_size: int | None,
+    tracking: bool,
+) -> torch.Tensor:
+    """`adaptive_local_attention` on checked arguments, `span` and `temperature` expanded to `(B, H, N)`, reading the
+    keys at distance < `reach`."""
     batch, heads, length, head_dim = query.shape
     kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
-    if length == 0:
-        return query.new_zeros((batch, heads, 0, value_dim))
     scaling = head_dim**-0.5 if scaling is None else scaling
-
-    span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
-    temperature = temperature.expand(batch, heads, length)  # (B, H, N)
-    reach = max_span + ramp  # keys at distance <= reach - 1 may be read
-    tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
-    if not tracking:
-        reach = min(reach, int(math.ceil(span.max().nan_to_num(max_span).item())) + ramp)  # NaN: the full band
-    if max_distance is not None:
-        reach = min(reach, max_distance + 1)
     left = reach - 1
     right = 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
+    # Inference on the CPU in float32/64: fused SDPA calls (whose CPU kernel returns zeros for empty rows) with the
+    # float mask log(m); log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at log(tiny).
+    sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
+    tiny = torch.finfo(compute).tiny
     if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
         start, stop = max(0, offset - left), min(keys, offset + right + 1)
-        distance = (offset - torch.arange(start, stop, device=query.device)).abs()  # (W,); right = 0 when causal
+        distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
+        if not causal:
+            distance = distance.abs_()
         if max_distance is not None:
-            distance = distance.masked_fill(distance > max_distance, max_span + ramp)
-        dist = distance.to(compute).expand(batch, 1, 1, stop - start)  # (B, 1, 1, W)
+            distance = distance.masked_fill_(distance > max_distance, math.inf)
         if key_mask is not None:
-            dist = dist.masked_fill(~key_mask[:, None, None, start:stop].bool(), float("inf"))
+            distance = distance.masked_fill(key_mask[:, None, None, start:stop] == 0, math.inf)  # (B, 1, 1, W)
         z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
         q = query.to(compute).view(batch, kv_heads, groups, head_dim)
         q = q * (scaling / temperature.to(compute)).view(batch, kv_heads, groups, 1)
-        scores = torch.matmul(q, key[:, :, start:stop].to(compute).transpose(-1, -2))  # (B, H_kv, G, W)
-        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
-        out = torch.matmul(probs.to(value.dtype), value[:, :, start:stop])  # (B, H_kv, G, D_v)
+        k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
+        if sdpa_path:
+            bias = torch.sub(z, distance).div_(ramp).clamp_(tiny, 1).log_()  # (B, H_kv, G, W)
+            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), -math.inf)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H_kv, G, D_v)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, W)
+            probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, distance, ramp))
+            out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, D_v)
         return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
-    # Inference on the CPU in float32/64: one fused SDPA call (whose CPU kernel returns zeros for empty rows).
-    sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
     if block_size is None:
         block_size = 32 if sdpa_path else 64
 
@@ -372,20 +454,26 @@ def adaptive_local_attention(
     dist = distance.to(compute).masked_fill(~valid, float("inf"))
 
     if sdpa_path:
-        # Inference: one fused SDPA call per block with the float mask log(m) (-inf outside); k/v stay views.
-        # log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at and below log(tiny).
-        tiny = torch.finfo(compute).tiny
-        bias = torch.sub(z, dist).div_(ramp).clamp_(tiny, 1).log_()
-        F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
-        bias = bias.reshape(batch * kv_heads, num_blocks, groups * block, width)
-        flat = (batch * kv_heads, num_blocks)
-        out = F.scaled_dot_product_attention(
-            q.reshape(*flat, groups * block, head_dim),
-            k_t.transpose(-1, -2).reshape(*flat, width, head_dim),
-            v.reshape(*flat, width, value_dim),
-            attn_mask=bias,
-            scale=1.0,
-        )  # empty rows -> zeros
+        # Fused SDPA calls with the float mask log(m) (-inf outside); k/v stay views. In chunks of blocks whose
+        # temporaries (mask, key windows) stay at a few MB: the allocator then reuses the same memory for every
+        # chunk, where one tensor over the whole sequence costs a page fault per fresh 4 KiB page on each call.
+        flat = batch * kv_heads
+        q = q.reshape(flat, num_blocks, groups * block, head_dim)
+        k = k_t.transpose(-1, -2).reshape(flat, num_blocks, width, head_dim)
+        v = v.reshape(flat, num_blocks, width, value_dim)
+        step = max(1, (1 << 20) // (flat * groups * block * width))
+        if torch.compiler.is_compiling():  # one chunk: a traced loop would unroll into a graph that grows with N
+            step = num_blocks
+        outs = []
+        for first in range(0, num_blocks, step):
+            last = min(num_blocks, first + step)
+            bias = torch.sub(z[:, :, first:last], dist[:, :, first:last]).div_(ramp).clamp_(tiny, 1).log_()
+            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
+            bias = bias.reshape(flat, last - first, groups * block, width)
+            outs.append(
+                F.scaled_dot_product_attention(q[:, first:last], k[:, first:last], v[:, first:last], attn_mask=bias, scale=1.0)
+            )  # empty rows -> zeros
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
     else:
         scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
         scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)

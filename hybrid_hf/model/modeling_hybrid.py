@@ -423,7 +423,7 @@ class HybridModelMixin:
     function, the context state in its cache and the span loss in its outputs. The host's forward signature is kept.
     """
 
-    _can_compile_fullgraph = False  # the local band's width follows the learned spans (a data-dependent shape)
+    _can_compile_fullgraph = False  # the forward keeps Python state per call (context state, spans); the kernel compiles
 
     def __init__(self, config, *args, **kwargs):
         requested = config._attn_implementation  # before transformers resolves it
@@ -503,7 +503,8 @@ def _hybrid_forward(host_forward):
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
                 "transformers' attention interface"
             )
-        span_loss = self.config.span_loss_coef * _mean_span_scale(state.spans).float()
+        coef = self.config.span_loss_coef
+        span_loss = coef * _mean_span_scale(state.spans).float() if coef else torch.zeros((), device=self.device)
         labels, num_items = arguments.get("labels"), arguments.get("num_items_in_batch")
         if labels is not None and num_items is not None:
             # The Trainer divides the summed LM loss by the token count of the whole (accumulated, gathered) batch;
