@@ -12,12 +12,13 @@ REPORT_TITLE = "# hybrid_hf demo report"
 
 
 def number(value: float | int | None) -> str:
-    """How the report writes a number: integers as they are, other values with three decimals, None as `—`."""
+    """How the report writes a number: integers as they are, other values with three decimals (below 0.01: three
+    significant digits, `1.23e-05`), None as `—`."""
     if value is None:
         return "—"
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return f"{value:.3f}"
+    return f"{value:.2e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
 
 
 def _ab_table(name: str, text: dict[str, Any], seeds: list[int]) -> list[str]:
@@ -91,7 +92,7 @@ def markdown(report: dict[str, Any], plots: list[str], prompt: str, samples: dic
         "original fine-tuned with the same LoRA budget (the baseline) see the same batches in the same order, and "
         "are evaluated on the same tokens.",
         "",
-        f"Conversion check: max |logit difference| = {report['conversion']['max_logit_difference']:.2e}.",
+        f"Conversion check: max |logit difference| = {number(report['conversion']['max_logit_difference'])}.",
         "",
     ]
     for name, text in ab.items():
