@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stats import paired_t_interval
+from .stats import paired_t_interval, verdict
 
 #: the two arms, in the order of the paired difference (hybrid - baseline)
 ARMS = ("hybrid", "baseline")
@@ -37,6 +37,18 @@ class SeededAB:
     def summaries(self, level: float = 0.95) -> dict[str, dict]:
         """Evaluation text -> `stats.paired_t_interval` of the hybrid against the baseline over the seeds."""
         return {name: paired_t_interval(level, **arms) for name, arms in self.perplexities.items()}
+
+    def report(self, level: float = 0.95) -> dict[str, dict]:
+        """Evaluation text -> `{"per_seed": {"hybrid", "baseline", "difference"}, "summary", "verdict"}`."""
+        entries = {}
+        for name, summary in self.summaries(level).items():
+            hybrid, baseline = (self.perplexities[name][arm] for arm in ARMS)
+            entries[name] = {
+                "per_seed": {"hybrid": hybrid, "baseline": baseline, "difference": [h - b for h, b in zip(hybrid, baseline)]},
+                "summary": summary,
+                "verdict": verdict(summary["difference"]),
+            }
+        return entries
 
 
 def seeded_ab(

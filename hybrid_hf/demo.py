@@ -198,7 +198,6 @@ def run(args) -> Path:
     from .checkpoint import _publish, load_weights, max_output_difference, source_location
     from .conversion import convert
     from .inspect_spans import collect_spans, plot_spans, write_json
-    from .stats import verdict
     from .training import perplexity, text_dataset
 
     started = time.perf_counter()
@@ -282,7 +281,6 @@ def run(args) -> Path:
             print("[5/6] timing skipped (--timing-tokens 0)")
 
         print("[6/6] writing the report")
-        summaries = ab.summaries()
         public_args = {
             **vars(args),
             "model": args.model and _public_name(args.model),
@@ -296,18 +294,9 @@ def run(args) -> Path:
             "seeds": seeds,
             "conversion": {"max_logit_difference": max_difference},
             "ab": {
-                name: {
-                    "tokens": len(eval_sets[name]) * args.seq_len,
-                    "original": ppl_original[name],
-                    "converted": ppl_converted[name],
-                    "per_seed": {
-                        **ab.perplexities[name],
-                        "difference": [h - b for h, b in zip(*(ab.perplexities[name][arm] for arm in ("hybrid", "baseline")))],
-                    },
-                    "summary": summaries[name],
-                    "verdict": verdict(summaries[name]["difference"]),
-                }
-                for name in eval_sets
+                name: {"tokens": len(eval_sets[name]) * args.seq_len, "original": ppl_original[name],
+                       "converted": ppl_converted[name], **entry}
+                for name, entry in ab.report().items()
             },
             "spans": {"mean_learned": float(record.mean_span_per_head().mean()), "initial": 0.5 * args.max_span},
             "timing": timing,
