@@ -41,8 +41,14 @@ def main() -> None:
     parser.add_argument("--ramp", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-report", help="a demo's report.json: its first seed is the point of its weight")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure from OUT/span_tradeoff.json")
     parser.add_argument("--out", default="docs", help="folder of span_tradeoff.png and span_tradeoff.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        saved = json.loads((out / "span_tradeoff.json").read_text())
+        plot(saved["rows"], saved["settings"], out / "span_tradeoff.png")
+        return
 
     source = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -75,24 +81,34 @@ def main() -> None:
         rows.append(row)
     rows.sort(key=lambda row: row["span_loss_coef"])
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "replot")}
+    settings["demo_report"] = args.demo_report and Path(args.demo_report).name
     (out / "span_tradeoff.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    plot(rows, settings, out / "span_tradeoff.png")
+    print(f"wrote {out / 'span_tradeoff.png'} and {out / 'span_tradeoff.json'}")
+
+
+def plot(rows: list[dict], settings: dict, path: Path) -> None:
+    """Held-out perplexity against mean learned span, one panel per text; each y axis spans at least 2 points."""
+    names = [key.removeprefix("perplexity, ") for key in rows[0] if key.startswith("perplexity, ")]
     figure = Figure(figsize=(8, 3.4), layout="constrained")
     FigureCanvasAgg(figure)
-    for axes, name in zip(figure.subplots(1, len(eval_sets)), eval_sets):
+    for axes, name in zip(figure.subplots(1, len(names)), names):
         spans = [row["mean_span"] for row in rows]
         values = [row[f"perplexity, {name}"] for row in rows]
         axes.plot(spans, values, marker="o")
         for row, x, y in zip(rows, spans, values):
             axes.annotate(f"coef {row['span_loss_coef']:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+        middle, half = (max(values) + min(values)) / 2, max(1.0, (max(values) - min(values)) / 2 + 0.2)
+        axes.set_ylim(middle - half, middle + half)
+        axes.ticklabel_format(axis="y", useOffset=False)
         axes.set_xlabel("mean learned span (tokens)")
         axes.set_ylabel("held-out perplexity")
-        axes.set_title(f"{name} ({args.eval_tokens} tokens)")
-    figure.suptitle(f"SmolLM2-135M hybrid, {args.steps} LoRA steps, max_span {args.max_span}, seed {args.seed}")
-    figure.savefig(out / "span_tradeoff.png", dpi=110)
-    print(f"wrote {out / 'span_tradeoff.png'} and {out / 'span_tradeoff.json'}")
+        axes.set_title(f"{name} ({settings['eval_tokens']} tokens)")
+    figure.suptitle(f"SmolLM2-135M hybrid, {settings['steps']} LoRA steps, max_span {settings['max_span']}, "
+                    f"seed {settings['seed']}")
+    figure.savefig(path, dpi=110)
 
 
 def _demo_point(report: dict, args) -> dict:
