@@ -238,3 +238,20 @@ def test_held_out_split() -> None:
     with pytest.raises(ValueError, match="the-two-noble-kinsmen") as raised:
         assets.held_out_split(plays, "the-two-noble-kinsmen")
     assert "hamlet" in str(raised.value)
+
+
+def test_lee_news_text_is_extracted_once_without_installing_gensim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HYBRID_HF_CACHE", str(tmp_path))
+    text = assets.lee_news_text()  # a real `pip download` of the gensim wheel (28 MB), one file kept
+    articles = text.splitlines()
+    assert len(articles) == 300
+    assert articles[0].startswith("Hundreds of people have been forced to vacate their homes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lee_background-4.4.0.cor"]  # no wheel, no temporary
+
+    def no_pip(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pip ran again for an extracted text")
+
+    monkeypatch.setattr(assets.subprocess, "run", no_pip)
+    assert assets.lee_news_text() == text

@@ -245,7 +245,7 @@ def test_demo_runs_twice_with_short_lines_and_a_hub_ready_folder(host_folder, tm
     first = (out / "report.md").read_text()
     console = capfd.readouterr()
     assert_short_lines(console.out + console.err)
-    assert all(f"[{i}/5]" in console.out for i in range(1, 6))
+    assert all(f"[{i}/6]" in console.out for i in range(1, 7))
     assert "perplexity, original" in console.err  # the stages' progress bars
 
     (out / "stale.txt").write_text("left by hand")

