@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from test_training import make_host
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import hybrid_hf
 from hybrid_hf.distributed import shard_on_cpu
-from test_training import make_host
 
 HYBRID = ("span_predictor.proj.weight", "span_predictor.proj.bias", "mix.weight")
 

@@ -382,7 +382,10 @@ DEMO = {
     "eval tokens 0": (["--eval-tokens", "0"], ["--eval-tokens", ">= 1"]),
     "seeds 0": (["--seeds", "0"], ["--seeds", ">= 1"]),
     "timing tokens negative": (["--timing-tokens", "-1"], ["--timing-tokens", ">= 0"]),
-    "unknown second text": (["--second-text", "{missing}"], ["--second-text", "lee, none or a file", "does/not/exist"]),
+    "unknown second text": (
+        ["--second-text", "{missing}"],
+        ["--second-text", "lee, none or a file", "does/not/exist"],
+    ),
     "missing model": (["--model", "{missing}"], ["does/not/exist", "not found"]),
     "model without config.json": (["--model", "{user_files}"], ["user_files", "no config.json"]),
     "missing text file": (["--model", "{host}", "--text", "{missing}"], ["--text file not found"]),

@@ -40,8 +40,8 @@ def test_compiled_kernel_matches_reference_with_gradients(compiled):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((out * weights).sum(), leaves)
     ref_grads = torch.autograd.grad((ref * weights).sum(), ref_leaves)
-    for name, grad, ref_grad in zip(("query", "key", "value", "span", "temperature"), grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"d/d{name}: {m}")
+    for name, grad, ref_grad in zip(("query", "key", "value", "span", "temperature"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d/d{name}: {m}")
 
 
 def test_compiled_kernel_at_inference_with_a_bucketed_reach(compiled):

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 CONFIG = TESTS.parent / "configs" / "fsdp2.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2"]
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 # Runs where `import hybrid_hf` fails: loads two saved folders and prints how far apart their weights and logits are.
 COMPARE = textwrap.dedent(
@@ -52,8 +57,14 @@ def source(tmp_path_factory):
 def test_hybrid_parameters_shard_with_their_layer(tmp_path):
     import os
 
-    result = subprocess.run([*LAUNCH, str(TESTS / "fsdp_shards.py"), str(tmp_path)], capture_output=True, text=True,
-                            cwd=TESTS, env={**os.environ, **ENV}, timeout=600)
+    result = subprocess.run(
+        [*LAUNCH, str(TESTS / "fsdp_shards.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=TESTS,
+        env={**os.environ, **ENV},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -74,8 +85,25 @@ def losses(stdout: str) -> list[str]:
 def test_finetune_under_fsdp2_matches_one_process(variant, source, tmp_path):
     """Two processes of 2 blocks a step under FSDP2 against one process of 4: the same losses, step by step, and
     the same saved weights to float32 rounding."""
-    common = ["--data", source / "train.txt", "--steps", "4", "--seq-len", "16", "--lr", "1e-2", "--max-span", "8",
-              "--ramp", "4", "--span-loss-coef", "0.1", "--logging-steps", "1", "--cpu"]
+    common = [
+        "--data",
+        source / "train.txt",
+        "--steps",
+        "4",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-2",
+        "--max-span",
+        "8",
+        "--ramp",
+        "4",
+        "--span-loss-coef",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--cpu",
+    ]
     launcher = LAUNCH
     if variant != "full":
         common += ["--lora", "--lora-r", "4"]
@@ -88,8 +116,12 @@ def test_finetune_under_fsdp2_matches_one_process(variant, source, tmp_path):
     assert len(losses(one.stdout)) == 4 and losses(sharded.stdout) == losses(one.stdout)
     assert "| processes | 2 (FSDP2) |" in (tmp_path / "fsdp" / "README.md").read_text()
 
-    compared = subprocess.run([sys.executable, "-c", COMPARE, tmp_path / "one", tmp_path / "fsdp"],
-                              capture_output=True, text=True, timeout=300)
+    compared = subprocess.run(
+        [sys.executable, "-c", COMPARE, tmp_path / "one", tmp_path / "fsdp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert compared.returncode == 0, compared.stderr[-3000:]
     result = json.loads(compared.stdout.strip().splitlines()[-1])
     assert result["class"].startswith("transformers_modules.")

@@ -20,7 +20,6 @@ from hybrid_hf.model import hybrid_attention
 from hybrid_hf.model.hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
-    band_reach,
     causal_prefix_mean,
     masked_mean,
     reference_local_attention,
@@ -149,8 +148,15 @@ def assert_matches_reference(
     # Rows with nothing to read are exactly zero.
     batch, heads, length, _ = query.shape
     has_keys = readable_rows(
-        span, kwargs.get("key_mask"), batch=batch, heads=heads, length=length, keys=key.shape[2],
-        max_span=kwargs["max_span"], ramp=kwargs["ramp"], causal=kwargs.get("causal", True),
+        span,
+        kwargs.get("key_mask"),
+        batch=batch,
+        heads=heads,
+        length=length,
+        keys=key.shape[2],
+        max_span=kwargs["max_span"],
+        ramp=kwargs["ramp"],
+        causal=kwargs.get("causal", True),
         query_offset=kwargs.get("query_offset"),
     )
     assert (out.detach()[~has_keys] == 0).all()
@@ -158,7 +164,7 @@ def assert_matches_reference(
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
         grads = torch.autograd.grad((out * weights).sum(), leaves)
         ref_grads = torch.autograd.grad((ref * weights).sum(), ref_leaves)
-        for name, grad, ref_grad, leaf in zip(LEAVES, grads, ref_grads, leaves):
+        for name, grad, ref_grad, leaf in zip(LEAVES, grads, ref_grads, leaves, strict=True):
             assert grad.shape == leaf.shape, name
             assert torch.isfinite(ref_grad).all(), f"reference d/d{name}"
             assert torch.isfinite(grad).all(), f"non-finite d/d{name}"
@@ -218,9 +224,7 @@ def test_matches_reference_with_padding(padding, causal, length):
     case = make_case(length=length, kv_heads=1, seed=length)
     key_mask = make_key_mask(2, length, padding)
     assert key_mask is not None and (key_mask == 0).any()
-    assert_matches_reference(
-        *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, block_size=16
-    )
+    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, block_size=16)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -234,11 +238,14 @@ def test_matches_reference_with_max_distance(max_distance, causal, padding):
     )
     with torch.no_grad():  # the inference path narrows the band to the limit
         torch.testing.assert_close(
-            adaptive_local_attention(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask,
-                                     max_distance=max_distance),
-            reference_local_attention(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask,
-                                      max_distance=max_distance),
-            atol=1e-5, rtol=0,
+            adaptive_local_attention(
+                *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance
+            ),
+            reference_local_attention(
+                *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance
+            ),
+            atol=1e-5,
+            rtol=0,
         )
 
 
@@ -265,8 +272,9 @@ def test_matches_reference_with_packed_sequences(causal, lengths):
     kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, segment_ids=segments, block_size=16)
     assert_matches_reference(*case, **kwargs)
     with torch.no_grad():
-        torch.testing.assert_close(adaptive_local_attention(*case, **kwargs), reference_local_attention(*case, **kwargs),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            adaptive_local_attention(*case, **kwargs), reference_local_attention(*case, **kwargs), atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -274,13 +282,15 @@ def test_packed_sequences_equal_each_sequence_alone(causal):
     query, key, value, span, temperature = make_case(batch=1, length=30, seed=5)
     lengths = (12, 18)
     kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal)
-    packed = adaptive_local_attention(query, key, value, span, temperature,
-                                      segment_ids=packed_segments(1, 30, lengths), **kwargs)
+    packed = adaptive_local_attention(
+        query, key, value, span, temperature, segment_ids=packed_segments(1, 30, lengths), **kwargs
+    )
     start = 0
     for n in lengths:
         part = slice(start, start + n)
-        alone = adaptive_local_attention(query[:, :, part], key[:, :, part], value[:, :, part], span[:, :, part],
-                                         temperature[:, :, part], **kwargs)
+        alone = adaptive_local_attention(
+            query[:, :, part], key[:, :, part], value[:, :, part], span[:, :, part], temperature[:, :, part], **kwargs
+        )
         torch.testing.assert_close(packed[:, :, part], alone, atol=1e-6, rtol=0)
         start += n
 
@@ -299,8 +309,9 @@ def test_keys_beyond_max_distance_are_never_read(causal):
     torch.testing.assert_close(out2[:, :, t], out[:, :, t], rtol=0, atol=1e-6)
     near = (torch.arange(length) - t).abs() == limit
     value2[:, :, near] += 1.0
-    assert not torch.allclose(adaptive_local_attention(query, key2, value2, span, temperature, **kwargs)[:, :, t],
-                              out[:, :, t])
+    assert not torch.allclose(
+        adaptive_local_attention(query, key2, value2, span, temperature, **kwargs)[:, :, t], out[:, :, t]
+    )
 
 
 def test_key_mask_bool_and_long_agree():
@@ -453,9 +464,7 @@ def test_span_gradient_is_nonzero():
 )
 def test_no_grad_equals_grad_tracked(span, padding, length, keys, causal):
     query, key, value, span_t, temperature = make_case(length=length, keys=keys, span=span, seed=length)
-    kwargs = dict(
-        max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=make_key_mask(2, keys, padding), block_size=16
-    )
+    kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=make_key_mask(2, keys, padding), block_size=16)
     tracked_inputs = [t.clone().requires_grad_() for t in (query, key, value, span_t, temperature)]
     with MaxNumel() as tracked_mode:
         tracked = adaptive_local_attention(*tracked_inputs, **kwargs)
@@ -626,7 +635,11 @@ def test_window_edge_causal(max_span, ramp, block_size, no_grad):
 def test_window_edge_bidirectional(block_size):
     max_span, ramp, length = 4, 3, 17
     out = adaptive_local_attention(
-        *one_hot_case(length, span=max_span), max_span=max_span, ramp=ramp, causal=False, scaling=1.0,
+        *one_hot_case(length, span=max_span),
+        max_span=max_span,
+        ramp=ramp,
+        causal=False,
+        scaling=1.0,
         block_size=block_size,
     )[0, 0]
     t = 8
@@ -652,7 +665,7 @@ def test_span_zero_reads_self_and_ramp_only():
     assert out[0, 0].item() == pytest.approx(1.0)
     # Bidirectional: both sides, 1 + 2 * (2/3 + 1/3) = 3.
     out = adaptive_local_attention(*one_hot_case(14, span=0.0), max_span=4, ramp=3, causal=False, scaling=1.0)[0, 0]
-    for j, w in zip(range(t - 2, t + 3), [1 / 9, 2 / 9, 1 / 3, 2 / 9, 1 / 9]):
+    for j, w in zip(range(t - 2, t + 3), [1 / 9, 2 / 9, 1 / 3, 2 / 9, 1 / 9], strict=True):
         assert out[t, j].item() == pytest.approx(w)
     assert out[t].sum().item() == pytest.approx(1.0)
 
@@ -674,10 +687,16 @@ def test_ramp_times_exp_logit_over_temperature(temperature):
     logits = [0.5 * j for j in range(length)]
     out = adaptive_local_attention(
         *one_hot_case(length, span=0.0, logits=logits, temperature=temperature),
-        max_span=4, ramp=3, causal=True, scaling=1.0,
+        max_span=4,
+        ramp=3,
+        causal=True,
+        scaling=1.0,
     )[0, 0]
-    raw = {t: 1.0 * math.exp(5.0 / temperature), t - 1: (2 / 3) * math.exp(4.5 / temperature),
-           t - 2: (1 / 3) * math.exp(4.0 / temperature)}
+    raw = {
+        t: 1.0 * math.exp(5.0 / temperature),
+        t - 1: (2 / 3) * math.exp(4.5 / temperature),
+        t - 2: (1 / 3) * math.exp(4.0 / temperature),
+    }
     total = sum(raw.values())
     for j, w in raw.items():
         assert out[t, j].item() == pytest.approx(w / total, rel=1e-12)
@@ -730,8 +749,13 @@ def test_bidirectional_is_symmetric_in_distance(padding):
     kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=False, block_size=16)
     out = adaptive_local_attention(query, key, value, span, temperature, key_mask=mask, **kwargs)
     flipped = adaptive_local_attention(
-        query.flip(2), key.flip(2), value.flip(2), span.flip(2), temperature.flip(2),
-        key_mask=None if mask is None else mask.flip(1), **kwargs,
+        query.flip(2),
+        key.flip(2),
+        value.flip(2),
+        span.flip(2),
+        temperature.flip(2),
+        key_mask=None if mask is None else mask.flip(1),
+        **kwargs,
     )
     torch.testing.assert_close(flipped.flip(2), out, rtol=1e-5, atol=1e-6)
     # With equal logits, key t + d and key t - d get the same weight.
@@ -754,7 +778,7 @@ def _forward_backward(query, key, value, span, temperature, **kwargs):
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     grads = torch.autograd.grad((out.float() * upstream).sum(), leaves)
     assert torch.isfinite(out).all(), "output"
-    for name, grad in zip(LEAVES, grads):
+    for name, grad in zip(LEAVES, grads, strict=True):
         assert torch.isfinite(grad).all(), f"d/d{name}"
     return out, grads
 
@@ -811,7 +835,9 @@ def test_tiny_span_and_lowest_temperature_with_large_logits(span, causal, dtype)
     if dtype == torch.float32:
         ref = reference_local_attention(
             *(t.double() for t in (query, key, value, span_t, temperature)),
-            max_span=MAX_SPAN, ramp=RAMP, causal=causal,
+            max_span=MAX_SPAN,
+            ramp=RAMP,
+            causal=causal,
         )
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -822,8 +848,15 @@ def test_tiny_span_and_lowest_temperature_with_large_logits(span, causal, dtype)
 def test_large_magnitude_inputs(magnitude, causal, dtype):
     query, key, value, span, temperature = make_case(length=40, temperature=(0.05, 2.0), dtype=dtype, seed=2)
     out, _ = _forward_backward(
-        magnitude * query, magnitude * key, magnitude * value, span, temperature,
-        max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16,
+        magnitude * query,
+        magnitude * key,
+        magnitude * value,
+        span,
+        temperature,
+        max_span=MAX_SPAN,
+        ramp=RAMP,
+        causal=causal,
+        block_size=16,
     )
     # A convex combination of values: bounded by the largest value.
     assert out.float().abs().max() <= magnitude * value.float().abs().max() * 1.01
@@ -1035,8 +1068,15 @@ def test_bad_span_settings_raise(name, bad, fn):
 
 @pytest.mark.parametrize(
     "tau_min,tau_max,name",
-    [(2.0, 1.0, "tau_min"), (0.0, 1.0, "tau_min"), (-0.5, 1.0, "tau_min"), (0.5, 0.0, "tau_max"),
-     (0.5, -1.0, "tau_max"), (None, 1.0, "tau_min"), (0.5, None, "tau_max")],
+    [
+        (2.0, 1.0, "tau_min"),
+        (0.0, 1.0, "tau_min"),
+        (-0.5, 1.0, "tau_min"),
+        (0.5, 0.0, "tau_max"),
+        (0.5, -1.0, "tau_max"),
+        (None, 1.0, "tau_min"),
+        (0.5, None, "tau_max"),
+    ],
 )
 def test_bad_temperature_settings_raise(tau_min, tau_max, name):
     with pytest.raises(ValueError, match=name):
@@ -1052,7 +1092,8 @@ def test_good_settings_pass():
 @pytest.mark.parametrize("fn", KERNELS)
 @pytest.mark.parametrize("bad", [0.0, -1.0])
 def test_nonpositive_temperature_tensor_raises(fn, bad, monkeypatch):
-    """A check that reads values: it runs with `DEBUG` on (a hybrid model's temperatures are positive by its config)."""
+    """A check that reads values: it runs with `DEBUG` on (a hybrid model's temperatures are positive by its
+    config)."""
     monkeypatch.setattr(hybrid_attention, "DEBUG", True)
     args = _valid()
     args["temperature"] = args["temperature"].clone()
@@ -1118,9 +1159,20 @@ def _mutate(case):
 @pytest.mark.parametrize(
     "case",
     [
-        "heads_not_multiple", "kv_heads_more_than_heads", "key_value_mismatch",
-        "head_dim", "batch", "query_3d", "span_length", "span_heads", "temperature_shape", "key_mask_length",
-        "key_mask_batch", "causal_offset_past_keys", "causal_offset_past_keys_longer", "negative_offset",
+        "heads_not_multiple",
+        "kv_heads_more_than_heads",
+        "key_value_mismatch",
+        "head_dim",
+        "batch",
+        "query_3d",
+        "span_length",
+        "span_heads",
+        "temperature_shape",
+        "key_mask_length",
+        "key_mask_batch",
+        "causal_offset_past_keys",
+        "causal_offset_past_keys_longer",
+        "negative_offset",
         "fewer_keys_than_queries",
     ],
 )
@@ -1174,9 +1226,7 @@ def test_no_quadratic_intermediate_at_4096(grad, causal):
     case = make_case(batch=1, heads=1, kv_heads=1, length=length, head_dim=8, span=(0.0, max_span), seed=0)
     leaves = [t.requires_grad_(grad) for t in case]
     with torch.set_grad_enabled(grad), MaxNumel() as mode:
-        out = adaptive_local_attention(
-            *leaves, max_span=max_span, ramp=ramp, causal=causal, block_size=block
-        )
+        out = adaptive_local_attention(*leaves, max_span=max_span, ramp=ramp, causal=causal, block_size=block)
         if grad:
             out.sum().backward()
     width = block + (max_span + ramp - 1) * (1 if causal else 2)
@@ -1210,9 +1260,20 @@ def test_single_query_path_matches_reference_at_every_offset(causal, max_distanc
     query, key, value, span, temperature = make_case(length=1, keys=keys, seed=21, kv_heads=2, heads=4)
     key_mask = make_key_mask(2, keys, padding)
     for offset in range(keys):
-        kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, query_offset=offset,
-                      max_distance=max_distance)
+        kwargs = dict(
+            max_span=MAX_SPAN,
+            ramp=RAMP,
+            causal=causal,
+            key_mask=key_mask,
+            query_offset=offset,
+            max_distance=max_distance,
+        )
         with torch.no_grad():
             fast = adaptive_local_attention(query, key, value, span, temperature, **kwargs)
-        torch.testing.assert_close(fast, reference_local_attention(query, key, value, span, temperature, **kwargs),
-                                   atol=1e-5, rtol=0, msg=lambda m: f"offset {offset}: {m}")
+        torch.testing.assert_close(
+            fast,
+            reference_local_attention(query, key, value, span, temperature, **kwargs),
+            atol=1e-5,
+            rtol=0,
+            msg=lambda m, offset=offset: f"offset {offset}: {m}",
+        )

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from hybrid_hf import commands, convert, hybrid_layers, streaming
 from hybrid_hf.checkpoint import convert_checkpoint
-from hybrid_hf.verification import VerificationError
 from hybrid_hf.conversion import NEW_PARAMETER_MODULES
+from hybrid_hf.verification import VerificationError
 
 SETTINGS = ["--max-span", "8", "--ramp", "4"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,12 +56,14 @@ def test_streamed_conversion_equals_the_in_memory_one(tmp_path, capsys):
     # The host shards are the source's files, hard-linked; one new shard holds exactly the new parameters.
     host_shards, written = shard_files(source), shard_files(streamed)
     assert len(written) == len(host_shards) + 1
-    for original, copy in zip(host_shards, written):
+    for original, copy in zip(host_shards, written[:-1], strict=True):  # the last one is new
         assert os.path.samefile(source / original, streamed / copy)
     new = load_file(streamed / written[-1])
     assert new and all(any(f".{m}." in name for m in NEW_PARAMETER_MODULES) for name in new)
     index = json.loads((streamed / streaming.INDEX_FILE).read_text())
-    stored = sum(tensor.numel() * tensor.element_size() for shard in written for tensor in load_file(streamed / shard).values())
+    stored = sum(
+        tensor.numel() * tensor.element_size() for shard in written for tensor in load_file(streamed / shard).values()
+    )
     assert index["metadata"]["total_size"] == stored
 
     # Same config, same code, same weights, same logits as the in-memory conversion.
@@ -93,8 +95,12 @@ def test_streamed_folder_loads_in_a_clean_process(tmp_path):
         """
     )
     torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run([sys.executable, "-c", script, tmp_path / "out", tmp_path / "ids.pt", tmp_path / "l.pt"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "out", tmp_path / "ids.pt", tmp_path / "l.pt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "l.pt"), host(ids).logits)
@@ -159,7 +165,7 @@ def test_shards_are_copied_where_they_cannot_be_linked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(streaming.os, "link", no_link)
     convert_checkpoint(source, tmp_path / "out", streaming=True, max_span=8, ramp=4)
-    for original, copy in zip(shard_files(source), shard_files(tmp_path / "out")):
+    for original, copy in zip(shard_files(source), shard_files(tmp_path / "out")[:-1], strict=True):
         assert not os.path.samefile(source / original, tmp_path / "out" / copy)
         assert (source / original).read_bytes() == (tmp_path / "out" / copy).read_bytes()
 
@@ -221,7 +227,10 @@ def test_offloaded_generation_gives_the_tokens_of_the_loaded_model(tmp_path):
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "trained", trust_remote_code=True).eval()
     size = sum(p.numel() * p.element_size() for p in full.parameters())
     offloaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "trained", trust_remote_code=True, device_map="auto", max_memory={"cpu": size // 2},
+        tmp_path / "trained",
+        trust_remote_code=True,
+        device_map="auto",
+        max_memory={"cpu": size // 2},
         offload_folder=tmp_path / "offload",
     ).eval()
     places = set(offloaded.hf_device_map.values())

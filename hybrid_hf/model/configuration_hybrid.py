@@ -68,13 +68,14 @@ class HybridSettings(PreTrainedConfig):
         positions = getattr(self, "max_position_embeddings", None)
         for name in ("max_span", "ramp"):  # a window beyond the model's positions is never used, only allocated
             if isinstance(positions, int) and positions > 0 and getattr(self, name) > positions:
-                raise ValueError(
-                    f"`{name}` must be at most the model's number of positions ({positions}), got {getattr(self, name)}"
-                )
+                value = getattr(self, name)
+                raise ValueError(f"`{name}` must be at most the model's number of positions ({positions}): {value}")
         if self.hybrid_layers is not None:
             layers = getattr(self, "num_hidden_layers", None)
             bad = [
-                i for i in self.hybrid_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)
+                i
+                for i in self.hybrid_layers
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)
             ]
             if bad or len(set(self.hybrid_layers)) != len(self.hybrid_layers):
                 raise ValueError(
@@ -106,10 +107,16 @@ class HybridSettings(PreTrainedConfig):
 
 @functools.cache
 def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
-    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`, `model_type` `hybrid_<host>`."""
+    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`; `model_type` is
+    `hybrid_<host>`."""
     name = f"Hybrid{host.__name__}"
     doc = f"`{host.__name__}` with hybrid attention: the host's fields plus those of `HybridSettings`."
-    attributes = {"model_type": HYBRID_PREFIX + host.model_type, "__doc__": doc, "__module__": __name__, "__qualname__": name}
+    attributes = {
+        "model_type": HYBRID_PREFIX + host.model_type,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": name,
+    }
     # The host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation.
     cls = type(name, (host, HybridSettings), attributes)
     cls.register_for_auto_class()

@@ -142,7 +142,9 @@ def _check_attention_inputs(
 ) -> int:
     """Validate the arguments shared by the kernel and the reference; return the query offset."""
     validate_span_settings(max_span, ramp)
-    if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 0):
+    if max_distance is not None and (
+        isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 0
+    ):
         raise ValueError(f"`max_distance` must be None or an integer >= 0, got {max_distance!r}")
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() != 4:
@@ -300,7 +302,17 @@ def adaptive_local_attention(
     float mask.
     """
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        query,
+        key,
+        value,
+        span,
+        temperature,
+        max_span,
+        ramp,
+        causal,
+        key_mask,
+        query_offset,
+        max_distance,
         segment_ids,
     )
     batch, heads, length, _ = query.shape
@@ -322,13 +334,29 @@ def adaptive_local_attention(
     if max_distance is not None:
         reach = min(reach, max_distance + 1)
     settings = dict(
-        max_span=max_span, ramp=ramp, causal=causal, scaling=scaling, offset=offset, reach=reach,
-        max_distance=max_distance, block_size=block_size, tracking=tracking,
+        max_span=max_span,
+        ramp=ramp,
+        causal=causal,
+        scaling=scaling,
+        offset=offset,
+        reach=reach,
+        max_distance=max_distance,
+        block_size=block_size,
+        tracking=tracking,
     )
     if tracking:  # recompute the band in the backward instead of keeping its probabilities and windows
         return checkpoint(
-            _banded_attention, query, key, value, span, temperature, key_mask, segment_ids,
-            use_reentrant=False, preserve_rng_state=False, **settings,
+            _banded_attention,
+            query,
+            key,
+            value,
+            span,
+            temperature,
+            key_mask,
+            segment_ids,
+            use_reentrant=False,
+            preserve_rng_state=False,
+            **settings,
         )
     return _banded_attention(query, key, value, span, temperature, key_mask, segment_ids, **settings)
 
@@ -419,7 +447,9 @@ def _banded_attention(
         return x.transpose(2, 3)
 
     factor = blocked(F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)[..., None])
-    z = blocked(F.pad(span.to(compute), (0, pad_q))[..., None]) + ramp  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
+    z = (
+        blocked(F.pad(span.to(compute), (0, pad_q))[..., None]) + ramp
+    )  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
     # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
     q = blocked(F.pad(query.to(compute), (0, 0, 0, pad_q))) * factor
     q = q.reshape(batch, kv_heads, num_blocks, groups * block, head_dim)
@@ -429,7 +459,9 @@ def _banded_attention(
     pad_front, pad_back = max(0, -start), max(0, stop - keys)
     valid = key.new_ones((batch, keys), dtype=torch.bool) if key_mask is None else key_mask.bool()
     valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
-    k = F.pad(key.to(compute), (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]  # (B, H_kv, P, D)
+    k = F.pad(key.to(compute), (0, 0, pad_front, pad_back))[
+        :, :, start + pad_front : stop + pad_front
+    ]  # (B, H_kv, P, D)
     v = F.pad(value, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]
     k_t = k.unfold(2, width, block)  # (B, H_kv, nb, D, width): overlapping windows, a view
     v = v.unfold(2, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D)
@@ -471,7 +503,9 @@ def _banded_attention(
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
             bias = bias.reshape(flat, last - first, groups * block, width)
             outs.append(
-                F.scaled_dot_product_attention(q[:, first:last], k[:, first:last], v[:, first:last], attn_mask=bias, scale=1.0)
+                F.scaled_dot_product_attention(
+                    q[:, first:last], k[:, first:last], v[:, first:last], attn_mask=bias, scale=1.0
+                )
             )  # empty rows -> zeros
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
     else:
@@ -507,7 +541,17 @@ def reference_local_attention(
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
     offset = _check_attention_inputs(
-        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        query,
+        key,
+        value,
+        span,
+        temperature,
+        max_span,
+        ramp,
+        causal,
+        key_mask,
+        query_offset,
+        max_distance,
         segment_ids,
     )
     batch, heads, length, head_dim = query.shape

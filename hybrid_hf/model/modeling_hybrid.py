@@ -133,7 +133,9 @@ def hybrid_attention_forward(
     state: HybridForwardState | None = kwargs.pop(STATE_KWARG, None)
     config = state.config if state is not None else module.config
     attention = global_attention_function(module, config.global_attn_implementation)
-    global_output, weights = attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    global_output, weights = attention(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
     if not hasattr(module, "mix"):  # not a hybrid layer (cross-attention, or a layer left out of `hybrid_layers`)
         return global_output, weights
     if state is None:
@@ -252,7 +254,10 @@ class HybridCacheLayerMixin:
             grown_sums = sums.new_empty((sums.shape[0], capacity, sums.shape[2]))
             grown_counts = counts.new_empty((counts.shape[0], capacity))
             if start:
-                grown_sums[:, :start], grown_counts[:, :start] = self.context_sums[:, :start], self.context_counts[:, :start]
+                grown_sums[:, :start], grown_counts[:, :start] = (
+                    self.context_sums[:, :start],
+                    self.context_counts[:, :start],
+                )
             self.context_sums, self.context_counts = grown_sums, grown_counts
         self.context_sums[:, start:end], self.context_counts[:, start:end] = sums, counts
         self.context_length = end
@@ -351,8 +356,10 @@ def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
             target = getattr(spec, "target_class", spec)
             class_name = getattr(spec, "class_name", None)
             layer_name = getattr(spec, "layer_name", None)
-            matches = isinstance(module, target) if isinstance(target, type) else bool(
-                class_name and type(module).__name__.endswith(class_name)
+            matches = (
+                isinstance(module, target)
+                if isinstance(target, type)
+                else bool(class_name and type(module).__name__.endswith(class_name))
             )
             if matches and (layer_name is None or f".{layer_name.strip('.')}." in f".{name}."):
                 found.append(module)
@@ -423,7 +430,9 @@ class HybridModelMixin:
     function, the context state in its cache and the span loss in its outputs. The host's forward signature is kept.
     """
 
-    _can_compile_fullgraph = False  # the forward keeps Python state per call (context state, spans); the kernel compiles
+    _can_compile_fullgraph = (
+        False  # the forward keeps Python state per call (context state, spans); the kernel compiles
+    )
 
     def __init__(self, config, *args, **kwargs):
         requested = config._attn_implementation  # before transformers resolves it

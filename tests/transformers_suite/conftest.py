@@ -52,8 +52,19 @@ def _download_tests(version: str, package: Path) -> None:
     """The `tests` folder of transformers' sdist `version`, from PyPI, written as `package`."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", f"transformers=={version}", "--no-binary", ":all:",
-             "--no-deps", "-d", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                f"transformers=={version}",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "-d",
+                tmp,
+            ],
             check=True,
         )
         (archive,) = Path(tmp).glob("transformers-*.tar.gz")
