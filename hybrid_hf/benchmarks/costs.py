@@ -23,7 +23,7 @@ import torch
 
 from ..model.hybrid_attention import adaptive_local_attention, band_reach
 from .harness import BenchContext, Measurement, _grad_step, _no_grad, _ratio, make_row
-from .kernels import HEAD_DIM, HEADS, MAX_SPAN, RAMP, _kernel_on_hidden, seed_slide_win
+from .kernels import HEAD_DIM, HEADS, MAX_SPAN, RAMP, _kernel_on_hidden, random_inputs, seed_slide_win
 
 
 def bench_compile(ctx: BenchContext) -> list[dict]:
@@ -34,11 +34,8 @@ def bench_compile(ctx: BenchContext) -> list[dict]:
     rows: list[dict] = []
     cases = [(n, "forward") for n in sizes] + [(sizes[0], "forward+backward")]
     for n, mode in ctx.progress(cases, "compile"):
-        gen = ctx.generator()
         grad = mode == "forward+backward"
-        q, k, v = (ctx.randn(1, HEADS, n, HEAD_DIM, generator=gen, requires_grad=grad) for _ in range(3))
-        span = ctx.rand(1, HEADS, n, generator=gen, high=MAX_SPAN).requires_grad_(grad)
-        temp = ctx.rand(1, HEADS, n, generator=gen, low=0.5, high=1.0).requires_grad_(grad)
+        q, k, v, span, temp = random_inputs(ctx, n, grad)
         reach = None if grad else band_reach(span, max_span=MAX_SPAN, ramp=RAMP)
         impls = {
             "eager": lambda: adaptive_local_attention(q, k, v, span, temp, **kwargs),

