@@ -30,7 +30,7 @@ __all__ = [
     "register_model_type",
     "span_temperature",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):
