@@ -153,8 +153,11 @@ def staged_folder(output: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
 
 
-def drop_load_time_keys(path: Path) -> None:
-    """Remove what `from_pretrained` recorded about how the tokenizer was loaded (not a property of it)."""
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, without what `from_pretrained` recorded about how it was loaded (from a
+    local folder), which is not a property of the tokenizer."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
     if not path.is_file():
         return
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -173,8 +176,7 @@ def save_model(output: Path, model, tokenizer=None, force: bool = False, card: d
             vars(model.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
             model.save_pretrained(tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-                drop_load_time_keys(tmp / "tokenizer_config.json")
+                save_tokenizer(tokenizer, tmp)
             if card is not None:
                 write_model_card(tmp, **card)
     except UsageError:

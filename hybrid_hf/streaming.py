@@ -37,7 +37,7 @@ from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from
 from .errors import UsageError
 from .loading import load_tokenizer, load_weights, source_location
 from .model.modeling_hybrid import hybrid_layers, reset_hybrid_parameters, self_attention_modules
-from .publishing import drop_load_time_keys, staged_folder
+from .publishing import save_tokenizer, staged_folder
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
 logger = logging.getLogger("hybrid_hf.checkpoint")  # the log of the convert command
@@ -316,8 +316,7 @@ def write_streamed(source: Path, tmp: Path, planned: dict, tokenizer=None) -> di
             generation = GenerationConfig.from_pretrained(source)
         generation.save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-        drop_load_time_keys(tmp / "tokenizer_config.json")
+        save_tokenizer(tokenizer, tmp)
     return {"linked": linked, "copied": len(shards) - linked}
 
 

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from core_check import OPTIONAL
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_hf"
 TIERS = {"model": 0, "library": 1, "commands": 2, "benchmarks": 3, "examples": 3}
-# tqdm is no optional dependency: transformers itself needs it.
-OPTIONAL = ("accelerate", "peft", "datasets", "matplotlib", "gguf")  # as in core_check.py
 
 
 def _tier(module: str) -> int:

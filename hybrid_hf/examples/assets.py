@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OutputExistsError, UsageError
-from ..publishing import drop_load_time_keys, normalize_modes, staged_folder
+from ..publishing import normalize_modes, save_tokenizer, staged_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
@@ -258,8 +258,7 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     _fix_special_tokens(tokenizer, model.config)
 
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    drop_load_time_keys(out / "tokenizer_config.json")
+    save_tokenizer(tokenizer, out)
 
     config = json.loads((out / "config.json").read_text())
     if "quantization_config" in config:  # would make every later load go through a quantizer
