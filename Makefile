@@ -28,12 +28,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check hybrid_hf tests
 
 # The core install alone (`pip install .`, no extras) in a fresh environment: convert a tiny model, save, load it.
+# The environment (about 6 GB with PyPI's torch) is removed afterwards, pass or fail.
 core:
 	rm -rf .venv-core
 	$(PYTHON) -m venv .venv-core
-	.venv-core/bin/python -m pip install -q --upgrade pip
-	.venv-core/bin/python -m pip install -q . $(PIP_EXTRA)
-	cd /tmp && $(CURDIR)/.venv-core/bin/python $(CURDIR)/tests/core_check.py $$(mktemp -d)/out
+	status=0; \
+	.venv-core/bin/python -m pip install -q --upgrade pip && \
+	.venv-core/bin/python -m pip install -q --no-cache-dir . $(PIP_EXTRA) && \
+	out=$$(mktemp -d) && (cd /tmp && $(CURDIR)/.venv-core/bin/python $(CURDIR)/tests/core_check.py $$out/out) \
+	|| status=$$?; rm -rf .venv-core $$out; exit $$status
 
 # Every model type of the installed transformers, converted and checked (about 10 minutes).
 sweep: $(VENV)/.installed
