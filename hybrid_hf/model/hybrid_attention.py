@@ -18,7 +18,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 #: Checks that read tensor values (positive temperatures, a given `reach` that covers every span) cost a
 #: device-to-host copy and break `torch.compile`'s graph, so they run only when this is set (`HYBRID_HF_DEBUG=1`).
@@ -186,52 +185,86 @@ def _check_attention_inputs(
     return offset
 
 
-class _SoftMaskedSoftmax(torch.autograd.Function):
-    """probs = m * exp(s - max) / sum(m * exp(s - max)), max over the readable slots (m > 0); zero rows when none.
+def _soft_mask(reach: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Tensor:
+    """The ramp mask `m = clamp((reach - distance) / ramp, 0, 1)`, with `reach = z + ramp` per query and `distance`
+    per slot (+inf where unreadable)."""
+    return torch.sub(reach, distance).div_(ramp).clamp_(0, 1)
 
-    `apply(scores, reach, distance, ramp)` takes the soft mask as `m = clamp((reach - distance) / ramp, 0, 1)` with
-    `reach = z + ramp` per query and `distance` per slot (+inf where unreadable), and recomputes it in the backward:
-    only the probabilities are saved at the size of the scores.
+
+def _slot_distance(distance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`distance` with +inf where `valid` is False (the key validity folded in, so that the soft mask is 0 there)."""
+    return distance.masked_fill(~valid, float("inf"))
+
+
+def _soft_masked_softmax(
+    scores: torch.Tensor, soft_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`probs = m * exp(s - max) / sum(m * exp(s - max))`, max over the readable slots (m > 0); zero rows when none.
+
+    Works in place on `scores` (owned by the caller: a fresh matmul output). Returns `(probs, row_max, total)`, the
+    last two `(..., 1)`, from which `_unmasked_probs` recomputes the probabilities exactly.
+    """
+    x = scores.masked_fill_(soft_mask <= 0, float("-inf"))
+    row_max = x.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
+    total = _unnormalized(x, row_max).mul_(soft_mask).sum(dim=-1, keepdim=True)
+    total.masked_fill_(total <= 0, 1.0)  # rows with nothing to read: zeros
+    return x.div_(total), row_max, total
+
+
+def _unnormalized(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """`exp(x - row_max)` in place; exp of -inf or of underflowing values takes a slow path (~4x), so clamp first
+    (the soft mask, 0 there, then zeroes them exactly)."""
+    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+    return x.sub_(row_max).clamp_(min=floor).exp_()
+
+
+class _BandAttention(torch.autograd.Function):
+    """`out = probs @ v`, `probs = _soft_masked_softmax(q @ k_t, m)`, for training: flash attention's recomputation.
+
+    The forward saves its inputs, the output and two numbers per query (the row maximum and sum), not the
+    probabilities; the backward recomputes the scores with one matmul and the probabilities from those two numbers,
+    so no `(queries x slots)` tensor outlives the layer's forward.
+
+    Shapes: `q` `(B, H_kv, nb, G * block, D)`, `k_t` `(B, H_kv, nb, D, width)`, `v` `(B, H_kv, nb, width, D_v)`,
+    `reach` `(B, H_kv, nb, G, block, 1)` (`z + ramp` per query), `distance` `(block, width)` of each slot from each
+    query of a block, and `valid` broadcastable to `(B, 1, nb, 1, block, width)`, False where unreadable.
     """
 
     @staticmethod
-    def soft_mask(reach: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Tensor:
-        return torch.sub(reach, distance).div_(ramp).clamp_(0, 1)
-
-    @staticmethod
-    def compute(scores: torch.Tensor, soft_mask: torch.Tensor) -> torch.Tensor:
-        x = scores  # owned by the caller (fresh matmul output): reused in place
-        x.masked_fill_(soft_mask <= 0, float("-inf"))
-        row_max = x.amax(dim=-1, keepdim=True)
-        row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
-        # exp of -inf / of underflowing values takes a slow path (~4x): clamp first; m = 0 zeroes them exactly.
-        floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
-        x.sub_(row_max).clamp_(min=floor).exp_().mul_(soft_mask)
-        total = x.sum(dim=-1, keepdim=True)
-        return x.div_(total.masked_fill_(total <= 0, 1.0))  # rows with nothing to read: zeros
-
-    @staticmethod
-    def forward(ctx, scores, reach, distance, ramp):
-        probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(reach, distance, ramp))
-        ctx.save_for_backward(probs, reach, distance)
+    def forward(ctx, q, k_t, v, reach, distance, valid, ramp):
+        scores = torch.matmul(q, k_t).view(*reach.shape[:-1], k_t.shape[-1])  # (B, H_kv, nb, G, block, width)
+        probs, row_max, total = _soft_masked_softmax(scores, _soft_mask(reach, _slot_distance(distance, valid), ramp))
+        out = torch.matmul(probs.view(*q.shape[:-1], -1).to(v.dtype), v)  # (B, H_kv, nb, G * block, D_v)
+        ctx.save_for_backward(q, k_t, v, reach, distance, valid, row_max, total, out)
         ctx.ramp = ramp
-        return probs
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
-        probs, reach, distance = ctx.saved_tensors
-        dot = torch.linalg.vecdot(grad, probs).unsqueeze(-1)
-        d_scores = (grad - dot).mul_(probs)  # softmax backward; exactly 0 where probs == 0
+    def backward(ctx, grad_out):
+        q, k_t, v, reach, distance, valid, row_max, total, out = ctx.saved_tensors
+        ramp = ctx.ramp
+        mask = _soft_mask(reach, _slot_distance(distance, valid), ramp)  # (B, H_kv, nb, G, block, width)
+        # p = m * e with e = exp(s - max) / total, recomputed exactly as in the forward
+        scores = torch.matmul(q, k_t).view(mask.shape)
+        e = _unnormalized(scores.masked_fill_(mask <= 0, float("-inf")), row_max).div_(total)
+        probs = (e * mask).view(*q.shape[:-1], -1)  # (B, H_kv, nb, G * block, width)
+        d_v = torch.matmul(probs.transpose(-1, -2).to(v.dtype), grad_out)  # (B, H_kv, nb, width, D_v)
+        del probs
+        # softmax backward, d_logits = p * (dp - sum_j p_j dp_j), with sum_j p_j dp_j = grad_out . out
+        d_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(e.dtype)  # (B, H_kv, nb, G * block, width)
+        delta = torch.linalg.vecdot(grad_out.to(e.dtype), out.to(e.dtype)).unsqueeze(-1)  # (B, H_kv, nb, G * block, 1)
+        d_over_m = d_probs.sub_(delta).view(mask.shape).mul_(e)  # d_logits / m (unused where m == 0)
         d_reach = None
-        if ctx.needs_input_grad[1]:
-            # logits = s + log m, so d/dm = d_scores / m where m > 0 (d_scores is 0 where m == 0); then through the
-            # clamp, whose gradient is taken as 1 strictly inside (0, 1) and 0 at and beyond its ends (the ramp's
-            # kinks), and the division by the ramp.
-            unclamped = torch.sub(reach, distance).div_(ctx.ramp)
-            inside = (unclamped > 0) & (unclamped < 1)
-            d_mask = d_scores / unclamped.clamp_(torch.finfo(unclamped.dtype).tiny, 1)
-            d_reach = (d_mask * inside).sum(dim=-1, keepdim=True).div_(ctx.ramp)
-        return d_scores, d_reach, None, None
+        if ctx.needs_input_grad[3]:
+            # logits = s + log m, so d/dm = d_logits / m; then through the clamp, whose gradient is taken as 1 strictly
+            # inside (0, 1) and 0 at and beyond its ends (the ramp's kinks), and the division by the ramp.
+            inside = (mask > 0) & (mask < 1)
+            d_reach = (d_over_m * inside).sum(dim=-1, keepdim=True).div_(ramp)
+        d_logits = d_over_m.mul_(mask).view(*q.shape[:-1], -1)  # (B, H_kv, nb, G * block, width)
+        d_q = torch.matmul(d_logits, k_t.transpose(-1, -2))  # (B, H_kv, nb, G * block, D)
+        d_k_t = torch.matmul(q.transpose(-1, -2), d_logits)  # (B, H_kv, nb, D, width)
+        return d_q, d_k_t, d_v, d_reach, None, None, None
 
 
 def adaptive_local_attention(
@@ -285,21 +318,20 @@ def adaptive_local_attention(
         block_size: queries per block; each block reads `block_size + window - 1` keys (default: 64, or 32 on
             the fused inference path).
         reach: keys at distance `< reach` may be read, at most `max_span + ramp`. None: the whole band when
-            gradients are tracked or under `torch.compile`; at inference in eager mode `band_reach(span, ...)`, i.e.
-            `max(z) + ramp` rounded up to one of 8 sizes, so short learned spans cost less. A compiled kernel keeps
-            that saving when called with `reach=band_reach(span, ...)` (one compiled graph per size). A reach shorter
-            than the spans need cuts their ramps off (checked only with `DEBUG`).
+            gradients are tracked or under `torch.compile`; at inference in eager mode exactly `ceil(max(z)) + ramp`,
+            so short learned spans cost less. A compiled kernel keeps that saving when called with
+            `reach=band_reach(span, ...)`, rounded up to one of 8 sizes (one compiled graph per size). A reach
+            shorter than the spans need cuts their ramps off (checked only with `DEBUG`).
 
     Returns:
         `(B, H, N, D_v)`, in `query`'s dtype.
 
     Nothing on the way reads a tensor's values unless `DEBUG` is set (`reach=None` at inference reads one, in eager
     mode only), so `torch.compile(adaptive_local_attention, fullgraph=True)` traces it whole. When gradients are
-    tracked, the band is recomputed in the backward (`torch.utils.checkpoint`): only the inputs are kept, not the
-    band's probabilities and key/value windows. The soft-masked softmax runs in place on the score tensor with a
-    hand-written backward (`_SoftMaskedSoftmax`);
-    at inference on the CPU the whole band goes through one `scaled_dot_product_attention` call with `log m` as its
-    float mask.
+    tracked, the band runs as one autograd function (`_BandAttention`) that keeps its inputs, its output and two
+    numbers per query, and recomputes the scores and probabilities in the backward, as flash attention does: no
+    `(queries x slots)` tensor is kept for the backward. At inference on the CPU the band goes through
+    `scaled_dot_product_attention` calls with `log m` as their float mask.
     """
     offset = _check_attention_inputs(
         query,
@@ -326,14 +358,21 @@ def adaptive_local_attention(
         # A band width read from the spans' values: at inference in eager mode, and not for one query (a decoding
         # step reads at most max_span + ramp keys; reading the spans would cost more than it saves).
         adaptive = length > 1 and not tracking and not torch.compiler.is_compiling()
-        reach = band_reach(span, max_span=max_span, ramp=ramp) if adaptive else band
+        reach = band_reach(span, max_span=max_span, ramp=ramp, buckets=band) if adaptive else band  # exact
     elif isinstance(reach, bool) or not isinstance(reach, int) or not 1 <= reach <= band:
         raise ValueError(f"`reach` must be None or an integer in [1, max_span + ramp = {band}], got {reach!r}")
     elif DEBUG and reach < band_reach(span, max_span=max_span, ramp=ramp, buckets=band):
         raise ValueError(f"`reach` ({reach}) is shorter than the spans need: use `band_reach(span, ...)`")
     if max_distance is not None:
         reach = min(reach, max_distance + 1)
-    settings = dict(
+    return _banded_attention(
+        query,
+        key,
+        value,
+        span,
+        temperature,
+        key_mask,
+        segment_ids,
         max_span=max_span,
         ramp=ramp,
         causal=causal,
@@ -344,21 +383,6 @@ def adaptive_local_attention(
         block_size=block_size,
         tracking=tracking,
     )
-    if tracking:  # recompute the band in the backward instead of keeping its probabilities and windows
-        return checkpoint(
-            _banded_attention,
-            query,
-            key,
-            value,
-            span,
-            temperature,
-            key_mask,
-            segment_ids,
-            use_reentrant=False,
-            preserve_rng_state=False,
-            **settings,
-        )
-    return _banded_attention(query, key, value, span, temperature, key_mask, segment_ids, **settings)
 
 
 def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8) -> int:
@@ -427,7 +451,7 @@ def _banded_attention(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H_kv, G, D_v)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, W)
-            probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, distance, ramp))
+            probs = _soft_masked_softmax(scores, _soft_mask(z, distance, ramp))[0]
             out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, D_v)
         return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
     if block_size is None:
@@ -481,9 +505,8 @@ def _banded_attention(
     distance = delta.masked_fill(delta < 0, max_span + ramp) if causal else delta.abs()
     if max_distance is not None:
         distance = distance.masked_fill(distance > max_distance, max_span + ramp)
-    # Key validity folded into the distance (+inf where unreadable): (B, 1, nb, 1, block, width), H times smaller
-    # than the scores. The soft mask is then m = clamp((z + ramp - distance) / ramp, 0, 1).
-    dist = distance.to(compute).masked_fill(~valid, float("inf"))
+    # The soft mask is m = clamp((z + ramp - distance) / ramp, 0, 1), with the distance +inf where unreadable.
+    distance = distance.to(compute)  # (block, width)
 
     if sdpa_path:
         # Fused SDPA calls with the float mask log(m) (-inf outside); k/v stay views. In chunks of blocks whose
@@ -499,7 +522,8 @@ def _banded_attention(
         outs = []
         for first in range(0, num_blocks, step):
             last = min(num_blocks, first + step)
-            bias = torch.sub(z[:, :, first:last], dist[:, :, first:last]).div_(ramp).clamp_(tiny, 1).log_()
+            dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, chunk, 1, block, width)
+            bias = torch.sub(z[:, :, first:last], dist).div_(ramp).clamp_(tiny, 1).log_()
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
             bias = bias.reshape(flat, last - first, groups * block, width)
             outs.append(
@@ -508,13 +532,12 @@ def _banded_attention(
                 )
             )  # empty rows -> zeros
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
+    elif tracking:
+        out = _BandAttention.apply(q, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
     else:
         scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
         scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)
-        if tracking:
-            probs = _SoftMaskedSoftmax.apply(scores, z, dist, ramp)
-        else:
-            probs = _SoftMaskedSoftmax.compute(scores, _SoftMaskedSoftmax.soft_mask(z, dist, ramp))
+        probs = _soft_masked_softmax(scores, _soft_mask(z, _slot_distance(distance, valid), ramp))[0]
         probs = probs.view(batch, kv_heads, num_blocks, groups * block, width)
         out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
     out = out.view(batch, kv_heads, num_blocks, groups, block, value_dim).transpose(2, 3)
