@@ -202,7 +202,7 @@ def _soft_masked_softmax(
     """`probs = m * exp(s - max) / sum(m * exp(s - max))`, max over the readable slots (m > 0); zero rows when none.
 
     Works in place on `scores` (owned by the caller: a fresh matmul output). Returns `(probs, row_max, total)`, the
-    last two `(..., 1)`, from which `_unmasked_probs` recomputes the probabilities exactly.
+    last two `(..., 1)`, from which the backward of `_BandAttention` recomputes the probabilities exactly.
     """
     x = scores.masked_fill_(soft_mask <= 0, float("-inf"))
     row_max = x.amax(dim=-1, keepdim=True)
@@ -219,52 +219,76 @@ def _unnormalized(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return x.sub_(row_max).clamp_(min=floor).exp_()
 
 
+def _block_queries(query: torch.Tensor, scale: torch.Tensor, kv_heads: int, block: int) -> torch.Tensor:
+    """`query * scale` `(B, H, N, D)` in blocks of `block` queries: `(B, H_kv, nb, G * block, D)`, the G query heads
+    that share a key/value head stacked in each block (zero rows pad the last block)."""
+    batch, heads, length, head_dim = query.shape
+    num_blocks = -(-length // block)
+    q = F.pad(query.to(scale.dtype) * scale[..., None], (0, 0, 0, num_blocks * block - length))  # (B, H, padded, D)
+    q = q.view(batch, kv_heads, heads // kv_heads, num_blocks, block, head_dim).transpose(2, 3)
+    return q.reshape(batch, kv_heads, num_blocks, heads // kv_heads * block, head_dim)
+
+
+def _unblock(x: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """The inverse of `_block_queries`' layout: `(B, H_kv, nb, G * block, D)` -> `(B, H, N, D)`."""
+    batch, kv_heads, num_blocks, rows, dim = x.shape
+    x = x.view(batch, kv_heads, num_blocks, heads // kv_heads, rows * kv_heads // heads, dim).transpose(2, 3)
+    return x.reshape(batch, heads, -1, dim)[:, :, :length]
+
+
 class _BandAttention(torch.autograd.Function):
-    """`out = probs @ v`, `probs = _soft_masked_softmax(q @ k_t, m)`, for training: flash attention's recomputation.
+    """The band for training, as flash attention computes it: `out = probs @ v` with
+    `probs = _soft_masked_softmax(q @ k_t, m)` and `q = _block_queries(query, scale, ...)`.
 
-    The forward saves its inputs, the output and two numbers per query (the row maximum and sum), not the
-    probabilities; the backward recomputes the scores with one matmul and the probabilities from those two numbers,
-    so no `(queries x slots)` tensor outlives the layer's forward.
+    The forward keeps its inputs and two numbers per query (the row maximum and sum), neither the probabilities nor
+    the blocked queries; the backward recomputes the scores with one matmul and the probabilities from those two
+    numbers. What it keeps beyond the layer's own query, key and value: the band's key and value windows `k_t` and
+    `v` (views of the padded keys and values, `(B, H_kv, S + window, D)` each) and a few numbers per query.
 
-    Shapes: `q` `(B, H_kv, nb, G * block, D)`, `k_t` `(B, H_kv, nb, D, width)`, `v` `(B, H_kv, nb, width, D_v)`,
-    `reach` `(B, H_kv, nb, G, block, 1)` (`z + ramp` per query), `distance` `(block, width)` of each slot from each
-    query of a block, and `valid` broadcastable to `(B, 1, nb, 1, block, width)`, False where unreadable.
+    Shapes: `query` `(B, H, N, D)` and `scale` `(B, H, N)` (`scaling / temperature`, the logit factor), `k_t`
+    `(B, H_kv, nb, D, width)`, `v` `(B, H_kv, nb, width, D_v)`, `reach` `(B, H_kv, nb, G, block, 1)` (`z + ramp`
+    per query), `distance` `(block, width)` of each slot from each query of a block, and `valid` broadcastable to
+    `(B, 1, nb, 1, block, width)`, False where unreadable. Returns `(B, H_kv, nb, G * block, D_v)`.
     """
 
     @staticmethod
-    def forward(ctx, q, k_t, v, reach, distance, valid, ramp):
+    def forward(ctx, query, scale, k_t, v, reach, distance, valid, ramp):
+        q = _block_queries(query, scale, k_t.shape[1], distance.shape[0])  # (B, H_kv, nb, G * block, D)
         scores = torch.matmul(q, k_t).view(*reach.shape[:-1], k_t.shape[-1])  # (B, H_kv, nb, G, block, width)
         probs, row_max, total = _soft_masked_softmax(scores, _soft_mask(reach, _slot_distance(distance, valid), ramp))
         out = torch.matmul(probs.view(*q.shape[:-1], -1).to(v.dtype), v)  # (B, H_kv, nb, G * block, D_v)
-        ctx.save_for_backward(q, k_t, v, reach, distance, valid, row_max, total, out)
+        ctx.save_for_backward(query, scale, k_t, v, reach, distance, valid, row_max, total)
         ctx.ramp = ramp
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k_t, v, reach, distance, valid, row_max, total, out = ctx.saved_tensors
+        query, scale, k_t, v, reach, distance, valid, row_max, total = ctx.saved_tensors
         ramp = ctx.ramp
+        q = _block_queries(query, scale, k_t.shape[1], distance.shape[0])  # (B, H_kv, nb, G * block, D)
         mask = _soft_mask(reach, _slot_distance(distance, valid), ramp)  # (B, H_kv, nb, G, block, width)
         # p = m * e with e = exp(s - max) / total, recomputed exactly as in the forward
         scores = torch.matmul(q, k_t).view(mask.shape)
         e = _unnormalized(scores.masked_fill_(mask <= 0, float("-inf")), row_max).div_(total)
         probs = (e * mask).view(*q.shape[:-1], -1)  # (B, H_kv, nb, G * block, width)
         d_v = torch.matmul(probs.transpose(-1, -2).to(v.dtype), grad_out)  # (B, H_kv, nb, width, D_v)
-        del probs
-        # softmax backward, d_logits = p * (dp - sum_j p_j dp_j), with sum_j p_j dp_j = grad_out . out
+        # softmax backward: d_logits = p * (dp - sum_j p_j dp_j)
         d_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(e.dtype)  # (B, H_kv, nb, G * block, width)
-        delta = torch.linalg.vecdot(grad_out.to(e.dtype), out.to(e.dtype)).unsqueeze(-1)  # (B, H_kv, nb, G * block, 1)
+        delta = torch.linalg.vecdot(d_probs, probs).unsqueeze(-1)  # (B, H_kv, nb, G * block, 1)
+        del probs
         d_over_m = d_probs.sub_(delta).view(mask.shape).mul_(e)  # d_logits / m (unused where m == 0)
         d_reach = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             # logits = s + log m, so d/dm = d_logits / m; then through the clamp, whose gradient is taken as 1 strictly
             # inside (0, 1) and 0 at and beyond its ends (the ramp's kinks), and the division by the ramp.
             inside = (mask > 0) & (mask < 1)
             d_reach = (d_over_m * inside).sum(dim=-1, keepdim=True).div_(ramp)
         d_logits = d_over_m.mul_(mask).view(*q.shape[:-1], -1)  # (B, H_kv, nb, G * block, width)
-        d_q = torch.matmul(d_logits, k_t.transpose(-1, -2))  # (B, H_kv, nb, G * block, D)
         d_k_t = torch.matmul(q.transpose(-1, -2), d_logits)  # (B, H_kv, nb, D, width)
-        return d_q, d_k_t, d_v, d_reach, None, None, None
+        d_q = _unblock(torch.matmul(d_logits, k_t.transpose(-1, -2)), *query.shape[1:3])  # (B, H, N, D), of q * scale
+        d_query = (d_q * scale[..., None]).to(query.dtype)
+        d_scale = torch.linalg.vecdot(d_q, query.to(d_q.dtype)) if ctx.needs_input_grad[1] else None  # (B, H, N)
+        return d_query, d_scale, d_k_t, d_v, d_reach, None, None, None
 
 
 def adaptive_local_attention(
@@ -466,17 +490,10 @@ def _banded_attention(
 
     # Layout (B, H_kv, nb, G, block, ...): the G query heads that share a key/value head are stacked in each block,
     # so every block multiplies (G * block) queries with its own window of keys, and keys are never repeated per head.
-    def blocked(x: torch.Tensor) -> torch.Tensor:  # (B, H, padded, ...) -> (B, H_kv, nb, G, block, ...)
-        x = x.view(batch, kv_heads, groups, num_blocks, block, *x.shape[3:])
-        return x.transpose(2, 3)
-
-    factor = blocked(F.pad(scaling / temperature.to(compute), (0, pad_q), value=1.0)[..., None])
-    z = (
-        blocked(F.pad(span.to(compute), (0, pad_q))[..., None]) + ramp
-    )  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
+    z = F.pad(span.to(compute), (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1).transpose(2, 3)
+    z = z + ramp  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
     # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
-    q = blocked(F.pad(query.to(compute), (0, 0, 0, pad_q))) * factor
-    q = q.reshape(batch, kv_heads, num_blocks, groups * block, head_dim)
+    scale = scaling / temperature.to(compute)  # (B, H, N)
 
     # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
     start, stop = offset - left, offset + padded + right
@@ -513,7 +530,7 @@ def _banded_attention(
         # temporaries (mask, key windows) stay at a few MB: the allocator then reuses the same memory for every
         # chunk, where one tensor over the whole sequence costs a page fault per fresh 4 KiB page on each call.
         flat = batch * kv_heads
-        q = q.reshape(flat, num_blocks, groups * block, head_dim)
+        q = _block_queries(query, scale, kv_heads, block).reshape(flat, num_blocks, groups * block, head_dim)
         k = k_t.transpose(-1, -2).reshape(flat, num_blocks, width, head_dim)
         v = v.reshape(flat, num_blocks, width, value_dim)
         step = max(1, (1 << 20) // (flat * groups * block * width))
@@ -533,15 +550,16 @@ def _banded_attention(
             )  # empty rows -> zeros
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
     elif tracking:
-        out = _BandAttention.apply(q, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
+        out = _BandAttention.apply(query, scale, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
     else:
+        q = _block_queries(query, scale, kv_heads, block)  # (B, H_kv, nb, G * block, D)
         scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
         scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)
         probs = _soft_masked_softmax(scores, _soft_mask(z, _slot_distance(distance, valid), ramp))[0]
         probs = probs.view(batch, kv_heads, num_blocks, groups * block, width)
         out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
-    out = out.view(batch, kv_heads, num_blocks, groups, block, value_dim).transpose(2, 3)
-    return out.reshape(batch, heads, padded, value_dim)[:, :, :length].to(query.dtype)
+    out = out.view(batch, kv_heads, num_blocks, groups * block, value_dim)
+    return _unblock(out, heads, length).to(query.dtype)  # (B, H, N, D_v)
 
 
 def reference_local_attention(
