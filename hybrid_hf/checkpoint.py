@@ -96,6 +96,22 @@ class ConversionReport:
         ]
         return "\n".join(lines)
 
+    def model_card(self, config) -> dict:
+        """The arguments of `cards.write_model_card` for the converted folder: the hybrid settings of `config` (the
+        hybrid model's config) and what the conversion did."""
+        verification = "skipped" if self.max_difference is None else self.max_difference
+        return dict(
+            base_model=self.source,
+            settings={name: getattr(config, name) for name in SETTINGS},
+            training_summary={
+                "training": "none yet: converted, it computes what the host model computes",
+                "layers made hybrid": f"{self.layers_converted} of {self.layers_total}",
+                "parameters added": self.parameters_added,
+                "verification (max abs output difference)": verification,
+            },
+            model_id=self.output.name,
+        )
+
 
 def convert_checkpoint(
     source: str | os.PathLike,
@@ -194,20 +210,9 @@ def convert_checkpoint(
             output=output.absolute(),
         )
         del model
-        card = dict(
-            base_model=source,
-            settings={name: getattr(hybrid.config, name) for name in SETTINGS},
-            training_summary={
-                "training": "none yet: converted, it computes what the host model computes",
-                "layers made hybrid": f"{report.layers_converted} of {report.layers_total}",
-                "parameters added": report.parameters_added,
-                "verification (max abs output difference)": "skipped" if max_difference is None else max_difference,
-            },
-            model_id=output.name,
-        )
         with torch.no_grad():
             logger.info("Writing %s", output)
-            save_model(output, hybrid, tokenizer, force, card=card)
+            save_model(output, hybrid, tokenizer, force, card=report.model_card(hybrid.config))
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report
 

@@ -8,8 +8,8 @@ streamed conversion (`hybrid-hf convert SOURCE OUTPUT --streaming`) writes:
 - one new shard, the last, with the hybrid parameters (`span_predictor` and `mix` of each hybrid layer), made from
   the config alone: the model is built on the meta device and only the new parameters of one layer at a time are
   materialised, with the model code's own initialisation (`reset_hybrid_parameters`), and written in turn;
-- a `model.safetensors.index.json` over all of them, the hybrid config with the modeling code, the generation config
-  and the tokenizer.
+- a `model.safetensors.index.json` over all of them, the hybrid config with the modeling code, the generation config,
+  the tokenizer and the model card the in-memory conversion writes (`ConversionReport.model_card`).
 
 Memory stays about that of one layer, whatever the size of the model. Verification then loads a slice of the written
 folder (`verify="slice"`): for the first and the last hybrid layer, a one-layer model whose vocabulary is cut to its
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .cards import write_model_card
 from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from, register_hybrid_class
 from .errors import UsageError
 from .loading import load_tokenizer, load_weights, source_location
@@ -333,9 +334,9 @@ def verify_full(folder: Path, source: Path, host_class, tokenizer=None) -> tuple
 def convert_streamed(source: str, output: Path, config, host_class, task: str, settings: dict, force: bool,
                      verify: str = "slice"):
     """The streamed `convert_checkpoint` of a local safetensors folder (see the module docstring): checked, written
-    into a temporary folder beside `output`, verified there (`verify`: "slice", "full" or "none") and renamed into
-    place. Returns a `ConversionReport`; raises `NotStreamable` before writing anything when the checkpoint's tensor
-    names are not the model's."""
+    into a temporary folder beside `output`, verified there (`verify`: "slice", "full" or "none"), given its model
+    card and renamed into place. Returns a `ConversionReport`; raises `NotStreamable` before writing anything when
+    the checkpoint's tensor names are not the model's."""
     from .checkpoint import ConversionReport
 
     if verify not in VERIFY_MODES:
@@ -360,19 +361,21 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
                     f"the converted model's outputs differ from the source's by {max_difference:.3g} "
                     f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
                 )
-    new = sum(parameter.numel() for name, parameter in hybrid.named_parameters() if name in set(planned["new"]))
-    return ConversionReport(
-        source=source,
-        architecture=config.model_type,
-        source_class=host_class.__name__,
-        model_class=type(hybrid).__name__,
-        task=task,
-        layers_converted=len(hybrid_layers(hybrid)),
-        layers_total=len(self_attention_modules(hybrid)),
-        parameters_added=new,
-        parameters_total=sum(parameter.numel() for parameter in hybrid.parameters()),
-        max_difference=max_difference,
-        verification_tokens=tokens,
-        tokenizer_saved=tokenizer is not None,
-        output=output.absolute(),
-    )
+        new = sum(parameter.numel() for name, parameter in hybrid.named_parameters() if name in set(planned["new"]))
+        report = ConversionReport(
+            source=source,
+            architecture=config.model_type,
+            source_class=host_class.__name__,
+            model_class=type(hybrid).__name__,
+            task=task,
+            layers_converted=len(hybrid_layers(hybrid)),
+            layers_total=len(self_attention_modules(hybrid)),
+            parameters_added=new,
+            parameters_total=sum(parameter.numel() for parameter in hybrid.parameters()),
+            max_difference=max_difference,
+            verification_tokens=tokens,
+            tokenizer_saved=tokenizer is not None,
+            output=output.absolute(),
+        )
+        write_model_card(tmp, **report.model_card(hybrid.config))
+    return report

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from test_training import make_host
+from tiny_models import tiny_llama
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -35,7 +35,7 @@ def shapes(layer) -> dict[str, list[int]]:
 def main() -> None:
     assert shard_on_cpu()
     accelerator = Accelerator(cpu=True)
-    model = hybrid_hf.convert(make_host(), max_span=8, ramp=4)
+    model = hybrid_hf.convert(tiny_llama(), max_span=8, ramp=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     layers = list(model.model.layers)

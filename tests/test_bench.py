@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hybrid_hf import commands
-from hybrid_hf.benchmarks import bench
+from hybrid_hf.benchmarks import bench, costs
 
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
@@ -43,3 +43,48 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
 def test_unknown_section_is_an_error(tmp_path, capsys):
     assert commands.main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+def target_row(section: str, mode: str, n: int, what: str = "", impl: str | None = "hybrid", time_ms=None, **ratios):
+    """A row of a benchmark run, as `targets_table` reads it; `ratios` spelled with `__` for `/` and `_` for ` `."""
+    ratios = {name.replace("__", "/").replace("_", " "): value for name, value in ratios.items()}
+    return dict(section=section, mode=mode, n=n, what=what, impl=impl, time_ms=time_ms, ratios=ratios)
+
+
+def test_targets_table_sets_each_measure_beside_its_target():
+    band = f"kernel (ours) causal, max_span={costs.MAX_SPAN} ramp=32"  # the compile section's kernel rows
+    rows = [
+        target_row("model", "forward (no grad)", 512, impl="original", hybrid__original=9.0),  # not the hybrid row
+        target_row("model", "forward (no grad)", 512, hybrid__original=1.1),
+        target_row("model", "training step", 512, hybrid__original=1.3, peak_memory_hybrid__original=1.2),
+        target_row("model", "greedy decoding", 256, tokens__s_hybrid__original=0.95),
+        target_row("kernel", "forward", 4096, "kernel (ours) causal", None, 10.0),
+        target_row("kernel", "forward", 16384, "kernel (ours) causal", None, 45.0),
+        target_row("compile", "forward", 4096, band, "compiled", 8.0),
+        target_row("compile", "forward", 16384, band, "compiled", 34.0),
+        target_row("seed", "forward", 4096, "kernel (ours) causal, max_span=32", None, seed__kernel=3.0),
+        target_row("compile", "forward", 4096, "kernel (ours) causal, max_span=32", "compiled", seed__kernel=5.0),
+        target_row("lengths", "training step", 4096, peak_memory_hybrid__original=float("nan")),  # not shown
+        target_row("lengths", "greedy decoding", 4096, tokens__s_hybrid__original=1.02),
+        target_row("lengths", "training step", 1024, peak_memory_hybrid__original=1.1),
+        target_row("lengths", "greedy decoding", 1024, tokens__s_hybrid__original=0.8),
+    ]
+    assert costs.targets_table(rows).splitlines() == [
+        "| measure | this run | target | |",
+        "| --- | --- | --- | --- |",
+        "| forward, N=512, converted / original | 1.10 | <= 1.15 | met |",
+        "| training step, N=512, converted / original | 1.30 | <= 1.25 | **missed** |",
+        "| greedy decoding tokens/s, 256-token context, converted / original | 0.95 | >= 0.90 | met |",
+        "| training peak memory, N=512, converted / original | 1.20 | <= 1.25 | met |",
+        "| kernel forward, time(16K) / time(4K) | 4.25 (compiled; eager 4.50, compiled 4.25) "
+        "| <= 4.4 (linear is 4.0) | met |",
+        "| kernel vs the seed's loop at its defaults, N=4096 (x faster) | 5.00 (compiled; eager 3.00, compiled 5.00) "
+        "| >= 1.0 | met |",
+        "| training peak memory, N=1024, converted / original (2-layer model) | 1.10 | <= 1.25 | met |",
+        "| greedy decoding tokens/s, 1024-token context, converted / original (2-layer model) | 0.80 | >= 0.90 "
+        "| **missed** |",
+        "| greedy decoding tokens/s, 4096-token context, converted / original (2-layer model) | 1.02 | >= 0.90 "
+        "| met |",
+    ]
+    assert costs.targets_table(rows).endswith(" | met |\n")
+    assert costs.targets_table(rows[:1]) == ""  # no measure of the run has a target

@@ -18,10 +18,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
-from test_training import TEXT, make_host, make_hybrid, make_text, make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from test_training import TEXT, make_hybrid, make_text, make_tokenizer
+from tiny_models import tiny_llama
+from transformers import TrainerCallback
 from transformers.integrations import integration_utils
 
 from hybrid_hf.cards import write_model_card
@@ -47,29 +47,15 @@ def assert_short_lines(text: str) -> None:
     assert len(longest) <= MAX_LINE, longest
 
 
-def deep_host(layers: int = 8) -> LlamaForCausalLM:
-    """A tiny Llama with enough layers that per-layer values on one line would exceed the limit."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return LlamaForCausalLM(config).eval()
+#: layers of the tiny Llama whose per-layer values on one line would exceed the limit
+DEEP = 8
 
 
 @pytest.fixture(scope="module")
 def host_folder(tmp_path_factory) -> Path:
     """A local host folder whose name looks like a Hub id, with a config carrying a GGUF file's name field."""
     folder = tmp_path_factory.mktemp("models") / "conv1"
-    host = deep_host()
+    host = tiny_llama(layers=DEEP)
     host.config._model_name_or_path = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # what a GGUF load leaves in the config
     host.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
@@ -112,7 +98,7 @@ CARD_SNIPPET_RUNNER = textwrap.dedent(
 def test_the_cards_snippet_loads_the_folder_without_prompts_or_the_package(tmp_path):
     output = tmp_path / "tuned"
     finetune(
-        make_host(), output, tokenizer=make_tokenizer(), texts=[TEXT], steps=1, seq_len=32, use_cpu=True, quiet=True
+        tiny_llama(), output, tokenizer=make_tokenizer(), texts=[TEXT], steps=1, seq_len=32, use_cpu=True, quiet=True
     )
     tokenizer_config = json.loads((output / "tokenizer_config.json").read_text())
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
@@ -151,7 +137,7 @@ def test_console_shows_means_and_report_to_gets_every_layer(tmp_path, capfd, mon
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
     Recorder.seen = []
     finetune(
-        deep_host(),
+        tiny_llama(layers=DEEP),
         tmp_path / "out",
         tokenizer=make_tokenizer(),
         texts=[TEXT],
@@ -282,7 +268,7 @@ def test_dequantized_smollm2_folder_has_the_modes_of_the_umask(tmp_path, monkeyp
     monkeypatch.setattr(assets, "install_asset", lambda key: tmp_path)
 
     def save_tiny(folder, gguf_file, out):  # `save_pretrained` writes model.safetensors with mode 0600
-        make_host().save_pretrained(out)
+        tiny_llama().save_pretrained(out)
         make_tokenizer().save_pretrained(out)
 
     monkeypatch.setattr(assets, "_convert_gguf", save_tiny)

@@ -13,7 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_training import TEXT, make_host, make_tokenizer, run_cli
+from test_training import TEXT, make_tokenizer, run_cli
+from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ COMPARE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    make_host().save_pretrained(root / "host")
+    tiny_llama().save_pretrained(root / "host")
     make_tokenizer().save_pretrained(root / "host")
     (root / "train.txt").write_text(TEXT)
     return root

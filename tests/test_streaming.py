@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import VOCAB, perturb, tiny_host, word_tokenizer
@@ -77,6 +79,35 @@ def test_streamed_conversion_equals_the_in_memory_one(tmp_path, capsys):
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def card_tables(text: str) -> dict[str, str]:
+    """`{key: value}` of the rows of a model card's tables."""
+    return {key: value for key, value in re.findall(r"^\| (.+?) \| (.+?) \|$", text, re.MULTILINE) if key != "---"}
+
+
+def test_streamed_conversion_writes_the_model_card_of_the_in_memory_one(tmp_path):
+    """Both conversions of the same source write the same card: metadata, usage snippet, settings and summary."""
+    source = tmp_path / "src"
+    sharded_source(source)
+    (source / "README.md").write_text("---\nbase_model: org/tiny-llama\n---\nA tiny Llama.\n")
+    cards = {}
+    for how in ("memory", "streamed"):
+        output = tmp_path / how / "tiny-hybrid"  # the same folder name: the snippet loads it
+        convert_checkpoint(source, output, streaming=how == "streamed", max_span=8, ramp=4, hybrid_layers=[0, 2])
+        cards[how] = ModelCard.load(output / "README.md")
+    memory, streamed = cards["memory"], cards["streamed"]
+    assert streamed.data.to_dict() == memory.data.to_dict()
+    assert card_tables(streamed.text) == card_tables(memory.text)
+    assert streamed.text == memory.text
+
+    assert streamed.data.base_model == "org/tiny-llama" and "llama" in streamed.data.tags
+    rows = card_tables(streamed.text)
+    assert rows["layers made hybrid"] == "2 of 3" and rows["hybrid_layers"] == "[0, 2]" and rows["max_span"] == "8"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed" / "tiny-hybrid", trust_remote_code=True)
+    new = sum(p.numel() for n, p in model.named_parameters() if any(f".{m}." in n for m in NEW_PARAMETER_MODULES))
+    assert rows["parameters added"] == str(new)
+    assert 'model_id = "tiny-hybrid"' in streamed.text
 
 
 def test_streamed_folder_loads_in_a_clean_process(tmp_path):

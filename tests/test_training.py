@@ -17,10 +17,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -72,25 +71,8 @@ def make_tokenizer():
     )
 
 
-def make_host(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def make_hybrid(seed: int = 0, **settings):
-    return hybrid_hf.convert(make_host(seed), **{"max_span": 8, "ramp": 4, **settings})
+    return hybrid_hf.convert(tiny_llama(seed=seed), **{"max_span": 8, "ramp": 4, **settings})
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
@@ -130,7 +112,7 @@ def folders(tmp_path_factory, tokenizer):
     """A host folder and a hybrid folder, each with the tokenizer, and a text file."""
     root = tmp_path_factory.mktemp("models")
     host_folder = root / "tiny-llama"
-    make_host().save_pretrained(host_folder)
+    tiny_llama().save_pretrained(host_folder)
     tokenizer.save_pretrained(host_folder)
     hybrid_folder = root / "tiny-hybrid-llama"
     make_hybrid(span_loss_coef=0.1).save_pretrained(hybrid_folder)
@@ -180,7 +162,7 @@ def test_lora_config_defaults():
     assert list(other.modules_to_save) == ["span_predictor"]
     assert (other.r, other.lora_alpha) == (4, 8)
     assert set(lora_config(model, target_modules=["q_proj"]).target_modules) == {"q_proj"}
-    host = lora_config(make_host())  # a host baseline: same targets, nothing else trained
+    host = lora_config(tiny_llama())  # a host baseline: same targets, nothing else trained
     assert set(host.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and host.modules_to_save is None
 
 
@@ -531,7 +513,7 @@ def test_finetune_in_process(folders, tmp_path, capsys):
 def test_finetune_loaded_host_with_lora_and_texts(tmp_path, tokenizer):
     """The library path the demo uses: a loaded host model and in-memory texts, converted and trained with LoRA."""
     output = tmp_path / "lora-out"
-    host = make_host(seed=1)
+    host = tiny_llama(seed=1)
     host_state = {name: tensor.clone() for name, tensor in host.state_dict().items()}
     result = finetune(
         host,

@@ -88,6 +88,12 @@ def tiny_host(model_type: str, task: str | None = None, seed: int = 0, **overrid
     return model.eval()
 
 
+def tiny_llama(layers: int = 2, seed: int = 0):
+    """A random Llama causal LM in eval mode, of the `TINY` sizes with `layers` layers, whose special token ids are
+    those of `word_tokenizer` (and of the tokenizers trained in `test_training`): <pad> 1, <s> 2, </s> 3."""
+    return tiny_host("llama", seed=seed, num_hidden_layers=layers, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+
+
 def perturb(model, seed: int = 1, scale: float = 0.3) -> None:
     """Move the hybrid parameters off their conversion values, so the local branch and the span matter."""
     generator = torch.Generator().manual_seed(seed)
