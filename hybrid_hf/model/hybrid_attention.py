@@ -224,7 +224,9 @@ def _block_queries(query: torch.Tensor, scale: torch.Tensor, kv_heads: int, bloc
     that share a key/value head stacked in each block (zero rows pad the last block)."""
     batch, heads, length, head_dim = query.shape
     num_blocks = -(-length // block)
-    q = F.pad(query.to(scale.dtype) * scale[..., None], (0, 0, 0, num_blocks * block - length))  # (B, H, padded, D)
+    q = query.to(scale.dtype) * scale[..., None]  # (B, H, N, D)
+    if num_blocks * block > length:
+        q = F.pad(q, (0, 0, 0, num_blocks * block - length))  # (B, H, padded, D)
     q = q.view(batch, kv_heads, heads // kv_heads, num_blocks, block, head_dim).transpose(2, 3)
     return q.reshape(batch, kv_heads, num_blocks, heads // kv_heads * block, head_dim)
 
@@ -491,7 +493,7 @@ def _banded_attention(
     # Layout (B, H_kv, nb, G, block, ...): the G query heads that share a key/value head are stacked in each block,
     # so every block multiplies (G * block) queries with its own window of keys, and keys are never repeated per head.
     z = F.pad(span.to(compute), (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1).transpose(2, 3)
-    z = z + ramp  # the reach z + ramp, (B, H_kv, nb, G, block, 1)
+    z = (z + ramp).contiguous()  # the reach z + ramp, (B, H_kv, nb, G, block, 1), laid out as the scores
     # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
     scale = scaling / temperature.to(compute)  # (B, H, N)
 
