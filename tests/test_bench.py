@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from tiny_models import tiny_llama
+
 from hybrid_hf import commands
 from hybrid_hf.benchmarks import bench, costs
+from hybrid_hf.benchmarks.decoding import StepWindow, decoding_rates, greedy
+from hybrid_hf.benchmarks.harness import BenchContext
 
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
@@ -88,3 +94,21 @@ def test_targets_table_sets_each_measure_beside_its_target():
     ]
     assert costs.targets_table(rows).endswith(" | met |\n")
     assert costs.targets_table(rows[:1]) == ""  # no measure of the run has a target
+
+
+def test_decoding_is_timed_after_the_prompt_and_the_warm_up_steps():
+    """`generate` calls the window once per new token; it opens at the `after`-th, when the prompt and `after - 1`
+    new tokens are in the sequence, and `decoding_rates` refuses a window with no step in it."""
+    model = tiny_llama()
+    prompt = torch.tensor([[2, 5, 6, 7, 8]])
+    seen = []
+    window = StepWindow(3)
+    window.on_start = lambda: seen.append(window.calls)
+    seconds = greedy(model, prompt, 6, window)
+    assert window.calls == 6 and seen == [3] and seconds > 0
+
+    ctx = BenchContext(device=torch.device("cpu"), repeats=2, memory=False)
+    measured, rates = decoding_rates(ctx, {"a": model}, prompt, new_tokens=6, warmup=2)
+    assert len(measured["a"].times_ms) == 2 and rates["a"] > 0
+    with pytest.raises(ValueError, match="new_tokens"):
+        decoding_rates(ctx, {"a": model}, prompt, new_tokens=3, warmup=2)

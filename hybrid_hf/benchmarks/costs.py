@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..model.hybrid_attention import adaptive_local_attention, band_reach
+from .decoding import decoding_rates
 from .harness import BenchContext, Measurement, _grad_step, _no_grad, _ratio, make_row
 from .kernels import HEAD_DIM, HEADS, MAX_SPAN, RAMP, _kernel_on_hidden, random_inputs, seed_slide_win
 
@@ -148,16 +149,7 @@ def bench_lengths(ctx: BenchContext) -> list[dict]:
             pair[1]["ratios"]["peak memory hybrid/original"] = ratio
         rows += pair
 
-        prompt, settings = ids, dict(do_sample=False, pad_token_id=0)
-
-        def decode(model: torch.nn.Module, tokens: int) -> Callable[[], None]:
-            return _no_grad(lambda: model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **settings))
-
-        prefill = ctx.compare({name: decode(m, 1) for name, m in models.items()}, repeats=1)
-        full = ctx.compare({name: decode(m, new_tokens + 1) for name, m in models.items()}, repeats=1)
-        seconds = {name: (full[name].median_ms - prefill[name].median_ms) * 1e-3 for name in models}
-        # None when the prompt alone took longer than prompt + tokens (load from other programs): no rate to report
-        rate = {name: new_tokens / seconds[name] if seconds[name] > 0 else None for name in models}
+        full, rate = decoding_rates(ctx, models, ids, new_tokens, repeats=1)
         mode = f"greedy decoding of {new_tokens} tokens after the prompt"
         pair = [
             make_row(
@@ -168,12 +160,11 @@ def bench_lengths(ctx: BenchContext) -> list[dict]:
                 full[name],
                 impl=name,
                 tokens_per_s=rate[name],
-                note="no rate: the prompt alone took longer" if rate[name] is None else f"{rate[name]:.1f} tokens/s",
+                note=f"{rate[name]:.1f} tokens/s",
             )
             for name in models
         ]
-        if None not in rate.values():
-            pair[1]["ratios"]["tokens/s hybrid/original"] = rate["hybrid"] / rate["original"]
+        pair[1]["ratios"]["tokens/s hybrid/original"] = rate["hybrid"] / rate["original"]
         rows += pair
     return rows
 

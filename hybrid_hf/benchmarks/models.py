@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from .decoding import decoding_rates
 from .harness import BenchContext, Measurement, _no_grad, _ratio, make_row
 from .kernels import MAX_SPAN, RAMP
 
 
-def bench_model(ctx: BenchContext) -> list[dict]:
-    """A converted SmolLM2-135M-shaped Llama (random weights) vs the same model unconverted.
-
-    Forward (prefill) at N=2048, a training step (forward, backward, AdamW) at N=1024 with its peak memory, and
-    greedy decoding tokens/s after a 1024-token prompt (generation time minus the prompt's prefill).
-    """
+def smollm2_pair(quick: bool, device: torch.device, seed: int) -> tuple[dict, object]:
+    """`({"original": model, "hybrid": converted model}, config)`: SmolLM2-135M's shape as a Llama with random weights
+    (2 narrow layers when `quick`), converted with the benchmark's `max_span` and `ramp`; both in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..conversion import convert
 
-    sizes = dict(hidden_size=72, intermediate_size=128, num_hidden_layers=2) if ctx.quick else {}
+    sizes = dict(hidden_size=72, intermediate_size=128, num_hidden_layers=2) if quick else {}
     config = LlamaConfig(
         **{
             "vocab_size": 49152,
@@ -34,10 +30,20 @@ def bench_model(ctx: BenchContext) -> list[dict]:
             **sizes,
         }
     )
-    n_forward, n_train, context, new_tokens = (128, 64, 64, 8) if ctx.quick else (2048, 1024, 1024, 32)
-    torch.manual_seed(ctx.seed)
-    models = {"original": LlamaForCausalLM(config).to(ctx.device).eval()}
+    torch.manual_seed(seed)
+    models = {"original": LlamaForCausalLM(config).to(device).eval()}
     models["hybrid"] = convert(models["original"], max_span=MAX_SPAN, ramp=RAMP)
+    return models, config
+
+
+def bench_model(ctx: BenchContext) -> list[dict]:
+    """A converted SmolLM2-135M-shaped Llama (random weights) vs the same model unconverted.
+
+    Forward (prefill) at N=2048, a training step (forward, backward, AdamW) at N=1024 with its peak memory, and
+    greedy decoding tokens/s after a 1024-token prompt (`decoding.decoding_rates`).
+    """
+    models, config = smollm2_pair(ctx.quick, ctx.device, ctx.seed)
+    n_forward, n_train, context, new_tokens = (128, 64, 64, 8) if ctx.quick else (2048, 1024, 1024, 32)
     gen = ctx.generator()
     ids = torch.randint(0, config.vocab_size, (1, n_forward), generator=gen).to(ctx.device)
     labels = {name: f"{name} (SmolLM2-135M config, max_span={MAX_SPAN} ramp={RAMP})" for name in models}
@@ -52,19 +58,11 @@ def bench_model(ctx: BenchContext) -> list[dict]:
     forward = {name: _no_grad(lambda m=m: m(input_ids=ids, logits_to_keep=1)) for name, m in models.items()}
     add("forward (no grad)", n_forward, ctx.compare(forward))
 
-    prompt = ids[:, :context]
-    settings = dict(do_sample=False, pad_token_id=0)
-
-    def decode(model, tokens: int) -> Callable[[], None]:
-        return _no_grad(lambda: model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **settings))
-
-    prefill = ctx.compare({name: decode(m, 1) for name, m in models.items()})
-    full = ctx.compare({name: decode(m, new_tokens + 1) for name, m in models.items()})
-    rate = {name: new_tokens / max(1e-9, (full[name].median_ms - prefill[name].median_ms) * 1e-3) for name in models}
+    measured, rate = decoding_rates(ctx, models, ids[:, :context], new_tokens)
     add(
         f"greedy decoding of {new_tokens} tokens after the prompt",
         context,
-        full,
+        measured,
         **{name: {"tokens_per_s": rate[name]} for name in models},
     )
     rows[-1]["ratios"] = {"tokens/s hybrid/original": rate["hybrid"] / rate["original"]}

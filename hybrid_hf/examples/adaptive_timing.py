@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..benchmarks.decoding import decoding_rates
 from ..benchmarks.harness import BenchContext
 from ..model.hybrid_attention import adaptive_local_attention
 
@@ -106,19 +107,15 @@ def time_models(hybrid, original, input_ids: torch.Tensor, ctx: BenchContext, ne
 
     Returns:
         `{"tokens", "new_tokens", "forward_ms": {model: ms}, "forward hybrid/original", "decode_tokens_per_s":
-        {model: tokens/s}, "decoding tokens/s hybrid/original"}`. Decoding speed is `new_tokens` over the time of
-        generating `new_tokens + 1` tokens minus that of generating one (the prompt's prefill).
+        {model: tokens/s}, "decoding tokens/s hybrid/original"}`. Decoding speed is timed inside `generate`, over the
+        steps after the prompt and two warm-up steps (`benchmarks.decoding.decoding_rates`).
     """
     models = {"hybrid": hybrid, "original": original}
     ids = input_ids.to(hybrid.device)
     forward = {name: functools.partial(_forward, model, ids) for name, model in models.items()}
     measured = ctx.compare(forward)
     forward_ms = {name: measured[name].median_ms for name in models}
-    prefill = ctx.compare({name: functools.partial(_generate, model, ids, 1) for name, model in models.items()})
-    full = ctx.compare(
-        {name: functools.partial(_generate, model, ids, new_tokens + 1) for name, model in models.items()}
-    )
-    rate = {name: new_tokens / max(1e-9, (full[name].median_ms - prefill[name].median_ms) * 1e-3) for name in models}
+    _, rate = decoding_rates(ctx, models, ids, new_tokens)
     return {
         "tokens": ids.shape[-1],
         "new_tokens": new_tokens,
@@ -132,15 +129,3 @@ def time_models(hybrid, original, input_ids: torch.Tensor, ctx: BenchContext, ne
 def _forward(model, ids: torch.Tensor) -> None:
     with torch.no_grad():
         model(input_ids=ids, logits_to_keep=1)
-
-
-def _generate(model, ids: torch.Tensor, tokens: int) -> None:
-    with torch.no_grad():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id or 0,
-        )
