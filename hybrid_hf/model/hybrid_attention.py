@@ -502,12 +502,6 @@ def _banded_attention(
     pad_front, pad_back = max(0, -start), max(0, stop - keys)
     valid = key.new_ones((batch, keys), dtype=torch.bool) if key_mask is None else key_mask.bool()
     valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
-    k = F.pad(key.to(compute), (0, 0, pad_front, pad_back))[
-        :, :, start + pad_front : stop + pad_front
-    ]  # (B, H_kv, P, D)
-    v = F.pad(value, (0, 0, pad_front, pad_back))[:, :, start + pad_front : stop + pad_front]
-    k_t = k.unfold(2, width, block)  # (B, H_kv, nb, D, width): overlapping windows, a view
-    v = v.unfold(2, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D)
     valid = valid.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
     if segment_ids is not None:  # a query reads only keys of its own packed sequence
         key_segments = F.pad(segment_ids, (pad_front, pad_back), value=-1)[:, start + pad_front : stop + pad_front]
@@ -528,30 +522,37 @@ def _banded_attention(
     distance = distance.to(compute)  # (block, width)
 
     if sdpa_path:
-        # Fused SDPA calls with the float mask log(m) (-inf outside); k/v stay views. In chunks of blocks whose
-        # temporaries (mask, key windows) stay at a few MB: the allocator then reuses the same memory for every
-        # chunk, where one tensor over the whole sequence costs a page fault per fresh 4 KiB page on each call.
-        flat = batch * kv_heads
-        q = _block_queries(query, scale, kv_heads, block).reshape(flat, num_blocks, groups * block, head_dim)
-        k = k_t.transpose(-1, -2).reshape(flat, num_blocks, width, head_dim)
-        v = v.reshape(flat, num_blocks, width, value_dim)
+        # Fused SDPA calls with the float mask log(m) (-inf outside), in chunks of blocks: each chunk lays out its
+        # own queries, key/value windows and mask, a few MB that the allocator reuses from chunk to chunk, and writes
+        # into the one output tensor. (Tensors over the whole sequence, past the C allocator's 32 MB threshold at
+        # 16K tokens, come fresh from the operating system on every call: a page fault per 4 KiB page.)
+        flat, out_shape = batch * kv_heads, (batch, kv_heads, groups, num_blocks, block, value_dim)
+        out = query.new_empty(out_shape)  # (B, H_kv, G, nb, block, D_v), i.e. (B, H, padded, D_v)
         step = max(1, (1 << 20) // (flat * groups * block * width))
         if torch.compiler.is_compiling():  # one chunk: a traced loop would unroll into a graph that grows with N
             step = num_blocks
-        outs = []
         for first in range(0, num_blocks, step):
             last = min(num_blocks, first + step)
-            dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, chunk, 1, block, width)
+            rows, begin, end = slice(first * block, last * block), start + first * block, start + last * block
+            q = _block_queries(query[:, :, rows], scale[:, :, rows], kv_heads, block)  # (B, H_kv, c, G * block, D)
+            k = _windows(key, begin, end + width - block, width, block).transpose(-1, -2)  # (B, H_kv, c, width, D)
+            v = _windows(value, begin, end + width - block, width, block).transpose(-1, -2)
+            dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, c, 1, block, width)
             bias = torch.sub(z[:, :, first:last], dist).div_(ramp).clamp_(tiny, 1).log_()
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
-            bias = bias.reshape(flat, last - first, groups * block, width)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[:, first:last], k[:, first:last], v[:, first:last], attn_mask=bias, scale=1.0
-                )
-            )  # empty rows -> zeros
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B * H_kv, nb, G * block, D_v)
-    elif tracking:
+            chunk = (flat, last - first)
+            o = F.scaled_dot_product_attention(
+                q.reshape(*chunk, groups * block, head_dim),
+                k.reshape(*chunk, width, head_dim),
+                v.reshape(*chunk, width, value_dim),
+                attn_mask=bias.reshape(*chunk, groups * block, width),
+                scale=1.0,
+            )  # (B * H_kv, c, G * block, D_v); empty rows -> zeros
+            out[:, :, :, first:last] = o.view(batch, kv_heads, last - first, groups, block, value_dim).transpose(2, 3)
+        return out.view(batch, heads, padded, value_dim)[:, :, :length]
+    k_t = _windows(key.to(compute), start, stop, width, block)  # (B, H_kv, nb, D, width): views of one copy
+    v = _windows(value, start, stop, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D_v)
+    if tracking:
         out = _BandAttention.apply(query, scale, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
     else:
         q = _block_queries(query, scale, kv_heads, block)  # (B, H_kv, nb, G * block, D)
@@ -562,6 +563,14 @@ def _banded_attention(
         out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
     out = out.view(batch, kv_heads, num_blocks, groups * block, value_dim)
     return _unblock(out, heads, length).to(query.dtype)  # (B, H, N, D_v)
+
+
+def _windows(x: torch.Tensor, start: int, stop: int, width: int, block: int) -> torch.Tensor:
+    """Positions `start ... stop - 1` of `x` `(B, H_kv, S, D)`, zeros outside `[0, S)`, as overlapping windows of
+    `width` positions every `block`: `(B, H_kv, (stop - start - width) // block + 1, D, width)`, views of one copy."""
+    low, high = max(0, start), max(0, min(x.shape[2], stop))
+    x = F.pad(x[:, :, low:high], (0, 0, low - start, stop - max(low, high)))  # (B, H_kv, stop - start, D)
+    return x.unfold(2, width, block)
 
 
 def reference_local_attention(
