@@ -36,11 +36,12 @@ the memory profiler and was short), then the median of up to ``--repeats`` timed
 warm-up took longer than ``--case-budget`` / repeats seconds gets fewer timed calls (at least one), so that one
 slow case does not take the whole run; each row reports how many calls its median is over. On CUDA the device
 is synchronised around every call. The functions of one comparison are warmed up one after the other and then
-timed round-robin, so that a change of load during the comparison touches them alike. On a small CPU virtual
-machine, code that allocates large temporaries moves by up to 1.5x from run to run (their pages are fresh from
-the operating system on every call and the first touch of each is a page fault, whose cost varies), compute-bound
-code (SDPA, matmul) by a few percent; other processes sharing the cores make everything slower and noisier (the
-run records the load average before it starts). Read the ratios within one run.
+timed round-robin, so that a change of load during the comparison touches them alike. On the CPU (glibc) the run
+first asks the C allocator to keep freed memory for reuse (`harness.keep_freed_memory`; not with ``--quick``):
+otherwise each large temporary comes fresh from the operating system on every call, with a page fault per 4 KiB
+whose number depends on the allocator's history, and a training step's time moved by 20% from run to run.
+Compute-bound code (SDPA, matmul) moves by a few percent; other processes sharing the cores make everything slower
+and noisier (the run records the load average before it starts). Read the ratios within one run.
 
 Peak memory ("peak MB"): the largest amount of tensor memory *allocated during one call* on top of what was
 already allocated when it started (inputs, weights), i.e. the working set of the call.
@@ -85,7 +86,7 @@ from tqdm.auto import tqdm
 from ..commands import ArgumentParser, run
 from ..errors import UsageError, first_line
 from . import costs
-from .harness import BenchContext
+from .harness import BenchContext, keep_freed_memory
 from .kernels import bench_adaptive, bench_flops, bench_kernel, bench_longformer, bench_seed
 from .models import bench_model
 from .report import markdown_table, plot
@@ -210,6 +211,7 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    freed_memory_kept = device.type == "cpu" and not args.quick and keep_freed_memory()
 
     load_start = _loadavg()
     if load_start is not None and load_start > 0.5:
@@ -250,6 +252,9 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
             if device.type == "cuda"
             else "peak running sum of CPU allocator events under torch.profiler(profile_memory=True), warm-up call"
         ),
+        "allocator": "glibc, freed memory kept for reuse (harness.keep_freed_memory)"
+        if freed_memory_kept
+        else "as configured",
         "loadavg_1min_start": load_start,
         "loadavg_1min_end": _loadavg(),
         "section_seconds": section_seconds,

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..commands import ArgumentParser, run
 from .decoding import StepWindow, greedy
+from .harness import keep_freed_memory
 from .models import smollm2_pair
 
 #: Operator kinds, by the prefix of the ATen operator's name; the first match wins, "other" takes the rest.
@@ -76,6 +77,8 @@ def profile_forward(model, ids: torch.Tensor, profiled: bool) -> tuple[float, pr
 
 def run_profiles(quick: bool = False, seed: int = 0) -> dict:
     """Profile both phases for the original and the hybrid model; returns the report's dict."""
+    if not quick:
+        keep_freed_memory()  # as `hybrid-hf bench` does: no page fault per 4 KiB of large temporaries
     models, config = smollm2_pair(quick, torch.device("cpu"), seed)
     n_forward, context, steps, warmup = (128, 64, 4, 1) if quick else (2048, 1024, 16, 3)
     ids = torch.randint(0, config.vocab_size, (1, n_forward), generator=torch.Generator().manual_seed(seed))
