@@ -100,7 +100,7 @@ def bench_lengths(ctx: BenchContext) -> list[dict]:
 
     sizes = dict(hidden_size=72, intermediate_size=128) if ctx.quick else {}
     lengths = [64, 128, 256] if ctx.quick else [1024, 4096, 16384]
-    new_tokens = 4 if ctx.quick else 16
+    new_tokens = 4 if ctx.quick else 32
     config = LlamaConfig(
         **{
             "vocab_size": 8192,
@@ -149,7 +149,7 @@ def bench_lengths(ctx: BenchContext) -> list[dict]:
             pair[1]["ratios"]["peak memory hybrid/original"] = ratio
         rows += pair
 
-        full, rate = decoding_rates(ctx, models, ids, new_tokens, repeats=1)
+        full, rate = decoding_rates(ctx, models, ids, new_tokens)
         mode = f"greedy decoding of {new_tokens} tokens after the prompt"
         pair = [
             make_row(
