@@ -4,19 +4,21 @@
 (random weights; `models.smollm2_pair`) and profiles the original and the hybrid model on
 
 - one forward (prefill) of N=2048 tokens, without gradients;
+- one training step of N=1024 tokens (forward with the LM loss, backward, AdamW);
 - greedy decoding steps after a 1024-token prompt: the profiler starts after the prompt and a few warm-up steps
   (from `decoding.StepWindow`, a logits processor) and stops when `generate` returns.
 
 It sums the ATen operators' own CPU time by kind (matrix multiplies, SDPA attention, every other operator) and counts
-their calls. The same work is also timed without the profiler; that wall time minus the operators' time is spent
-outside ATen's kernels: Python, the dispatcher, the profiler-free part of `generate`. Writes `profile.json` and
-`profile.md` and prints the table.
+their calls. The same work is also timed without the profiler (median of 3 calls); that wall time minus the
+operators' time is spent outside ATen's kernels: Python, the dispatcher, the profiler-free part of `generate`.
+Writes `profile.json` and `profile.md` and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,15 +77,40 @@ def profile_forward(model, ids: torch.Tensor, profiled: bool) -> tuple[float, pr
     return (time.perf_counter() - start) * 1e3, prof
 
 
+def profile_training_step(model, ids: torch.Tensor, profiled: bool) -> tuple[float, profile]:
+    """One training step on `ids` (forward with the LM loss, backward, AdamW), after one warm-up step: wall ms and
+    its profile. The model's weights change; it is put back in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    step()
+    prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
+    start = time.perf_counter()
+    if prof is not None:
+        prof.start()
+    step()
+    if prof is not None:
+        prof.stop()
+    seconds = time.perf_counter() - start
+    model.eval()
+    return seconds * 1e3, prof
+
+
 def run_profiles(quick: bool = False, seed: int = 0) -> dict:
     """Profile both phases for the original and the hybrid model; returns the report's dict."""
     if not quick:
         keep_freed_memory()  # as `hybrid-hf bench` does: no page fault per 4 KiB of large temporaries
     models, config = smollm2_pair(quick, torch.device("cpu"), seed)
-    n_forward, context, steps, warmup = (128, 64, 4, 1) if quick else (2048, 1024, 16, 3)
+    n_forward, n_train, context, steps, warmup = (128, 64, 64, 4, 1) if quick else (2048, 1024, 1024, 16, 3)
     ids = torch.randint(0, config.vocab_size, (1, n_forward), generator=torch.Generator().manual_seed(seed))
     phases = {  # name: (profiled function, forwards it makes)
         f"forward, N={n_forward}": (lambda m, p: profile_forward(m, ids, p), 1),
+        f"training step, N={n_train}": (lambda m, p: profile_training_step(m, ids[:, :n_train], p), 1),
         f"decoding, {steps - 1} steps after {context + warmup + 1} tokens": (
             lambda m, p: profile_decoding(m, ids[:, :context], steps, warmup, p),
             steps - 1,
@@ -94,7 +121,7 @@ def run_profiles(quick: bool = False, seed: int = 0) -> dict:
         entry = report["phases"][phase] = {}
         report["forwards"][phase] = forwards
         for name, model in models.items():
-            wall, _ = fn(model, False)
+            wall = statistics.median(fn(model, False)[0] for _ in range(1 if quick else 3))
             _, prof = fn(model, True)
             times = operator_times(prof)
             times["outside ATen"] = {"ms": wall - times["all ATen"]["ms"], "calls": None}
