@@ -354,8 +354,8 @@ def adaptive_local_attention(
 
     Nothing on the way reads a tensor's values unless `DEBUG` is set (`reach=None` at inference reads one, in eager
     mode only), so `torch.compile(adaptive_local_attention, fullgraph=True)` traces it whole. When gradients are
-    tracked, the band runs as one autograd function (`_BandAttention`) that keeps its inputs, its output and two
-    numbers per query, and recomputes the scores and probabilities in the backward, as flash attention does: no
+    tracked, the band runs as one autograd function (`_BandAttention`) that keeps its inputs and two numbers per
+    query, and recomputes the scores and probabilities in the backward, as flash attention does: no
     `(queries x slots)` tensor is kept for the backward. At inference on the CPU the band goes through
     `scaled_dot_product_attention` calls with `log m` as their float mask.
     """
@@ -535,8 +535,9 @@ def _banded_attention(
             last = min(num_blocks, first + step)
             rows, begin, end = slice(first * block, last * block), start + first * block, start + last * block
             q = _block_queries(query[:, :, rows], scale[:, :, rows], kv_heads, block)  # (B, H_kv, c, G * block, D)
-            k = _windows(key, begin, end + width - block, width, block).transpose(-1, -2)  # (B, H_kv, c, width, D)
-            v = _windows(value, begin, end + width - block, width, block).transpose(-1, -2)
+            windows = (begin, end + width - block, width, block)  # the keys the chunk's blocks read
+            k = _windows(key.to(compute), *windows).transpose(-1, -2)  # (B, H_kv, c, width, D)
+            v = _windows(value, *windows).transpose(-1, -2)  # (B, H_kv, c, width, D_v)
             dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, c, 1, block, width)
             bias = torch.sub(z[:, :, first:last], dist).div_(ramp).clamp_(tiny, 1).log_()
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
