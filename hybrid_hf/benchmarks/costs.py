@@ -25,6 +25,7 @@ from ..model.hybrid_attention import adaptive_local_attention, band_reach
 from .decoding import decoding_rates
 from .harness import BenchContext, Measurement, _grad_step, _no_grad, _ratio, make_row
 from .kernels import HEAD_DIM, HEADS, MAX_SPAN, RAMP, _kernel_on_hidden, random_inputs, seed_slide_win
+from .models import smollm2_pair
 
 
 def bench_compile(ctx: BenchContext) -> list[dict]:
@@ -94,29 +95,10 @@ def _pair(section: str, what: str, n: int, mode: str, measured: dict[str, Measur
 
 def bench_lengths(ctx: BenchContext) -> list[dict]:
     """Training-step memory and decoding speed of a converted model beside its host, at N = 1K, 4K and 16K."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ..conversion import convert
-
-    sizes = dict(hidden_size=72, intermediate_size=128) if ctx.quick else {}
     lengths = [64, 128, 256] if ctx.quick else [1024, 4096, 16384]
     new_tokens = 4 if ctx.quick else 32
-    config = LlamaConfig(
-        **{
-            "vocab_size": 8192,
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "max_position_embeddings": 32768,
-            "tie_word_embeddings": True,
-            **sizes,
-        }
-    )
-    torch.manual_seed(ctx.seed)
-    models = {"original": LlamaForCausalLM(config).to(ctx.device).eval()}
-    models["hybrid"] = convert(models["original"], max_span=MAX_SPAN, ramp=RAMP)
+    overrides = dict(vocab_size=8192, num_hidden_layers=2, max_position_embeddings=32768)
+    models, config = smollm2_pair(ctx.quick, ctx.device, ctx.seed, **overrides)
     label = f"SmolLM2-135M width, 2 layers, vocab 8192 (max_span={MAX_SPAN} ramp={RAMP})"
     rows: list[dict] = []
     for n in ctx.progress(lengths, "lengths"):

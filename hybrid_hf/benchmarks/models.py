@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .decoding import decoding_rates
@@ -9,9 +11,10 @@ from .harness import BenchContext, Measurement, _no_grad, _ratio, make_row
 from .kernels import MAX_SPAN, RAMP
 
 
-def smollm2_pair(quick: bool, device: torch.device, seed: int) -> tuple[dict, object]:
+def smollm2_pair(quick: bool, device: torch.device, seed: int, **overrides: int) -> tuple[dict, object]:
     """`({"original": model, "hybrid": converted model}, config)`: SmolLM2-135M's shape as a Llama with random weights
-    (2 narrow layers when `quick`), converted with the benchmark's `max_span` and `ramp`; both in eval mode."""
+    (config fields changed by `overrides`; 2 narrow layers when `quick`), converted with the benchmark's `max_span`
+    and `ramp`; both in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..conversion import convert
@@ -27,6 +30,7 @@ def smollm2_pair(quick: bool, device: torch.device, seed: int) -> tuple[dict, ob
             "num_key_value_heads": 3,
             "max_position_embeddings": 8192,
             "tie_word_embeddings": True,
+            **overrides,
             **sizes,
         }
     )
@@ -34,6 +38,14 @@ def smollm2_pair(quick: bool, device: torch.device, seed: int) -> tuple[dict, ob
     models = {"original": LlamaForCausalLM(config).to(device).eval()}
     models["hybrid"] = convert(models["original"], max_span=MAX_SPAN, ramp=RAMP)
     return models, config
+
+
+def training_step(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One training step on `ids`: forward with the LM loss, backward, the optimizer's update, gradients dropped."""
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def bench_model(ctx: BenchContext) -> list[dict]:
@@ -73,14 +85,7 @@ def bench_model(ctx: BenchContext) -> list[dict]:
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def step(model=model, optimizer=optimizer) -> None:
-            model.train()
-            model(input_ids=train_ids, labels=train_ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        steps[name] = step
+        steps[name] = functools.partial(training_step, model, train_ids, optimizer)
     measured = ctx.compare(steps)
     add("training step (forward, backward, AdamW)", n_train, measured)
     if all(measured[name].peak_bytes for name in models):

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from ..commands import ArgumentParser, run
 from .decoding import StepWindow, greedy
 from .harness import keep_freed_memory
-from .models import smollm2_pair
+from .models import smollm2_pair, training_step
 
 #: Operator kinds, by the prefix of the ATen operator's name; the first match wins, "other" takes the rest.
 KINDS = {
@@ -63,42 +63,33 @@ def profile_decoding(model, prompt: torch.Tensor, steps: int, warmup: int, profi
     return seconds * 1e3, prof
 
 
+def _timed(fn, profiled: bool) -> tuple[float, profile]:
+    """One call of `fn`, timed, under the profiler when `profiled`: wall ms and the profile (None when not)."""
+    prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
+    start = time.perf_counter()
+    if prof is not None:
+        prof.start()
+    fn()
+    if prof is not None:
+        prof.stop()
+    return (time.perf_counter() - start) * 1e3, prof
+
+
 def profile_forward(model, ids: torch.Tensor, profiled: bool) -> tuple[float, profile]:
     """One forward of `ids` without gradients (after one warm-up forward): wall ms and its profile."""
-    prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
     with torch.no_grad():
         model(input_ids=ids, logits_to_keep=1)
-        start = time.perf_counter()
-        if prof is not None:
-            prof.start()
-        model(input_ids=ids, logits_to_keep=1)
-        if prof is not None:
-            prof.stop()
-    return (time.perf_counter() - start) * 1e3, prof
+        return _timed(lambda: model(input_ids=ids, logits_to_keep=1), profiled)
 
 
 def profile_training_step(model, ids: torch.Tensor, profiled: bool) -> tuple[float, profile]:
     """One training step on `ids` (forward with the LM loss, backward, AdamW), after one warm-up step: wall ms and
     its profile. The model's weights change; it is put back in eval mode."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    model.train()
-    step()
-    prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
-    start = time.perf_counter()
-    if prof is not None:
-        prof.start()
-    step()
-    if prof is not None:
-        prof.stop()
-    seconds = time.perf_counter() - start
+    training_step(model, ids, optimizer)
+    measured = _timed(lambda: training_step(model, ids, optimizer), profiled)
     model.eval()
-    return seconds * 1e3, prof
+    return measured
 
 
 def run_profiles(quick: bool = False, seed: int = 0) -> dict:
