@@ -499,13 +499,10 @@ def _banded_attention(
 
     # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
     start, stop = offset - left, offset + padded + right
-    pad_front, pad_back = max(0, -start), max(0, stop - keys)
     valid = key.new_ones((batch, keys), dtype=torch.bool) if key_mask is None else key_mask.bool()
-    valid = F.pad(valid, (pad_front, pad_back))[:, start + pad_front : stop + pad_front]  # (B, P)
-    valid = valid.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
+    valid = _windows(valid, start, stop, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
     if segment_ids is not None:  # a query reads only keys of its own packed sequence
-        key_segments = F.pad(segment_ids, (pad_front, pad_back), value=-1)[:, start + pad_front : stop + pad_front]
-        key_segments = key_segments.unfold(1, width, block)[:, None, :, None, None, :]  # (B, 1, nb, 1, 1, width)
+        key_segments = _windows(segment_ids, start, stop, width, block, value=-1)[:, None, :, None, None, :]
         query_segments = F.pad(segment_ids[:, offset : offset + length], (0, pad_q), value=-1)
         query_segments = query_segments.view(batch, 1, num_blocks, 1, block, 1)
         valid = valid & (key_segments == query_segments)  # (B, 1, nb, 1, block, width)
@@ -566,12 +563,15 @@ def _banded_attention(
     return _unblock(out, heads, length).to(query.dtype)  # (B, H, N, D_v)
 
 
-def _windows(x: torch.Tensor, start: int, stop: int, width: int, block: int) -> torch.Tensor:
-    """Positions `start ... stop - 1` of `x` `(B, H_kv, S, D)`, zeros outside `[0, S)`, as overlapping windows of
-    `width` positions every `block`: `(B, H_kv, (stop - start - width) // block + 1, D, width)`, views of one copy."""
-    low, high = max(0, start), max(0, min(x.shape[2], stop))
-    x = F.pad(x[:, :, low:high], (0, 0, low - start, stop - max(low, high)))  # (B, H_kv, stop - start, D)
-    return x.unfold(2, width, block)
+def _windows(x: torch.Tensor, start: int, stop: int, width: int, block: int, value: int = 0) -> torch.Tensor:
+    """Positions `start ... stop - 1` of `x`, `value` outside `[0, S)`, as overlapping windows of `width` positions
+    every `block`, views of one copy: `(B, H_kv, S, D)` -> `(B, H_kv, nw, D, width)` with
+    `nw = (stop - start - width) // block + 1`, or `(B, S)` -> `(B, nw, width)`."""
+    dim = 1 if x.dim() == 2 else 2  # the position dimension
+    low, high = max(0, start), max(0, min(x.shape[dim], stop))
+    pad = (0, 0) * (x.dim() - 1 - dim) + (low - start, stop - max(low, high))
+    x = F.pad(x.narrow(dim, low, max(low, high) - low), pad, value=value)  # stop - start positions
+    return x.unfold(dim, width, block)
 
 
 def reference_local_attention(
