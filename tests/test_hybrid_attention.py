@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,8 +102,11 @@ def _assert_close(actual, expected, tol, what):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def readable_rows(span, key_mask, *, batch, heads, length, keys, max_span, ramp, causal, query_offset=None):
-    """`(B, H, N)`: does the query have at least one key with `m > 0` that is not padding? From the definition.
+def readable_rows(
+    span, key_mask, *, batch, heads, length, keys, max_span, ramp, causal, query_offset=None, sink_mask=None
+):
+    """`(B, H, N)`: does the query have at least one key with `m > 0` (or a sink) that is not padding? From the
+    definition.
 
     `m` is evaluated in the span's precision (at least float32), as the kernel does: a span of 1e-14 is 0 there.
     """
@@ -112,6 +116,8 @@ def readable_rows(span, key_mask, *, batch, heads, length, keys, max_span, ramp,
     distance = delta.abs().to(compute)
     z = span.detach().to(compute).clamp(0, max_span).expand(batch, heads, length)[..., None]
     readable = ((z - distance) / ramp + 1) > 0  # (B, H, N, S)
+    if sink_mask is not None:
+        readable = readable | F.pad(sink_mask.bool(), (0, keys - sink_mask.shape[1]))[:, None, None, :]
     if causal:
         readable = readable & (delta >= 0)
     if key_mask is not None:
@@ -158,6 +164,7 @@ def assert_matches_reference(
         ramp=kwargs["ramp"],
         causal=kwargs.get("causal", True),
         query_offset=kwargs.get("query_offset"),
+        sink_mask=kwargs.get("sink_mask"),
     )
     assert (out.detach()[~has_keys] == 0).all()
     if check_grads:
@@ -350,6 +357,86 @@ def test_matches_reference_with_query_offsets(length, keys, query_offset, paddin
         query_offset=query_offset,
         block_size=16,
     )
+
+
+def sink_slots(batch, sinks, key_mask=None):
+    """`(B, K)` sink mask: the first `K` keys, as far as they are real tokens."""
+    mask = torch.ones(batch, sinks, dtype=torch.bool)
+    return mask if key_mask is None else mask & key_mask[:, :sinks].bool()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padding", ["none", "left", "mixed"])
+@pytest.mark.parametrize("sinks", [1, 4])
+@pytest.mark.parametrize("max_distance", [None, 6])
+@pytest.mark.parametrize(
+    "length,keys,query_offset", [(40, 40, None), (13, 50, None), (1, 50, None), (1, 3, None), (9, 50, 20)]
+)
+def test_matches_reference_with_sinks(length, keys, query_offset, sinks, max_distance, padding, causal):
+    case = make_case(length=length, keys=keys, kv_heads=2, seed=3 * length + keys + sinks)
+    key_mask = make_key_mask(2, keys, padding)
+    settings_ = dict(
+        max_span=MAX_SPAN,
+        ramp=RAMP,
+        causal=causal,
+        key_mask=key_mask,
+        query_offset=query_offset,
+        max_distance=max_distance,
+        sink_mask=sink_slots(2, min(sinks, keys), key_mask),
+        block_size=16,
+    )
+    assert_matches_reference(*case, **settings_)  # gradients tracked: the band's autograd function
+    with torch.no_grad():  # inference: the fused path (float32), and the decoding step when length == 1
+        expected = reference_local_attention(*case, **settings_)
+        _assert_close(adaptive_local_attention(*case, **settings_), expected, 1e-5, "inference")
+        bf16 = [t.bfloat16() for t in case[:3]] + list(case[3:])  # the unfused inference path
+        _assert_close(adaptive_local_attention(*bf16, **settings_).float(), expected, 5e-2, "bfloat16")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_with_sinks_and_packed_sequences(causal):
+    case = make_case(length=41, kv_heads=2, seed=5)
+    segments = packed_segments(2, 41, (5, 20, 16))
+    assert_matches_reference(
+        *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, segment_ids=segments, sink_mask=sink_slots(2, 3)
+    )
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_sinks_and_window_alone_equal_the_whole_sequence(length):
+    """A cache may drop the keys between the sinks and the band: the last queries read the same keys."""
+    sinks, keys = 4, 60
+    query, key, value, span, temperature = make_case(length=keys, keys=keys, kv_heads=2, seed=11)
+    key_mask = make_key_mask(2, keys, "left")
+    settings_ = dict(max_span=MAX_SPAN, ramp=RAMP, causal=True, sink_mask=sink_slots(2, sinks, key_mask))
+    whole = reference_local_attention(query, key, value, span, temperature, key_mask=key_mask, **settings_)
+    kept = torch.cat([torch.arange(sinks), torch.arange(keys - (WINDOW - 1) - length, keys)])  # sinks + band
+    last = slice(keys - length, keys)
+    with torch.no_grad():
+        cached = adaptive_local_attention(
+            query[:, :, last],
+            key[:, :, kept],
+            value[:, :, kept],
+            span[:, :, last],
+            temperature[:, :, last],
+            key_mask=key_mask[:, kept],
+            **settings_,
+        )
+    _assert_close(cached, whole[:, :, last], 1e-5, "sinks + window")
+
+
+def test_sinks_are_read_with_full_weight_whatever_the_span():
+    """Span 0, ramp 3 and two sinks: query t weighs itself 1, t-1 2/3, t-2 1/3 and each sink 1 (hand-computed)."""
+    length, t = 12, 9
+    query, key, value, span, temperature = one_hot_case(length, span=0)
+    out = adaptive_local_attention(
+        query, key, value, span, temperature, max_span=4, ramp=3, scaling=1.0, sink_mask=sink_slots(1, 2)
+    )
+    expected = torch.zeros(length, dtype=torch.float64)
+    expected[[0, 1, t, t - 1, t - 2]] = torch.tensor([1, 1, 1, 2 / 3, 1 / 3], dtype=torch.float64) / 4
+    torch.testing.assert_close(out[0, 0, t], expected, rtol=0, atol=1e-12)
+    # a query among the sinks reads itself once, as a sink, and the earlier sink
+    torch.testing.assert_close(out[0, 0, 1, :2], torch.tensor([0.5, 0.5], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_default_query_offset_is_the_last_positions():

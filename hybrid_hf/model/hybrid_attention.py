@@ -138,6 +138,7 @@ def _check_attention_inputs(
     query_offset: int | None,
     max_distance: int | None = None,
     segment_ids: torch.Tensor | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> int:
     """Validate the arguments shared by the kernel and the reference; return the query offset."""
     validate_span_settings(max_span, ramp)
@@ -176,6 +177,11 @@ def _check_attention_inputs(
         raise ValueError(f"`key_mask` must have shape (B, S) = {(batch, keys)}, got {tuple(key_mask.shape)}")
     if segment_ids is not None and tuple(segment_ids.shape) != (batch, keys):
         raise ValueError(f"`segment_ids` must have shape (B, S) = {(batch, keys)}, got {tuple(segment_ids.shape)}")
+    if sink_mask is not None and (sink_mask.dim() != 2 or sink_mask.shape[0] != batch or sink_mask.shape[1] > keys):
+        raise ValueError(
+            f"`sink_mask` must have shape (B, K) = ({batch}, K) with K <= S = {keys} (the first K keys), "
+            f"got {tuple(sink_mask.shape)}"
+        )
     offset = keys - length if query_offset is None else query_offset
     if offset < 0 or offset + length > keys:
         raise ValueError(
@@ -194,6 +200,44 @@ def _soft_mask(reach: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.
 def _slot_distance(distance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """`distance` with +inf where `valid` is False (the key validity folded in, so that the soft mask is 0 there)."""
     return distance.masked_fill(~valid, float("inf"))
+
+
+def _sink_validity(
+    sink_mask: torch.Tensor,
+    positions: torch.Tensor,
+    causal: bool,
+    key_mask: torch.Tensor | None,
+    max_distance: int | None,
+    segment_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """`(B, Nq, K)`: whether the query at key index `positions` `(Nq,)` reads sink slot `k` (a sink, real, at or before
+    the query when causal, within `max_distance`, in the query's packed sequence)."""
+    slots = torch.arange(sink_mask.shape[1], device=positions.device)
+    valid = sink_mask.bool()[:, None, :]  # (B, 1, K)
+    if key_mask is not None:
+        valid = valid & key_mask[:, None, : sink_mask.shape[1]].bool()
+    delta = positions[:, None] - slots[None, :]  # (Nq, K)
+    if causal:
+        valid = valid & (delta >= 0)
+    if max_distance is not None:
+        valid = valid & (delta.abs() <= max_distance)
+    if segment_ids is not None:
+        query_segments = segment_ids[:, positions.clamp(max=segment_ids.shape[1] - 1), None]  # (B, Nq, 1)
+        valid = valid & (query_segments == segment_ids[:, None, : sink_mask.shape[1]])
+    return valid.expand(sink_mask.shape[0], positions.shape[0], -1)
+
+
+def _sink_distance(sink_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The distance of each sink slot: 0 where it is read (the soft mask is then 1), +inf where not."""
+    return torch.zeros(sink_valid.shape, dtype=dtype, device=sink_valid.device).masked_fill_(~sink_valid, math.inf)
+
+
+def _band_key_mask(key_mask: torch.Tensor | None, sink_mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """The keys the band may read: `key_mask` without the sink slots (a sink is read only as a sink)."""
+    if sink_mask is None:
+        return key_mask
+    not_sink = ~F.pad(sink_mask.bool(), (0, keys - sink_mask.shape[1]))  # (B, S)
+    return not_sink if key_mask is None else key_mask.bool() & not_sink
 
 
 def _soft_masked_softmax(
@@ -310,6 +354,7 @@ def adaptive_local_attention(
     segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
     reach: int | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
 
@@ -348,6 +393,11 @@ def adaptive_local_attention(
             so short learned spans cost less. A compiled kernel keeps that saving when called with
             `reach=band_reach(span, ...)`, rounded up to one of 8 sizes (one compiled graph per size). A reach
             shorter than the spans need cuts their ramps off (checked only with `DEBUG`).
+        sink_mask: `(B, K)`, True where one of the first `K` keys is an attention sink: every query at or after it
+            (any query when bidirectional) reads it with full weight (`m = 1`) whatever its span, within
+            `max_distance` and its own packed sequence; a sink slot is never read through the band. The other keys
+            keep their index distances, so a cache may drop the keys between the sinks and the window (a query
+            then reads `K` sinks plus `max_span + ramp` keys).
 
     Returns:
         `(B, H, N, D_v)`, in `query`'s dtype.
@@ -372,6 +422,7 @@ def adaptive_local_attention(
         query_offset,
         max_distance,
         segment_ids,
+        sink_mask,
     )
     batch, heads, length, _ = query.shape
     if length == 0:
@@ -408,6 +459,7 @@ def adaptive_local_attention(
         max_distance=max_distance,
         block_size=block_size,
         tracking=tracking,
+        sink_mask=sink_mask,
     )
 
 
@@ -444,9 +496,10 @@ def _banded_attention(
     max_distance: int | None,
     block_size: int | None,
     tracking: bool,
+    sink_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`adaptive_local_attention` on checked arguments, `span` and `temperature` expanded to `(B, H, N)`, reading the
-    keys at distance < `reach`."""
+    keys at distance < `reach` (and the sinks of `sink_mask`, appended to every window)."""
     batch, heads, length, head_dim = query.shape
     kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
@@ -458,6 +511,12 @@ def _banded_attention(
     # float mask log(m); log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at log(tiny).
     sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
     tiny = torch.finfo(compute).tiny
+    sinks = 0 if sink_mask is None else sink_mask.shape[1]
+    if sinks:  # the sink slots leave the band; each window gets them as `sinks` extra slots at distance 0 (m = 1)
+        positions = offset + torch.arange(length, device=query.device)
+        sink_valid = _sink_validity(sink_mask, positions, causal, key_mask, max_distance, segment_ids)  # (B, N, K)
+        key_mask = _band_key_mask(key_mask, sink_mask, keys)
+        sink_key, sink_value = key[:, :, :sinks].to(compute), value[:, :, :sinks]  # (B, H_kv, K, D), (B, H_kv, K, D_v)
     if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
         start, stop = max(0, offset - left), min(keys, offset + right + 1)
         distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
@@ -471,6 +530,10 @@ def _banded_attention(
         q = query.to(compute).view(batch, kv_heads, groups, head_dim)
         q = q * (scaling / temperature.to(compute)).view(batch, kv_heads, groups, 1)
         k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
+        if sinks:
+            sink_distance = _sink_distance(sink_valid, compute).view(batch, 1, 1, sinks)  # (B, 1, 1, K)
+            distance = torch.cat([sink_distance, distance.expand(batch, 1, 1, -1)], dim=-1)  # (B, 1, 1, K + W)
+            k, v = torch.cat([sink_key, k], dim=2), torch.cat([sink_value, v], dim=2)
         if sdpa_path:
             bias = torch.sub(z, distance).div_(ramp).clamp_(tiny, 1).log_()  # (B, H_kv, G, W)
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), -math.inf)
@@ -517,6 +580,8 @@ def _banded_attention(
         distance = distance.masked_fill(distance > max_distance, max_span + ramp)
     # The soft mask is m = clamp((z + ramp - distance) / ramp, 0, 1), with the distance +inf where unreadable.
     distance = distance.to(compute)  # (block, width)
+    if sinks:  # per block: (B, 1, nb, 1, block, K), 0 where the sink is read, +inf where not
+        sink_valid = F.pad(sink_valid, (0, 0, 0, pad_q)).view(batch, 1, num_blocks, 1, block, sinks)
 
     if sdpa_path:
         # Fused SDPA calls with the float mask log(m) (-inf outside), in chunks of blocks: each chunk lays out its
@@ -536,28 +601,40 @@ def _banded_attention(
             k = _windows(key.to(compute), *windows).transpose(-1, -2)  # (B, H_kv, c, width, D)
             v = _windows(value, *windows).transpose(-1, -2)  # (B, H_kv, c, width, D_v)
             dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, c, 1, block, width)
+            if sinks:  # the sinks after each window: (B, H_kv, c, width + K, D); distances (..., block, width + K)
+                chunk_blocks = (-1, -1, last - first, -1, -1)
+                k = torch.cat([k, sink_key[:, :, None].expand(chunk_blocks)], dim=3)
+                v = torch.cat([v, sink_value[:, :, None].expand(chunk_blocks)], dim=3)
+                sink_dist = _sink_distance(sink_valid[:, :, first:last], compute)
+                dist = torch.cat([dist.expand(*sink_dist.shape[:-1], width), sink_dist], dim=-1)
             bias = torch.sub(z[:, :, first:last], dist).div_(ramp).clamp_(tiny, 1).log_()
             F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
             chunk = (flat, last - first)
+            slots = k.shape[3]  # width (+ sinks)
             o = F.scaled_dot_product_attention(
                 q.reshape(*chunk, groups * block, head_dim),
-                k.reshape(*chunk, width, head_dim),
-                v.reshape(*chunk, width, value_dim),
-                attn_mask=bias.reshape(*chunk, groups * block, width),
+                k.reshape(*chunk, slots, head_dim),
+                v.reshape(*chunk, slots, value_dim),
+                attn_mask=bias.reshape(*chunk, groups * block, slots),
                 scale=1.0,
             )  # (B * H_kv, c, G * block, D_v); empty rows -> zeros
             out[:, :, :, first:last] = o.view(batch, kv_heads, last - first, groups, block, value_dim).transpose(2, 3)
         return out.view(batch, heads, padded, value_dim)[:, :, :length]
     k_t = _windows(key.to(compute), start, stop, width, block)  # (B, H_kv, nb, D, width): views of one copy
     v = _windows(value, start, stop, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D_v)
+    if sinks:  # the sinks after each window: width + K slots, read at distance 0 where `sink_valid`
+        k_t = torch.cat([k_t, sink_key.transpose(-1, -2)[:, :, None].expand(-1, -1, num_blocks, -1, -1)], dim=-1)
+        v = torch.cat([v, sink_value[:, :, None].expand(-1, -1, num_blocks, -1, -1)], dim=-2)
+        distance = torch.cat([distance, distance.new_zeros(block, sinks)], dim=-1)  # (block, width + K)
+        valid = torch.cat([valid.expand(*sink_valid.shape[:-1], width), sink_valid], dim=-1)
     if tracking:
         out = _BandAttention.apply(query, scale, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
     else:
         q = _block_queries(query, scale, kv_heads, block)  # (B, H_kv, nb, G * block, D)
         scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
-        scores = scores.view(batch, kv_heads, num_blocks, groups, block, width)
+        scores = scores.view(batch, kv_heads, num_blocks, groups, block, k_t.shape[-1])
         probs = _soft_masked_softmax(scores, _soft_mask(z, _slot_distance(distance, valid), ramp))[0]
-        probs = probs.view(batch, kv_heads, num_blocks, groups * block, width)
+        probs = probs.view(batch, kv_heads, num_blocks, groups * block, k_t.shape[-1])
         out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
     out = out.view(batch, kv_heads, num_blocks, groups * block, value_dim)
     return _unblock(out, heads, length).to(query.dtype)  # (B, H, N, D_v)
@@ -590,6 +667,7 @@ def reference_local_attention(
     max_distance: int | None = None,
     segment_ids: torch.Tensor | None = None,
     block_size: int | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
@@ -606,6 +684,7 @@ def reference_local_attention(
         query_offset,
         max_distance,
         segment_ids,
+        sink_mask,
     )
     batch, heads, length, head_dim = query.shape
     groups = heads // key.shape[1]
@@ -622,6 +701,10 @@ def reference_local_attention(
     ramp_value = (z - distance) / ramp + 1  # (B, H, N, S)
     # clamp to [0, 1], with the kernel's gradient convention at the kinks: 0 at and beyond the ends
     mask = torch.where(ramp_value >= 1, 1.0, torch.where(ramp_value <= 0, 0.0, ramp_value))
+    if sink_mask is not None:  # sinks: weight 1 instead of the ramp, for every query at or after them
+        is_sink = torch.zeros(batch, key.shape[2], dtype=torch.bool, device=query.device)
+        is_sink[:, : sink_mask.shape[1]] = sink_mask.bool()
+        mask = torch.where(is_sink[:, None, None, :], 1.0, mask)
     if causal:
         mask = mask * (delta >= 0)
     if max_distance is not None:
