@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from .calibration import calibration_ids, choose_local_layers, layer_scores
 from .conversion import check_host_class, check_setting_names, convert
-from .errors import UsageError
+from .errors import MissingInputError, UsageError
 from .loading import check_weights, load_model, load_source_config
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .model.modeling_hybrid import hybrid_layers, self_attention_modules
@@ -58,6 +59,9 @@ class ConversionReport:
         verification_tokens: number of real (unpadded) tokens verification ran on.
         tokenizer_saved: whether the source's tokenizer was written beside the model.
         output: the folder written.
+        local_layers: the layers made local-only (no global attention); their outputs differ from the host's, so
+            `max_difference` is then reported, not held to the tolerance.
+        layer_scores: the calibration score of every layer when `local_layers` was chosen by calibration.
     """
 
     source: str
@@ -73,6 +77,8 @@ class ConversionReport:
     verification_tokens: int
     tokenizer_saved: bool
     output: Path
+    local_layers: list[int] | None = None
+    layer_scores: list[float] | None = None
 
     def summary(self) -> str:
         """A few lines for people: what was converted, how, and where it went."""
@@ -80,6 +86,11 @@ class ConversionReport:
         share = 100.0 * self.parameters_added / host_parameters if host_parameters else 0.0
         if self.max_difference is None:
             verification = "skipped"
+        elif self.local_layers:
+            verification = (
+                f"max |difference| {self.max_difference:.3g} over {self.verification_tokens} tokens (not exact: "
+                "local-only layers change the function until a recovery fine-tune)"
+            )
         else:
             verification = (
                 f"max |difference| {self.max_difference:.3g} over {self.verification_tokens} tokens "
@@ -88,7 +99,8 @@ class ConversionReport:
         lines = [
             f"source:       {self.source}",
             f"architecture: {self.architecture} ({self.source_class} -> {self.model_class})",
-            f"layers:       {self.layers_converted} of {self.layers_total} converted",
+            f"layers:       {self.layers_converted} of {self.layers_total} converted"
+            + (f", {len(self.local_layers)} of them local-only: {self.local_layers}" if self.local_layers else ""),
             f"parameters:   +{self.parameters_added:,} ({share:.2f}% of {host_parameters:,})",
             f"verification: {verification}",
             f"tokenizer:    {'saved' if self.tokenizer_saved else 'none (the source has no usable tokenizer)'}",
@@ -100,15 +112,23 @@ class ConversionReport:
         """The arguments of `cards.write_model_card` for the converted folder: the hybrid settings of `config` (the
         hybrid model's config) and what the conversion did."""
         verification = "skipped" if self.max_difference is None else self.max_difference
+        summary = {
+            "training": "none yet: converted, it computes what the host model computes",
+            "layers made hybrid": f"{self.layers_converted} of {self.layers_total}",
+            "parameters added": self.parameters_added,
+            "verification (max abs output difference)": verification,
+        }
+        if self.local_layers:
+            summary["training"] = "none yet: its local-only layers need a recovery fine-tune"
+            summary["local-only layers"] = ", ".join(map(str, self.local_layers))
+        if self.layer_scores:
+            summary["calibration scores (per layer, lower: less change when local-only)"] = ", ".join(
+                f"{i}: {score:.4g}" for i, score in enumerate(self.layer_scores)
+            )
         return dict(
             base_model=self.source,
             settings={name: getattr(config, name) for name in SETTINGS},
-            training_summary={
-                "training": "none yet: converted, it computes what the host model computes",
-                "layers made hybrid": f"{self.layers_converted} of {self.layers_total}",
-                "parameters added": self.parameters_added,
-                "verification (max abs output difference)": verification,
-            },
+            training_summary=summary,
             model_id=self.output.name,
         )
 
@@ -122,6 +142,9 @@ def convert_checkpoint(
     task: str | None = None,
     verify: bool | str = True,
     streaming: bool = False,
+    calibration: str | os.PathLike | None = None,
+    local_fraction: float = 0.5,
+    calibration_tokens: int = 2048,
     **settings,
 ) -> ConversionReport:
     """Convert the checkpoint SOURCE (hub id or local folder) into a hybrid checkpoint in the folder OUTPUT.
@@ -139,7 +162,13 @@ def convert_checkpoint(
         streaming: for a local safetensors folder, write the host shards unchanged (hard-linked or copied) beside one
             new shard, in constant memory (`streaming.convert_streamed`); other sources are converted in memory,
             with a message.
-        **settings: hybrid settings (see `HybridSettings`); a `None` value means the default.
+        calibration: a text file to choose the local-only layers on, with `local_layers="auto"`: the
+            `local_fraction` of the layers whose output changes least when they go local-only
+            (`calibration.layer_scores` on its first `calibration_tokens` tokens).
+        local_fraction: share of the layers made local-only with `local_layers="auto"`.
+        calibration_tokens: how many tokens of `calibration` to score the layers on.
+        **settings: hybrid settings (see `HybridSettings`); a `None` value means the default. `local_layers` may
+            also be `"auto"` (with `calibration`).
 
     Returns:
         A `ConversionReport`.
@@ -156,19 +185,22 @@ def convert_checkpoint(
     check_setting_names(settings)  # TypeError, as for `convert`
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    calibration_text = _calibration_text(settings, calibration, local_fraction, calibration_tokens)
 
     check_output(output, force, source)
     config = load_source_config(source)
     if config.model_type.startswith(HYBRID_PREFIX):
         raise UsageError(f"source {source!r} is already a hybrid model (model_type {config.model_type!r})")
-    check_settings(settings, config)  # settings out of range, before loading any weight
+    check_settings({k: v for k, v in settings.items() if v != "auto"}, config)  # out of range: before any weight
     task = choose_task(config, task)
     check_host_class(getattr(transformers, model_classes(config.model_type)[task]))  # UnsupportedHostError: why
     check_weights(source, allow_pickle)
 
     with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
         check_output(output, force, source)  # again: another run may have written it meanwhile
-        if streaming:
+        if streaming and settings.get("local_layers"):
+            logger.warning("Converting in memory: local-only layers are chosen and verified on the whole model")
+        elif streaming:
             host_class = getattr(transformers, model_classes(config.model_type)[task])
             report = _convert_streamed(source, output, config, host_class, task, settings, force, verify)
             if report is not None:
@@ -177,6 +209,13 @@ def convert_checkpoint(
         model, tokenizer = load_model(source, task, config=config, tokenizer_required=False, allow_pickle=allow_pickle)
         logger.info("Loaded %s from %s (float32)", type(model).__name__, source)
 
+        if calibration_text is not None:
+            if tokenizer is None:
+                raise UsageError(f"--local-layers auto needs the source's tokenizer, and {source!r} has none")
+            ids = calibration_ids(calibration_text, tokenizer, calibration_tokens)
+            logger.info("Scoring %d layers on %d calibration tokens", len(self_attention_modules(model)), ids.shape[1])
+            scores = layer_scores(model, ids, **{k: v for k, v in settings.items() if k != "local_layers"})
+            settings.update(local_layers=choose_local_layers(scores, local_fraction), layer_scores=scores)
         hybrid = convert(model, **settings)
         logger.info("Converted to %s", type(hybrid).__name__)
         hybrid.eval()
@@ -187,7 +226,7 @@ def convert_checkpoint(
             tokens = int(batch["attention_mask"].sum())
             max_difference = max_output_difference(model, hybrid, batch)
             logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
-            if not max_difference <= VERIFY_TOLERANCE:  # also catches nan
+            if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.local_layers:  # also catches nan
                 raise VerificationError(
                     f"the converted model's outputs differ from the source's by {max_difference:.3g} "
                     f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
@@ -208,6 +247,8 @@ def convert_checkpoint(
             verification_tokens=tokens,
             tokenizer_saved=tokenizer is not None,
             output=output.absolute(),
+            local_layers=hybrid.config.local_layers,
+            layer_scores=hybrid.config.layer_scores,
         )
         del model
         with torch.no_grad():
@@ -215,6 +256,23 @@ def convert_checkpoint(
             save_model(output, hybrid, tokenizer, force, card=report.model_card(hybrid.config))
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report
+
+
+def _calibration_text(settings: dict, calibration, fraction: float, tokens: int) -> str | None:
+    """The calibration text when `local_layers` is `"auto"` (checked, before anything is loaded); else None."""
+    if settings.get("local_layers") != "auto":
+        if calibration is not None:
+            raise UsageError("--calibration chooses the local-only layers: give it with --local-layers auto")
+        return None
+    if calibration is None:
+        raise UsageError("--local-layers auto needs --calibration FILE, a text to score the layers on")
+    choose_local_layers([], fraction)  # a fraction out of [0, 1] fails here
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise UsageError(f"`calibration_tokens` must be an integer >= 2, got {tokens!r}")
+    path = Path(calibration).expanduser()
+    if not path.is_file():
+        raise MissingInputError(f"calibration text {str(calibration)!r} is not a file")
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _convert_streamed(source, output, config, host_class, task, settings, force, verify) -> ConversionReport | None:

@@ -25,6 +25,10 @@ SETTINGS = {
     "hybrid_layers": "comma-separated indices of the layers to make hybrid, e.g. 0,1,2, or 'all'",
     "initial_span": "initial span as a fraction of --max-span, in (0, 1)",
     "span_loss_coef": "weight of the span penalty mean(span) / max_span added to the loss",
+    "local_layers": "comma-separated indices of the layers to make local-only (no global attention: cheaper at long "
+    "context, not exact until fine-tuned), or 'auto' to choose them on --calibration text",
+    "sink_tokens": "first tokens of a sequence every query of a local-only layer reads (attention sinks)",
+    "max_crop": "most tokens a cache crop may remove at once (assisted and prompt-lookup decoding)",
 }
 #: the settings that shape the new parameters: they apply only when a host model is converted
 CONVERSION_SETTINGS = tuple(name for name in SETTINGS if name != "span_loss_coef")
@@ -35,13 +39,25 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _indices(text: str, words: str) -> list[int]:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", text):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices like 0,1,2 (or {words}), got {text!r}"
+        )
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def layer_list(text: str) -> list[int] | None:
     """Parse `--hybrid-layers`: comma-separated indices, or `all` (None)."""
-    if text.strip().lower() == "all":
-        return None
-    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", text):
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,1,2 (or 'all'), got {text!r}")
-    return [int(part) for part in text.split(",") if part.strip()]
+    return None if text.strip().lower() == "all" else _indices(text, "'all'")
+
+
+def local_layer_list(text: str) -> list[int] | str:
+    """Parse `--local-layers`: comma-separated indices, `none` (`[]`), or `auto` (chosen by calibration)."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return "auto" if word == "auto" else []
+    return _indices(text, "'none' or 'auto'")
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser, title: str = "hybrid settings") -> None:
@@ -49,8 +65,9 @@ def add_setting_arguments(parser: argparse.ArgumentParser, title: str = "hybrid 
     group = parser.add_argument_group(f"{title} (defaults: those of HybridSettings)")
     for name, help_text in SETTINGS.items():
         default = getattr(HybridSettings, name)
-        if name == "hybrid_layers":
-            group.add_argument(flag(name), type=layer_list, metavar="I,J,...", help=help_text)
+        if name in ("hybrid_layers", "local_layers"):
+            parse = layer_list if name == "hybrid_layers" else local_layer_list
+            group.add_argument(flag(name), type=parse, metavar="I,J,...", help=help_text)
         elif isinstance(default, bool):
             group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

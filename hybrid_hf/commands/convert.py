@@ -40,6 +40,20 @@ def build_parser() -> ArgumentParser:
         "the new parameters into one new shard (local safetensors folders; others are converted in memory)",
     )
     parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="with --local-layers auto: a text file to score the layers on (how much the output changes when each "
+        "layer alone goes local-only); the lowest-scoring --local-fraction are made local-only",
+    )
+    parser.add_argument(
+        "--local-fraction", type=float, default=0.5, metavar="F", help="share of the layers --local-layers auto "
+        "makes local-only (default 0.5)"
+    )
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=2048, metavar="N", help="tokens of --calibration to score the "
+        "layers on (default 2048)"
+    )
+    parser.add_argument(
         "--verify",
         choices=("slice", "full"),
         default="slice",
@@ -77,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             verify=False if args.no_verify else args.verify,
             streaming=args.streaming,
+            calibration=args.calibration,
+            local_fraction=args.local_fraction,
+            calibration_tokens=args.calibration_tokens,
             **settings_from_args(args),
         )
     except VerificationError as error:

@@ -37,6 +37,15 @@ class HybridSettings(PreTrainedConfig):
         global_attn_implementation: the attention implementation of the global branch (`"sdpa"`, `"eager"`,
             `"flash_attention_2"`, ...); `None` for transformers' default. `from_pretrained(attn_implementation=...)`
             and `set_attn_implementation(...)` set it; the model itself dispatches to `"hybrid"`.
+        local_layers: indices of the self-attention layers made *local-only*: no global branch, the local branch
+            alone (with `sink_tokens` sinks), a KV cache of `sink_tokens + max_span + ramp - 1 + max_crop` positions.
+            Listed layers are local-only whatever `hybrid_layers` says; `None` or `[]` for none.
+        sink_tokens: the first real tokens of a sequence that every query of a local-only layer reads with full
+            weight, whatever its span (attention sinks).
+        max_crop: the most tokens `Cache.crop` may remove at once (assisted and prompt-lookup decoding remove a few):
+            a layer's decoding state keeps that many positions of history beyond what the next token needs.
+        layer_scores: per-layer scores of the calibration that chose `local_layers` (lower: the layer loses less by
+            going local-only), or `None`; a record, not a setting.
     """
 
     max_span: int = 128
@@ -48,6 +57,10 @@ class HybridSettings(PreTrainedConfig):
     span_loss_coef: float = 0.0
     initial_span: float = 0.5
     global_attn_implementation: str | None = None
+    local_layers: list[int] | None = None
+    sink_tokens: int = 4
+    max_crop: int = 64
+    layer_scores: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         validate_span_settings(self.max_span, self.ramp, self.tau_min, self.tau_max)
@@ -61,8 +74,13 @@ class HybridSettings(PreTrainedConfig):
             )
         if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 < initial < 1:
             raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial!r}")
-        if self.hybrid_layers is not None and not isinstance(self.hybrid_layers, (list, tuple)):
-            raise ValueError(f"`hybrid_layers` must be a list of layer indices or None, got {self.hybrid_layers!r}")
+        for name in ("hybrid_layers", "local_layers"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"`{name}` must be a list of layer indices or None, got {getattr(self, name)!r}")
+        for name in ("sink_tokens", "max_crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0 (a number of tokens), got {value!r}")
         kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
         positions = getattr(self, "max_position_embeddings", None)
@@ -70,18 +88,15 @@ class HybridSettings(PreTrainedConfig):
             if isinstance(positions, int) and positions > 0 and getattr(self, name) > positions:
                 value = getattr(self, name)
                 raise ValueError(f"`{name}` must be at most the model's number of positions ({positions}): {value}")
-        if self.hybrid_layers is not None:
-            layers = getattr(self, "num_hidden_layers", None)
-            bad = [
-                i
-                for i in self.hybrid_layers
-                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)
-            ]
-            if bad or len(set(self.hybrid_layers)) != len(self.hybrid_layers):
-                raise ValueError(
-                    f"`hybrid_layers` must be distinct layer indices in [0, {layers}), got {self.hybrid_layers!r}"
-                )
-            self.hybrid_layers = sorted(self.hybrid_layers)
+        layers = getattr(self, "num_hidden_layers", None)
+        for name in ("hybrid_layers", "local_layers"):
+            indices = getattr(self, name)
+            if indices is None:
+                continue
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (layers or 0)]
+            if bad or len(set(indices)) != len(indices):
+                raise ValueError(f"`{name}` must be distinct layer indices in [0, {layers}), got {indices!r}")
+            setattr(self, name, sorted(indices))
 
     @property
     def output_attentions(self) -> bool:
@@ -101,8 +116,13 @@ class HybridSettings(PreTrainedConfig):
             )
         self._output_attentions = value
 
+    def is_local_layer(self, layer_idx: int) -> bool:
+        """Whether self-attention layer `layer_idx` is local-only (no global branch)."""
+        return layer_idx in (self.local_layers or ())
+
     def is_hybrid_layer(self, layer_idx: int) -> bool:
-        return self.hybrid_layers is None or layer_idx in self.hybrid_layers
+        """Whether self-attention layer `layer_idx` is hybrid (global and local branches, mixed)."""
+        return not self.is_local_layer(layer_idx) and (self.hybrid_layers is None or layer_idx in self.hybrid_layers)
 
 
 @functools.cache

@@ -10,6 +10,11 @@ the result. Hybrid models set that name to `"hybrid"`, registered here, so that 
     l = LocalAttn(q, k, v; span = s * max_span, temperature = tau(s))   on the very same q, k, v
     a = W_mix [l ; g]                            W_mix = [0 | I] at conversion; the host then applies o_proj(a)
 
+and for every *local-only* layer (`config.local_layers`), which never computes `g`:
+
+    c = mean of the values v over the positions each token sees (what `g` would be under uniform attention)
+    s, l as above, with `sink_tokens` attention sinks;  a = W_mix l   (W_mix = I at conversion)
+
 `HybridLlamaForCausalLM` is `LlamaForCausalLM` with the new parameters (`span_predictor`, `mix`) added to each
 self-attention module; host weights keep their names. The class of any host model class is made on demand:
 `hybrid_model_class(LlamaForCausalLM)`, or the name `HybridLlamaForCausalLM` looked up in this module.
@@ -28,7 +33,7 @@ import transformers
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
@@ -76,6 +81,8 @@ class HybridForwardState:
         cache: the model's KV cache, where decoders keep their context state (None without cache).
         segment_ids: `(B, N)` sequence index of each token when sequences are packed in a row without padding and
             told apart by `position_ids` (as transformers' masks tell them apart); None otherwise.
+        sink_mask: `(B, K)` the attention sinks of local-only layers among the first `K` positions (the first
+            `sink_tokens` real tokens of each row); None without local-only layers.
         spans: `(span_scale (B, H, N), query_mask (B, N) | None)` per hybrid layer call, for the span loss.
         layers_reached: ids of the hybrid modules that ran, to tell a host whose attention never reaches this backend,
             or reaches it more than once a forward.
@@ -88,11 +95,13 @@ class HybridForwardState:
         key_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         segment_ids: torch.Tensor | None = None,
+        sink_mask: torch.Tensor | None = None,
     ):
         self.config = config
         self.key_mask = key_mask
         self.cache = cache
         self.segment_ids = segment_ids
+        self.sink_mask = sink_mask
         self.spans: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.layers_reached: set[int] = set()
         self.finished = False
@@ -128,16 +137,20 @@ def hybrid_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `"hybrid"` attention function: the host's global attention, then (on hybrid layers) the local branch on
-    the same `query` `(B, H, N, D)`, `key` and `value` `(B, H_kv, S, D)`, mixed in head space. Returns `(B, N, H, D)`.
+    the same `query` `(B, H, N, D)`, `key` and `value` `(B, H_kv, S, D)`, mixed in head space; on local-only layers
+    the local branch alone. Returns `(B, N, H, D)`.
     """
     state: HybridForwardState | None = kwargs.pop(STATE_KWARG, None)
     config = state.config if state is not None else module.config
-    attention = global_attention_function(module, config.global_attn_implementation)
-    global_output, weights = attention(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
-    if not hasattr(module, "mix"):  # not a hybrid layer (cross-attention, or a layer left out of `hybrid_layers`)
-        return global_output, weights
+    local_only = getattr(module, "local_only", False)
+    global_output = weights = None
+    if not local_only:
+        attention = global_attention_function(module, config.global_attn_implementation)
+        global_output, weights = attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        if not hasattr(module, "mix"):  # not a hybrid layer (cross-attention, or a layer left out of `hybrid_layers`)
+            return global_output, weights
     if state is None:
         raise UnsupportedHostError(
             f"{type(module).__name__} called hybrid attention without the model's `{STATE_KWARG}` keyword argument: "
@@ -149,7 +162,8 @@ def hybrid_attention_forward(
             "layer keeps in the cache needs one call per layer"
         )
     state.layers_reached.add(id(module))
-    batch, length, heads, value_dim = global_output.shape
+    batch, heads, length, _ = query.shape
+    kv_heads, value_dim = value.shape[1], value.shape[3]
     if heads * value_dim != module.mix.out_features or module.span_predictor.proj.out_features not in (1, heads):
         raise UnsupportedHostError(
             f"{type(module).__name__} attends with {heads} heads of {value_dim} features, but its config gives "
@@ -157,20 +171,31 @@ def hybrid_attention_forward(
         )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    key_mask = _key_mask(state.key_mask, key.shape[2])
+    window = kwargs.get("sliding_window")  # the host layer's own sliding window, if any
+    sink_mask = state.sink_mask if local_only and window is None else None  # sinks beyond a host window: unreadable
+    layer = None
+    if causal and state.cache is not None:
+        sinks = None if sink_mask is None else sink_mask.shape[1]
+        layer = hybrid_cache_layer(state.cache, module.layer_idx, config, sinks)
+    key_mask = _key_mask(state.key_mask, key.shape[2], getattr(layer, "sink_slots", 0))
     query_mask = key_mask[:, -length:] if key_mask is not None else None
-    global_flat = global_output.reshape(batch, length, -1)  # (B, N, H * D)
 
-    # Span and temperature from the context: prefix means (decoder, carried in the cache) or the whole-sequence mean.
+    # Span and temperature from the context: prefix means (decoder, carried in the cache) or the whole-sequence mean,
+    # of the global output, or on a local-only layer of the values (the global output under uniform attention).
+    if local_only:
+        source = value[:, :, -length:].transpose(1, 2).reshape(batch, length, kv_heads * value_dim)  # (B, N, H_kv * D)
+    else:
+        source = global_output.reshape(batch, length, heads * value_dim)  # (B, N, H * D)
     segment_ids = state.segment_ids if causal else None  # packed sequences: decoders only, as transformers' masks
     if causal:
-        layer = hybrid_cache_layer(state.cache, module.layer_idx) if state.cache is not None else None
         past = layer.context_before(length) if layer is not None else (None, None)
-        context, sums, counts = causal_prefix_mean(global_flat, query_mask, *past, segment_ids)  # (B, N, H * D)
+        context, sums, counts = causal_prefix_mean(source, query_mask, *past, segment_ids)  # (B, N, width)
         if layer is not None:
             layer.append_context(sums, counts)
     else:
-        context = masked_mean(global_flat, query_mask)  # (B, 1, H * D)
+        context = masked_mean(source, query_mask)  # (B, 1, width)
+    if local_only:  # each query head reads its key/value head: (B, N or 1, H * D)
+        context = context.unflatten(-1, (kv_heads, value_dim)).repeat_interleave(heads // kv_heads, dim=2).flatten(2)
     span_scale = module.span_predictor(context).expand(-1, -1, length)  # (B, H or 1, N)
     state.spans.append((span_scale, query_mask))
     span = span_scale * config.max_span
@@ -178,7 +203,6 @@ def hybrid_attention_forward(
 
     # Local branch: never further than the host's own sliding window reaches (transformers' masks read
     # `distance < window` causally and `|distance| <= window` bidirectionally).
-    window = kwargs.get("sliding_window")
     local_output = adaptive_local_attention(
         query,
         key,
@@ -192,9 +216,13 @@ def hybrid_attention_forward(
         key_mask=key_mask,
         max_distance=None if window is None else (window - 1 if causal else window),
         segment_ids=segment_ids,
+        sink_mask=sink_mask,
     )  # (B, H, N, D)
-    local_flat = local_output.transpose(1, 2).reshape(batch, length, -1).to(global_flat.dtype)  # (B, N, H * D)
-    mixed = module.mix(torch.cat([local_flat, global_flat], dim=-1))  # (B, N, H * D)
+    local_flat = local_output.transpose(1, 2).reshape(batch, length, heads * value_dim)  # (B, N, H * D)
+    if local_only:
+        return module.mix(local_flat).view(batch, length, heads, value_dim), None
+    global_flat = global_output.reshape(batch, length, heads * value_dim)
+    mixed = module.mix(torch.cat([local_flat.to(global_flat.dtype), global_flat], dim=-1))  # (B, N, H * D)
     return mixed.view(batch, length, heads, value_dim), weights
 
 
@@ -207,8 +235,9 @@ AttentionInterface.register(HYBRID_ATTENTION, hybrid_attention_forward)
 AttentionMaskInterface.register(HYBRID_ATTENTION, hybrid_mask_function)
 
 
-def _key_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
-    """The 2-D padding mask aligned to the `keys` keys this layer sees (the last ones: a sliding cache keeps fewer)."""
+def _key_mask(mask: torch.Tensor | None, keys: int, sinks: int = 0) -> torch.Tensor | None:
+    """The 2-D padding mask aligned to the `keys` keys this layer sees: the last ones (a sliding cache keeps fewer),
+    after the first `sinks` positions when the cache keeps those too."""
     if mask is None:
         return None
     if mask.shape[1] < keys:
@@ -216,7 +245,25 @@ def _key_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
             f"`attention_mask` covers {mask.shape[1]} tokens but the layer reads {keys} keys; pass a mask over the "
             "cached and the new tokens"
         )
+    if sinks and mask.shape[1] > keys:
+        return torch.cat([mask[:, :sinks], mask[:, mask.shape[1] - (keys - sinks) :]], dim=1)
     return mask[:, -keys:]
+
+
+def sink_positions(
+    mask: torch.Tensor | None, sink_tokens: int, batch: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """`(B, K)` True at the first `sink_tokens` real tokens of each row, `K` the fewest leading positions that hold
+    them all (all `length` positions while a row has fewer); None for no sinks."""
+    if sink_tokens == 0 or length == 0:
+        return None
+    if mask is None:
+        return torch.ones(batch, min(sink_tokens, length), dtype=torch.bool, device=device)
+    real = mask[:, :length].bool()
+    sinks = real & (real.cumsum(dim=1) <= sink_tokens)  # (B, length)
+    complete = real.sum(dim=1) >= sink_tokens
+    last = torch.where(complete, sinks.cumsum(dim=1).argmax(dim=1), length - 1)  # each row's last sink
+    return sinks[:, : int(last.max()) + 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,15 +272,16 @@ def _key_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
 
 
 class HybridCacheLayerMixin:
-    """Added to a dynamic cache layer of a hybrid layer: beside its keys and values, the running sums of the global
-    output at every cached position, `(B, S, H * D)` in float32, and the running counts of real tokens `(B, S)`, so
-    the prefix-mean context continues across decoding steps, and is cropped, reordered and selected with the keys.
-    The sums sit in a buffer that grows by doubling, so a decoding step writes one position instead of copying all.
+    """Added to a dynamic cache layer of a hybrid or local-only layer: beside its keys and values, the running sum of
+    the context's source `(B, d)` (float32) and the running count of real tokens `(B,)`, so the prefix-mean context
+    continues across decoding steps. They are kept for the last `context_history + 1` positions only, so that `crop`
+    can remove up to `context_history` tokens (`config.max_crop`): the state does not grow with the context.
     """
 
-    context_sums: torch.Tensor | None = None  # (B, capacity, H * D), the first `context_length` positions in use
-    context_counts: torch.Tensor | None = None  # (B, capacity)
+    context_sums: torch.Tensor | None = None  # (B, P, d): the running sums at the last P positions seen
+    context_counts: torch.Tensor | None = None  # (B, P)
     context_length: int = 0
+    context_history: int = 64
 
     def context_before(self, new_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`(sum (B, d), count (B,))` over the positions before the `new_tokens` this call added to the cache."""
@@ -245,30 +293,35 @@ class HybridCacheLayerMixin:
             )
         if seen == 0:
             return None, None
-        return self.context_sums[:, seen - 1], self.context_counts[:, seen - 1]
+        return self.context_sums[:, -1], self.context_counts[:, -1]
 
     def append_context(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        start, end = self.context_length, self.context_length + sums.shape[1]
-        if self.context_sums is None or end > self.context_sums.shape[1]:
-            capacity = end if self.context_sums is None else max(end, 2 * self.context_sums.shape[1])
-            grown_sums = sums.new_empty((sums.shape[0], capacity, sums.shape[2]))
-            grown_counts = counts.new_empty((counts.shape[0], capacity))
-            if start:
-                grown_sums[:, :start], grown_counts[:, :start] = (
-                    self.context_sums[:, :start],
-                    self.context_counts[:, :start],
-                )
-            self.context_sums, self.context_counts = grown_sums, grown_counts
-        self.context_sums[:, start:end], self.context_counts[:, start:end] = sums, counts
-        self.context_length = end
+        """Record the running sums `(B, n, d)` and counts `(B, n)` of the `n` positions this call added."""
+        keep, added = self.context_history + 1, sums.shape[1]
+        if self.context_sums is not None and added < keep:
+            sums, counts = torch.cat([self.context_sums, sums], dim=1), torch.cat([self.context_counts, counts], dim=1)
+        # a copy of the kept positions, so no (B, N, d) tensor of a long prompt stays alive behind a view
+        self.context_sums, self.context_counts = sums[:, -keep:].clone(), counts[:, -keep:].clone()
+        self.context_length += added
 
     def _apply_to_context(self, fn) -> None:
         if self.context_sums is not None:
             self.context_sums, self.context_counts = fn(self.context_sums), fn(self.context_counts)
 
-    def crop(self, *args, **kwargs) -> None:
-        super().crop(*args, **kwargs)
-        self.context_length = min(self.context_length, self.get_seq_length())
+    def crop(self, tokens_to_remove: int) -> None:
+        length = _cropped_length(self.get_seq_length(), tokens_to_remove)
+        removed = self.context_length - length
+        if 0 < length and self.context_sums is not None and removed >= self.context_sums.shape[1]:
+            raise ValueError(
+                f"cannot crop {removed} tokens: a hybrid layer's decoding state keeps the last "
+                f"{self.context_history} positions (`max_crop` in the model's config)"
+            )
+        super().crop(tokens_to_remove)
+        if length == 0:
+            self.context_sums = self.context_counts = None
+        elif removed > 0:
+            self._apply_to_context(lambda t: t[:, :-removed])
+        self.context_length = length
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -288,23 +341,102 @@ class HybridCacheLayerMixin:
         self.context_length = 0
 
 
+def _cropped_length(length: int, tokens_to_remove: int) -> int:
+    """The length `Cache.crop(tokens_to_remove)` leaves: `-n` removes `n` tokens (`0` none); `n > 0`, the older
+    form, keeps at most `n`."""
+    return max(0, length + tokens_to_remove) if tokens_to_remove <= 0 else min(length, tokens_to_remove)
+
+
+class SinkWindowLayer(DynamicSlidingWindowLayer):
+    """The KV cache layer of a local-only layer: transformers' sliding-window layer that also keeps the first
+    `sink_slots` positions (the attention sinks). After each update it holds those and the last
+    `sliding_window - 1 + history` positions, so `crop` can remove up to `history` tokens; `update` returns the kept
+    positions plus the new ones, the sinks first.
+
+    Masks see it as a full-attention layer (`get_mask_sizes` of every position): only the host's other layers use
+    them, since a local-only layer computes no global attention.
+    """
+
+    is_sliding = False
+
+    def __init__(self, sliding_window: int, sink_slots: int = 0, history: int = 0, **kwargs):
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.sink_slots = sink_slots
+        self.history = history
+
+    def _kept(self, states: torch.Tensor) -> torch.Tensor:
+        recent = self.sliding_window - 1 + self.history
+        if states.shape[-2] <= self.sink_slots + recent:
+            return states
+        return torch.cat([states[..., : self.sink_slots, :], states[..., -recent:, :]], dim=-2)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = self._kept(keys), self._kept(values)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        length = _cropped_length(self.cumulative_length, tokens_to_remove)
+        removed, held = self.cumulative_length - length, self.keys.shape[-2] if self.is_initialized else 0
+        if removed <= 0:
+            return
+        if held < self.cumulative_length and held - self.sink_slots - removed < self.sliding_window - 1:
+            raise ValueError(
+                f"cannot crop {removed} tokens: a local-only layer's cache keeps {self.history} positions beyond its "
+                "window (`max_crop` in the model's config)"
+            )
+        self.keys, self.values = self.keys[..., : held - removed, :], self.values[..., : held - removed, :]
+        self.cumulative_length = length
+
+
 @functools.cache
 def _hybrid_layer_class(layer_class: type) -> type:
     return type(f"Hybrid{layer_class.__name__}", (HybridCacheLayerMixin, layer_class), {"__module__": __name__})
 
 
-def hybrid_cache_layer(cache: Cache, layer_idx: int) -> HybridCacheLayerMixin:
-    """The cache layer of hybrid layer `layer_idx`, given the context state on first use (a dynamic layer only)."""
+def hybrid_cache_layer(
+    cache: Cache, layer_idx: int, config: PreTrainedConfig, sink_slots: int | None = None
+) -> HybridCacheLayerMixin:
+    """The cache layer of hybrid layer `layer_idx`, given the context state on first use (a dynamic layer only).
+
+    With `sink_slots` (a local-only layer over a full-attention host layer), a `SinkWindowLayer` that keeps those
+    first positions and the band `max_span + ramp`, trimmed to them at once.
+    """
     layer = cache.layers[layer_idx]
     if not isinstance(layer, DynamicLayer):
         raise ValueError(
             f"hybrid layer {layer_idx} needs a dynamic cache layer for its context state, got {type(layer).__name__}"
         )
+    if sink_slots is not None and not isinstance(layer, SinkWindowLayer):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            raise ValueError(f"local-only layer {layer_idx} has sinks but a sliding cache layer of the host's")
+        sink_layer = SinkWindowLayer(config.max_span + config.ramp, sink_slots, config.max_crop)
+        if layer.is_initialized:
+            sink_layer.lazy_initialization(layer.keys, layer.values)
+            sink_layer.keys, sink_layer.values = sink_layer._kept(layer.keys), sink_layer._kept(layer.values)
+            sink_layer.cumulative_length = layer.get_seq_length()
+        sink_layer.__dict__.update({k: v for k, v in vars(layer).items() if k.startswith("context_")})
+        layer = sink_layer
     if not isinstance(layer, HybridCacheLayerMixin):
         hybrid_class = _hybrid_layer_class(type(layer))
         hybrid = hybrid_class.__new__(hybrid_class)
         hybrid.__dict__.update(vars(layer))  # the same keys, values and counters
-        cache.layers[layer_idx] = layer = hybrid
+        hybrid.context_history = config.max_crop
+        layer = hybrid
+    if sink_slots is not None:
+        layer.sink_slots = sink_slots
+    cache.layers[layer_idx] = layer
     return layer
 
 
@@ -381,23 +513,35 @@ def attention_sizes(config: PreTrainedConfig, module: nn.Module) -> tuple[int, i
     return heads, head_dim
 
 
-def add_hybrid_parameters(module: nn.Module, config: PreTrainedConfig) -> None:
-    """Give a host self-attention module the span predictor and the head-space mix, at their conversion values."""
+#: span scale at which local-only layers start: nearly the whole window at nearly `tau_max`, the closest a window
+#: comes to the host's full attention (with `initial_span` they would start sharper and shorter than the host)
+LOCAL_INITIAL_SPAN = 0.98
+
+
+def add_hybrid_parameters(module: nn.Module, config: PreTrainedConfig, local_only: bool = False) -> None:
+    """Give a host self-attention module the span predictor and the head-space mix, at their conversion values:
+    `mix` `(H * D, 2 * H * D)` over `[local ; global]`, or `(H * D, H * D)` over the local branch of a local-only
+    layer."""
     heads, head_dim = attention_sizes(config, module)
     width = heads * head_dim
-    module.span_predictor = SpanPredictor(width, heads, config.span_per_head, config.initial_span)
-    module.mix = nn.Linear(2 * width, width, bias=False)
+    initial_span = LOCAL_INITIAL_SPAN if local_only else config.initial_span
+    module.span_predictor = SpanPredictor(width, heads, config.span_per_head, initial_span)
+    module.mix = nn.Linear(width if local_only else 2 * width, width, bias=False)
+    module.local_only = local_only
     reset_hybrid_parameters(module)
 
 
 @torch.no_grad()
 def reset_hybrid_parameters(module: nn.Module) -> None:
-    """Conversion-time values: `mix = [0 | I]` (the global branch exactly), every span at `initial_span`.
+    """Conversion-time values: `mix = [0 | I]` (the global branch exactly; `I` on a local-only layer), every span at
+    `initial_span` (`LOCAL_INITIAL_SPAN` on a local-only layer).
 
     Uses `transformers.initialization`, so parameters loaded from a checkpoint are left as they are.
     """
     width = module.mix.out_features
-    identity = torch.cat([torch.zeros(width, width), torch.eye(width)], dim=1)
+    identity = torch.eye(width)
+    if module.mix.in_features != width:
+        identity = torch.cat([torch.zeros(width, width), identity], dim=1)
     init.copy_(module.mix.weight, identity.to(module.mix.weight.dtype))
     predictor = module.span_predictor
     init.zeros_(predictor.proj.weight)
@@ -444,8 +588,8 @@ class HybridModelMixin:
         modules = self_attention_modules(self)
         self._hybrid_decoder = all(getattr(module, "is_causal", True) for module in modules)
         for index, module in enumerate(modules):
-            if config.is_hybrid_layer(index):
-                add_hybrid_parameters(module, config)
+            if config.is_hybrid_layer(index) or config.is_local_layer(index):
+                add_hybrid_parameters(module, config, local_only=config.is_local_layer(index))
 
     def _use_hybrid_attention(self) -> None:
         """Keep the implementation transformers resolved (e.g. sdpa) for the global branch; dispatch to `"hybrid"`."""
@@ -505,6 +649,8 @@ def _hybrid_forward(host_forward):
             cache=cache,
             segment_ids=_packed_segments(arguments) if mask is None and cache is None else None,
         )
+        if self.config.local_layers and self.config.sink_tokens:
+            state.sink_mask = _sink_mask(state, arguments)
         outputs = host_forward(*bound.args, **bound.kwargs, **{STATE_KWARG: state})
         state.finished = True
         if not state.layers_reached:
@@ -529,6 +675,26 @@ def _hybrid_forward(host_forward):
         return outputs
 
     return forward
+
+
+def _sink_mask(state: HybridForwardState, arguments: dict) -> torch.Tensor | None:
+    """The sinks of this forward's local-only layers (`sink_positions`), told to the cache layers that keep them
+    before any layer updates its cache."""
+    if state.segment_ids is not None:
+        raise ValueError(
+            "local-only layers with `sink_tokens` > 0 read the first tokens of a row as its sinks, so packed "
+            "sequences (position_ids that restart within a row) would share one sequence's sinks: pad the sequences "
+            "instead, or set `sink_tokens=0`"
+        )
+    shape = _input_shape(arguments)  # (B, N), or (B, choices, N): rows of N tokens
+    tokens = arguments.get("input_ids") if arguments.get("input_ids") is not None else arguments["inputs_embeds"]
+    past = state.cache.get_seq_length() if state.cache is not None else 0
+    rows, length = shape[:-1].numel(), past + shape[-1]
+    sink_mask = sink_positions(state.key_mask, state.config.sink_tokens, rows, length, tokens.device)
+    for layer in getattr(state.cache, "layers", None) or []:
+        if isinstance(layer, SinkWindowLayer):
+            layer.sink_slots = sink_mask.shape[1]
+    return sink_mask
 
 
 def _input_shape(arguments: dict) -> torch.Size | None:
