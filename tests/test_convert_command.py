@@ -176,6 +176,27 @@ def test_llama_folder_converts_and_reloads_with_remote_code(sources, tmp_path, c
     _assert_host_weights_kept(sources["llama"], out)
 
 
+def test_local_layers_chosen_on_calibration_text(sources, tmp_path, capsys) -> None:
+    text = tmp_path / "calibration.txt"
+    text.write_text(VERIFY_TEXT * 4)
+    out = tmp_path / "local"
+    status, stdout, err = _convert(
+        capsys, sources["llama"], out, "--max-span", "2", "--ramp", "1", "--local-layers", "auto",
+        "--calibration", text, "--local-fraction", "0.5", "--sink-tokens", "1",
+    )  # fmt: skip
+    assert status == 0, err
+    config = json.loads((out / "config.json").read_text())
+    scores = config["layer_scores"]
+    assert len(scores) == 2 and all(score > 0 for score in scores)
+    assert config["local_layers"] == [min(range(2), key=lambda i: (scores[i], i))]
+    assert f"1 of them local-only: {config['local_layers']}" in stdout and "not exact" in stdout
+    assert "local-only layers" in (out / "README.md").read_text()
+    hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert [getattr(m, "local_only", False) for m in hybrid.modules() if hasattr(m, "mix")] == [
+        i in config["local_layers"] for i in range(2)
+    ]
+
+
 def test_bert_without_tokenizer_converts_with_settings(sources, tmp_path) -> None:
     out = tmp_path / "hybrid-bert"
     report = convert_checkpoint(
@@ -459,6 +480,15 @@ BAD_SOURCES = {
     "task not in table": ("llama", ["--task", "masked_lm"], "masked_lm"),
     "unknown flag": ("llama", ["--spam"], "unrecognized arguments"),
     "already hybrid": ("hybrid", [], "already a hybrid model"),
+    "local layers auto without calibration": ("llama", ["--local-layers", "auto"], "needs --calibration FILE"),
+    "calibration without local layers auto": ("llama", ["--calibration", "text.txt"], "--local-layers auto"),
+    "calibration file missing": ("llama", ["--local-layers", "auto", "--calibration", "no.txt"], "is not a file"),
+    "local fraction out of range": (
+        "llama", ["--local-layers", "auto", "--calibration", "no.txt", "--local-fraction", "1.5"], "local_fraction"
+    ),
+    "local layer out of range": ("llama", ["--local-layers", "7"], "local_layers"),
+    "local layers not a list": ("llama", ["--local-layers", "half"], "--local-layers"),
+    "sink tokens negative": ("llama", ["--sink-tokens", "-1"], "sink_tokens"),
 }
 
 

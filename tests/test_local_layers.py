@@ -7,6 +7,7 @@ from tiny_models import batch, perturb, tiny_host
 from transformers import AttentionInterface, DynamicCache
 
 from hybrid_hf import convert, hybrid_layers
+from hybrid_hf.calibration import choose_local_layers, layer_scores
 from hybrid_hf.model.hybrid_attention import reference_local_attention, span_temperature
 
 SETTINGS = dict(max_span=8, ramp=4, sink_tokens=2, max_crop=4)
@@ -192,3 +193,27 @@ def test_saved_local_layers_load_with_remote_code_without_the_package(tmp_path):
     expected = hybrid.generate(input_ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                pad_token_id=0)
     assert torch.equal(remote["generated"], expected)
+
+
+def test_calibration_scores_a_layer_whose_attention_is_unused_zero():
+    """A layer whose output projection is zero computes the same whatever its attention: score 0, chosen first."""
+    host = tiny_host("llama", num_hidden_layers=3)
+    with torch.no_grad():
+        host.model.layers[1].self_attn.o_proj.weight.zero_()
+    input_ids, _ = batch("llama", batch_size=1, length=40)
+    scores = layer_scores(host, input_ids, **SETTINGS)
+    assert scores[1] == 0 and scores[0] > 0 and scores[2] > 0
+    assert choose_local_layers(scores, 1 / 3) == [1]
+    assert choose_local_layers(scores, 2 / 3) == sorted([1, min((0, 2), key=lambda i: scores[i])])
+    assert layer_scores(host, input_ids, **SETTINGS) == scores  # deterministic
+    # a window that covers the whole text at temperature 1 is the host's attention: nothing changes
+    wide = layer_scores(host, input_ids, max_span=64, ramp=1, tau_min=1.0, tau_max=1.0)
+    assert max(wide) < 1e-10
+
+
+def test_choose_local_layers_breaks_ties_by_index_and_checks_the_fraction():
+    assert choose_local_layers([0.5, 0.1, 0.1, 0.9], 0.5) == [1, 2]
+    assert choose_local_layers([0.5, 0.1, 0.1, 0.9], 0.25) == [1]
+    assert choose_local_layers([0.5, 0.1], 0.0) == []
+    with pytest.raises(ValueError, match="local_fraction"):
+        choose_local_layers([0.5], 1.5)
