@@ -223,6 +223,8 @@ def finetune(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     quiet: bool = False,
+    distill_from: str | PreTrainedModel | None = None,
+    distill_weight: float = 1.0,
 ) -> FinetuneResult:
     """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
 
@@ -253,6 +255,11 @@ def finetune(
         trust_remote_code: let a model folder's `auto_map` run the code it ships (never needed for hybrid models).
         allow_pickle: load pickled `pytorch_model.bin` weights when a folder has no safetensors.
         quiet: no summary printed.
+        distill_from: a teacher causal LM (folder, Hub id or loaded model; usually the host the model was converted
+            from): the loss adds `distill_weight * KL(teacher || model)` of the next-token distributions
+            (`distillation.DistillationTrainer`), a recovery fine-tune that keeps the teacher's predictions on
+            other text while local-only layers adapt.
+        distill_weight: weight of that KL term (> 0).
 
     Raises:
         ValueError, OSError: bad input (one-line messages); ValueError also when the loss becomes NaN or infinite
@@ -270,6 +277,9 @@ def finetune(
         logging_steps=logging_steps, save_steps=save_steps, seed=seed, lr=lr, eval_fraction=eval_fraction,
         span_loss_coef=span_loss_coef,
     )  # fmt: skip
+    weight_ok = isinstance(distill_weight, (int, float)) and not isinstance(distill_weight, bool)
+    if distill_from is not None and not (weight_ok and 0 < distill_weight < 1e6):
+        raise UsageError(f"distill-weight must be a number in (0, 1e6), got {distill_weight!r}")
     output = Path(output).expanduser().absolute() if output is not None else None
     if output is None and (save_steps is not None or resume):
         raise UsageError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
@@ -292,6 +302,9 @@ def finetune(
         "lora_r": lora_r, "lora_alpha": lora_alpha, "span_loss_coef": span_loss_coef, "settings": settings,
         "hybrid": hybrid, "eval_fraction": eval_fraction,
     }  # fmt: skip
+    if distill_from is not None:
+        teacher_name = distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from
+        run.update(distill_from=str(teacher_name), distill_weight=distill_weight)
     checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
     resume_from = resume_point(checkpoints, run, resume) if checkpoints is not None else None
     if resume_from is not None and save_steps is None:
@@ -377,7 +390,16 @@ def finetune(
             dataloader_num_workers=0,
             accelerator_config={"use_configured_state": True} if configured else None,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
+        trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
+        if distill_from is None:
+            trainer = Trainer(**trainer_kwargs)
+        else:
+            from .distillation import DistillationTrainer
+
+            teacher = distill_from
+            if not isinstance(teacher, PreTrainedModel):
+                teacher = load_source(str(teacher), "causal_lm", tokenizer_required=False)[0]
+            trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher, distill_weight=distill_weight)
         add_span_logging(trainer)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
@@ -435,9 +457,9 @@ def finetune(
                     "batch size (per process)": batch_size,
                     "processes": num_processes if result.sharding is None else f"{num_processes} ({result.sharding})",
                     "learning rate": lr,
-                    "method": f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged"
-                    if lora
-                    else "full fine-tuning",
+                    "method": (f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full "
+                    "fine-tuning") + (f", distilled from {run['distill_from']} (weight {distill_weight:g})"
+                    if distill_from is not None else ""),
                     "perplexity before (held-out, LM loss only)": ppl_before,
                     "perplexity after": ppl_after,
                 }

@@ -31,6 +31,7 @@ from hybrid_hf import commands, hybrid_layers
 from hybrid_hf.callbacks import SpanLoggingCallback, add_span_logging
 from hybrid_hf.cards import write_model_card
 from hybrid_hf.data import perplexity, text_dataset
+from hybrid_hf.distillation import DistillationTrainer, distillation_loss
 from hybrid_hf.finetuning import finetune
 from hybrid_hf.lora import get_lora_model, lora_config
 
@@ -694,3 +695,40 @@ def test_span_logging_under_lora(tmp_path, dataset):
     trainer.train()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert train_logs and all({"span/mean", "temperature/mean", "span/layer_00"} <= set(e) for e in train_logs)
+
+
+def test_distillation_loss_by_hand():
+    teacher = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))  # (1, 2, 2)
+    student = torch.log(torch.tensor([[[0.8, 0.2], [0.3, 0.7]]]))
+    first = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    second = 0.9 * math.log(0.9 / 0.3) + 0.1 * math.log(0.1 / 0.7)
+    assert distillation_loss(student, teacher).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert distillation_loss(student, teacher, torch.tensor([[1, 0]])).item() == pytest.approx(first, rel=1e-6)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_recovery_by_distillation_keeps_the_host_predictions(tmp_path, tokenizer):
+    """A model with a local-only layer, fine-tuned on text with and without distillation from its host: the
+    distilled one stays closer to the host's predictions on other text; the trainer's loss is the model's own loss
+    plus the weighted KL."""
+    host = tiny_llama(seed=2)
+    eval_ids = torch.tensor([tokenizer(make_text(40, seed=6))["input_ids"][:64]])
+
+    def local():
+        return hybrid_hf.convert(host, max_span=2, ramp=1, local_layers=[0], sink_tokens=1)
+
+    def kl_from_host(model):
+        with torch.no_grad():
+            return distillation_loss(model(eval_ids).logits, host(eval_ids).logits).item()
+
+    model = local()
+    trainer = DistillationTrainer(model=model, args=training_args(tmp_path, max_steps=1), teacher=host,
+                                  distill_weight=0.5)
+    inputs = {"input_ids": eval_ids, "labels": eval_ids}
+    with torch.no_grad():
+        expected = model(**inputs).loss + 0.5 * distillation_loss(model(eval_ids).logits, host(eval_ids).logits)
+        torch.testing.assert_close(trainer.compute_loss(model, inputs), expected, rtol=1e-5, atol=1e-6)
+    run = dict(tokenizer=tokenizer, texts=[TEXT], steps=15, seq_len=32, lr=3e-3, use_cpu=True, quiet=True)
+    plain = finetune(local(), None, **run)
+    distilled = finetune(local(), None, **run, distill_from=host, distill_weight=10.0)
+    assert kl_from_host(distilled.model) < 0.5 * kl_from_host(plain.model)

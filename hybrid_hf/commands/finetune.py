@@ -76,6 +76,15 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="load pickled pytorch_model.bin weights (they can run code) when there are no safetensors",
     )
+    parser.add_argument(
+        "--distill-from",
+        metavar="MODEL",
+        help="a teacher causal LM (usually the model OUTPUT's model was converted from): the loss adds the KL "
+        "divergence from its next-token distribution, a recovery fine-tune for local-only layers",
+    )
+    parser.add_argument(
+        "--distill-weight", type=float, default=1.0, metavar="W", help="weight of that KL term (default 1)"
+    )
     add_setting_arguments(parser, "hybrid settings (all but --span-loss-coef apply when converting a host model)")
     return parser
 
@@ -105,5 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         use_cpu=True if args.cpu else None,
+        distill_from=args.distill_from,
+        distill_weight=args.distill_weight,
     )
     return 0
