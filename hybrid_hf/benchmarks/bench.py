@@ -75,6 +75,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -88,6 +89,7 @@ from ..errors import UsageError, first_line
 from . import costs
 from .harness import BenchContext, keep_freed_memory
 from .kernels import bench_adaptive, bench_flops, bench_kernel, bench_longformer, bench_seed
+from .long import bench_long
 from .models import bench_model
 from .report import markdown_table, plot
 
@@ -101,6 +103,7 @@ SECTIONS: dict[str, Callable[[BenchContext], list[dict]]] = {
     "flops": bench_flops,
     "model": bench_model,
     "lengths": costs.bench_lengths,
+    "long": bench_long,
 }
 
 
@@ -134,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reference-max-n", type=int, default=4096, help="largest N for the dense O(N^2) reference (default 4096)"
+    )
+    parser.add_argument(
+        "--long-tokens", type=int, default=8192, metavar="N", help="context length of the long section (default 8192)"
+    )
+    parser.add_argument(
+        "--long-fractions",
+        default="0,0.25,0.5,0.75",
+        metavar="F,G,...",
+        help="shares of the layers made local-only in the long section (default 0,0.25,0.5,0.75)",
+    )
+    parser.add_argument(
+        "--long-recovery-steps",
+        type=int,
+        default=0,
+        metavar="S",
+        help="recovery fine-tune steps (LoRA, distillation from the original) of each model with local-only layers "
+        "in the long section, measured again after (default 0: none)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds")
@@ -173,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 2 if args.quick else 5
     if args.case_budget is None:
         args.case_budget = 1.0 if args.quick else 10.0
+    fractions = [part.strip() for part in args.long_fractions.split(",") if part.strip()]
+    if not fractions or not all(re.fullmatch(r"0(\.\d*)?|1(\.0*)?|\.\d+", part) for part in fractions):
+        raise UsageError(f"--long-fractions must be comma-separated numbers in [0, 1], got {args.long_fractions!r}")
+    args.long_fractions = tuple(float(part) for part in fractions)
+    if args.long_recovery_steps < 0:
+        raise UsageError(f"--long-recovery-steps must be >= 0, got {args.long_recovery_steps}")
     for flag, value in (
+        ("long-tokens", args.long_tokens),
         ("repeats", args.repeats),
         ("threads", args.threads),
         ("reference-max-n", args.reference_max_n),
@@ -208,6 +235,9 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
         case_budget_s=args.case_budget,
         reference_max_n=args.reference_max_n,
         seed=args.seed,
+        long_tokens=args.long_tokens,
+        long_fractions=args.long_fractions,
+        long_recovery_steps=args.long_recovery_steps,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

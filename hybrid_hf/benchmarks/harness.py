@@ -106,6 +106,9 @@ class BenchContext:
     case_budget_s: float = 10.0
     reference_max_n: int = 4096
     seed: int = 0
+    long_tokens: int = 8192
+    long_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    long_recovery_steps: int = 0
     log: Callable[[str], None] = field(default=lambda message: tqdm.write(message, file=sys.stderr))
 
     def sync(self) -> None:
