@@ -44,6 +44,9 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
 
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    long = [row for row in rows if row["section"] == "long"]
+    assert {row["impl"] for row in long} >= {"original", "0% local-only", "50% local-only", "hybrid layer state"}
+    assert (out / "long.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_unknown_section_is_an_error(tmp_path, capsys):
@@ -94,6 +97,29 @@ def test_targets_table_sets_each_measure_beside_its_target():
     ]
     assert costs.targets_table(rows).endswith(" | met |\n")
     assert costs.targets_table(rows[:1]) == ""  # no measure of the run has a target
+
+
+def test_long_targets_read_the_half_local_model_after_its_recovery():
+    half = "50% local-only"
+    rows = [
+        target_row("long", "prefill (forward with cache)", 8192, impl="25% local-only", cache_converted__original=0.2),
+        target_row("long", "prefill (forward with cache)", 8192, impl=half, cache_converted__original=0.53,
+                   time_converted__original=0.9),
+        target_row("long", "greedy decoding after the prompt", 8192, impl=half, tokens__s_converted__original=1.3),
+        dict(target_row("long", "perplexity, hamlet", 8192, impl=half, perplexity_converted__original=1.2),
+             stage="before recovery"),
+        dict(target_row("long", "perplexity, hamlet", 8192, impl=half, perplexity_converted__original=1.02),
+             stage="after recovery"),
+        target_row("long", "decoding state", 8192, impl="hybrid layer state", state_hybrid__host_KV=1.02),
+    ]  # fmt: skip
+    assert costs.targets_table(rows).splitlines()[2:] == [
+        "| cache bytes, half the layers local-only / original, N=8192 | 0.53 | <= 0.55 | met |",
+        "| prefill time, half the layers local-only / original, N=8192 | 0.90 | <= 0.85 | **missed** |",
+        "| decoding tokens/s, half the layers local-only / original, 8192-token context | 1.30 | >= 1.25 | met |",
+        "| perplexity on Hamlet, half the layers local-only / original, N=8192 (after recovery) | 1.02 | <= 1.03 "
+        "| met |",
+        "| decoding state of a hybrid layer / the host layer's KV cache, bfloat16, N=8192 | 1.02 | <= 1.05 | met |",
+    ]
 
 
 def test_decoding_is_timed_after_the_prompt_and_the_warm_up_steps():

@@ -91,7 +91,7 @@ from .harness import BenchContext, keep_freed_memory
 from .kernels import bench_adaptive, bench_flops, bench_kernel, bench_longformer, bench_seed
 from .long import bench_long
 from .models import bench_model
-from .report import markdown_table, plot
+from .report import markdown_table, plot, plot_long
 
 # Section name -> function returning rows. Add new sections here.
 SECTIONS: dict[str, Callable[[BenchContext], list[dict]]] = {
@@ -312,8 +312,11 @@ def _run(args: argparse.Namespace, names: list[str], device: torch.device) -> in
     (out / "bench.md").write_text(header + table)
     title = f"hybrid_hf bench: {device_name}, {meta['threads']} threads, torch {meta['torch']}"
     plot(rows, out / "bench.png", title=title)
+    written = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    if plot_long(rows, out / "long.png", title=f"long context: {title}"):
+        written.append(out / "long.png")
     print(header + table)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

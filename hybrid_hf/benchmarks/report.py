@@ -85,3 +85,40 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         right.text(value, position, f" {value:.2f}x", va="center", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
+
+
+def plot_long(rows: list[dict], path: Path, title: str) -> bool:
+    """Quality against cache size for the `long` section: each model's perplexity ratio to the original (one
+    marker per text, hollow before the recovery fine-tune, filled after) against its cache bytes ratio. False (and
+    nothing written) when the run has no `long` rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cache = {row["impl"]: row["ratios"].get("cache converted/original") for row in rows
+             if row["section"] == "long" and row["mode"].startswith("prefill")}  # fmt: skip
+    points = [row for row in rows if row["section"] == "long" and row["mode"].startswith("perplexity")
+              and row["impl"] != "original" and cache.get(row["impl"]) is not None]  # fmt: skip
+    if not points:
+        return False
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots()
+    for text, color in (("hamlet", "tab:blue"), ("lee news", "tab:orange")):
+        for stage, fill in (("before recovery", "none"), ("after recovery", color)):
+            chosen = [row for row in points if row["mode"].endswith(text) and row.get("stage") == stage]
+            if chosen:
+                axes.scatter([cache[row["impl"]] for row in chosen],
+                             [row["ratios"]["perplexity converted/original"] for row in chosen],
+                             facecolors=fill, edgecolors=color, s=60, label=f"{text}, {stage}")  # fmt: skip
+                for row in chosen:
+                    axes.annotate(row["impl"].replace(" local-only", ""), (cache[row["impl"]],
+                                  row["ratios"]["perplexity converted/original"]), fontsize=7,
+                                  xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xlabel("cache bytes after the prompt, converted / original")
+    axes.set_ylabel("perplexity, converted / original")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return True
