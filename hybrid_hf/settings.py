@@ -22,7 +22,7 @@ SETTINGS = {
     "tau_min": "local softmax temperature at the shortest span",
     "tau_max": "local softmax temperature at the longest span",
     "span_per_head": "one span per token and head (--no-span-per-head: one per token, shared by its heads)",
-    "hybrid_layers": "comma-separated indices of the layers to make hybrid, e.g. 0,1,2, or 'all'",
+    "hybrid_layers": "comma-separated indices of the layers to make hybrid, e.g. 0,1,2, 'all' or 'none'",
     "initial_span": "initial span as a fraction of --max-span, in (0, 1)",
     "span_loss_coef": "weight of the span penalty mean(span) / max_span added to the loss",
     "local_layers": "comma-separated indices of the layers to make local-only (no global attention: cheaper at long "
@@ -48,8 +48,12 @@ def _indices(text: str, words: str) -> list[int]:
 
 
 def layer_list(text: str) -> list[int] | None:
-    """Parse `--hybrid-layers`: comma-separated indices, or `all` (None)."""
-    return None if text.strip().lower() == "all" else _indices(text, "'all'")
+    """Parse `--hybrid-layers`: comma-separated indices, `all` (None) or `none` (`[]`: with local-only layers, the
+    other layers stay the host's)."""
+    word = text.strip().lower()
+    if word in ("all", "none"):
+        return None if word == "all" else []
+    return _indices(text, "'all' or 'none'")
 
 
 def local_layer_list(text: str) -> list[int] | str:
@@ -88,6 +92,11 @@ def check_settings(settings: dict[str, Any], host_config=None) -> None:
     """Validate `settings` (against `host_config`'s layers and positions when given) before any weight is loaded;
     a bad value is a `UsageError` naming the setting."""
     check_setting_names(settings)
+    if settings.get("local_layers") == "auto":
+        raise UsageError(
+            "--local-layers auto is chosen on calibration text by `hybrid-hf convert ... --calibration FILE`; "
+            "convert first, then fine-tune the converted folder"
+        )
     try:
         if host_config is None:
             HybridSettings(**settings)
