@@ -105,6 +105,17 @@ def test_cached_generation_equals_uncached_past_the_window_and_the_sinks(padding
     assert out.past_key_values.layers[0].keys.shape[2] == 49
 
 
+@pytest.mark.parametrize("model_type,overrides", [("gemma3_text", {}), ("mistral", {"sliding_window": 5}),
+                                                  ("gpt2", {})])  # fmt: skip
+def test_other_families_decode_local_layers_as_they_run_whole(model_type, overrides):
+    """Gemma 3 (sliding and full layers), a Mistral whose every layer slides (no sinks then), GPT-2."""
+    hybrid = convert(tiny_host(model_type, **overrides), local_layers=[0], **SETTINGS)
+    perturb(hybrid)
+    input_ids, mask = batch(model_type, length=20, padding="left")
+    cached = hybrid.eval().generate(input_ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(cached, hybrid.generate(input_ids, attention_mask=mask, use_cache=False, **GREEDY))
+
+
 def test_left_padded_row_generates_what_it_generates_alone():
     hybrid = local_model()
     input_ids, mask = batch("llama", length=20, padding="left")
