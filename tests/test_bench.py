@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 
 from hybrid_hf import commands
 from hybrid_hf.benchmarks import bench, costs
-from hybrid_hf.benchmarks.decoding import StepWindow, decoding_rates, greedy
+from hybrid_hf.benchmarks.decoding import StepWindow, _prefill, decoding_rates, greedy
 from hybrid_hf.benchmarks.harness import BenchContext
 
 
@@ -130,7 +130,7 @@ def test_decoding_is_timed_after_the_prompt_and_the_warm_up_steps():
     seen = []
     window = StepWindow(3)
     window.on_start = lambda: seen.append(window.calls)
-    seconds = greedy(model, prompt, 6, window)
+    seconds, _ = greedy(model, prompt, 6, window)
     assert window.calls == 6 and seen == [3] and seconds > 0
 
     ctx = BenchContext(device=torch.device("cpu"), repeats=2, memory=False)
@@ -138,6 +138,21 @@ def test_decoding_is_timed_after_the_prompt_and_the_warm_up_steps():
     assert len(measured["a"].times_ms) == 2 and rates["a"] > 0
     with pytest.raises(ValueError, match="new_tokens"):
         decoding_rates(ctx, {"a": model}, prompt, new_tokens=3, warmup=2)
+
+
+def test_prefilled_decoding_starts_from_a_copy_of_the_prompts_cache():
+    """Decoding from a copy of the prompt's cache yields the tokens of a plain greedy call, for the host and for a
+    model with local-only layers past its window and sinks, and leaves the prefilled cache as it was."""
+    from test_local_layers import local_model
+
+    prompt = torch.randint(4, 90, (1, 30), generator=torch.Generator().manual_seed(0))
+    for model in (tiny_llama(), local_model(layers=3, local=(0, 2))):
+        _, expected = greedy(model, prompt, 12, StepWindow(1))
+        ids, cache = _prefill(model, prompt)
+        held = cache.get_seq_length()
+        _, tokens = greedy(model, ids, 11, StepWindow(1), cache)
+        assert torch.equal(tokens, expected)
+        assert cache.get_seq_length() == held
 
 
 FRESH_PAGES = """

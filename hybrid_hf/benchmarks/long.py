@@ -9,7 +9,8 @@ process run:
 
 - prefill: one forward over the first N tokens of *Hamlet* (logits of the last position only), time;
 - cache: the bytes the cache holds after that prefill (keys, values and the hybrid layers' context state);
-- decoding: greedy tokens/s after that N-token prompt (`decoding.decoding_rates`);
+- decoding: greedy tokens/s after that N-token prompt, each timed call starting from a copy of the prompt's cache
+  (`decoding.decoding_rates` with `prefilled`);
 - perplexity: over the first N tokens of *Hamlet* and of the Lee news corpus, one window each.
 
 With `--long-recovery-steps S` (0 skips), each model with local-only layers then gets a recovery fine-tune of S steps
@@ -123,7 +124,7 @@ def bench_long(ctx: BenchContext) -> list[dict]:
         add(name, "prefill (forward with cache, no grad)", measured[name], ratios,
             f"cache {held[name] / 2**20:.1f} MiB", cache_bytes=held[name])  # fmt: skip
 
-    measured, rate = decoding_rates(ctx, models, prompt, new_tokens=6 if ctx.quick else 10)
+    measured, rate = decoding_rates(ctx, models, prompt, new_tokens=6 if ctx.quick else 32, prefilled=True)
     for name in models:
         add(name, "greedy decoding after the prompt", measured[name],
             {"tokens/s converted/original": rate[name] / rate["original"]}, f"{rate[name]:.2f} tokens/s",

@@ -57,7 +57,7 @@ def profile_decoding(model, prompt: torch.Tensor, steps: int, warmup: int, profi
     forwards (and `generate`'s own work around them) and the profile of the same window (None when not `profiled`).
     """
     prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
-    seconds = greedy(model, prompt, warmup + steps, StepWindow(warmup + 1, prof.start if profiled else None))
+    seconds, _ = greedy(model, prompt, warmup + steps, StepWindow(warmup + 1, prof.start if profiled else None))
     if prof is not None:
         prof.stop()
     return seconds * 1e3, prof

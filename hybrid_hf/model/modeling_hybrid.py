@@ -350,8 +350,8 @@ def _cropped_length(length: int, tokens_to_remove: int) -> int:
 class SinkWindowLayer(DynamicSlidingWindowLayer):
     """The KV cache layer of a local-only layer: transformers' sliding-window layer that also keeps the first
     `sink_slots` positions (the attention sinks). After each update it holds those and the last
-    `sliding_window - 1 + history` positions, so `crop` can remove up to `history` tokens; `update` returns the kept
-    positions plus the new ones, the sinks first.
+    `sliding_window - 1 + history` positions, so `crop` can remove up to `history` tokens; `update` returns the sinks
+    first, then contiguous positions up to the new ones: at least the window of every new query.
 
     Masks see it as a full-attention layer (`get_mask_sizes` of every position): only the host's other layers use
     them, since a local-only layer computes no global attention.
@@ -370,14 +370,27 @@ class SinkWindowLayer(DynamicSlidingWindowLayer):
             return states
         return torch.cat([states[..., : self.sink_slots, :], states[..., -recent:, :]], dim=-2)
 
+    def _append(self, held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(what the new queries read, what the layer keeps)`: one copy when a step adds at most `history`
+        positions (decoding), two for a longer chunk (a prompt)."""
+        recent = self.sliding_window - 1 + self.history
+        length = held.shape[-2] + new.shape[-2]
+        if new.shape[-2] <= self.history and length > self.sink_slots + recent:
+            # the positions kept hold every key the new queries read
+            start = length - recent
+            states = torch.cat([held[..., : self.sink_slots, :], held[..., start:, :], new], dim=-2)
+            return states, states
+        states = torch.cat([held, new], dim=-2)
+        return states, self._kept(states)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = self._kept(keys), self._kept(values)
+        keys, self.keys = self._append(self.keys, key_states)
+        values, self.values = self._append(self.values, value_states)
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
