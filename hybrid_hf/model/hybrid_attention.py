@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -410,20 +411,9 @@ def adaptive_local_attention(
     `scaled_dot_product_attention` calls with `log m` as their float mask.
     """
     offset = _check_attention_inputs(
-        query,
-        key,
-        value,
-        span,
-        temperature,
-        max_span,
-        ramp,
-        causal,
-        key_mask,
-        query_offset,
-        max_distance,
-        segment_ids,
-        sink_mask,
-    )
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        segment_ids, sink_mask,
+    )  # fmt: skip
     batch, heads, length, _ = query.shape
     if length == 0:
         return query.new_zeros((batch, heads, 0, value.shape[3]))
@@ -443,24 +433,10 @@ def adaptive_local_attention(
     if max_distance is not None:
         reach = min(reach, max_distance + 1)
     return _banded_attention(
-        query,
-        key,
-        value,
-        span,
-        temperature,
-        key_mask,
-        segment_ids,
-        max_span=max_span,
-        ramp=ramp,
-        causal=causal,
-        scaling=scaling,
-        offset=offset,
-        reach=reach,
-        max_distance=max_distance,
-        block_size=block_size,
-        tracking=tracking,
-        sink_mask=sink_mask,
-    )
+        query, key, value, span, temperature, key_mask, segment_ids, max_span=max_span, ramp=ramp, causal=causal,
+        scaling=scaling, offset=offset, reach=reach, max_distance=max_distance, block_size=block_size,
+        tracking=tracking, sink_mask=sink_mask,
+    )  # fmt: skip
 
 
 def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8) -> int:
@@ -476,6 +452,30 @@ def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8
     step = -(-band // buckets)
     needed = int(math.ceil(top.item())) + ramp
     return min(band, -(-needed // step) * step)
+
+
+class _Sinks(NamedTuple):
+    """The sink slots of a band: their keys `(B, H_kv, K, D)` (in the compute dtype), values `(B, H_kv, K, D_v)`,
+    and whether each query reads each of them `(B, N, K)`."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    valid: torch.Tensor
+
+    def append_to(self, windows: torch.Tensor, value: bool = False) -> torch.Tensor:
+        """Windows of keys or values `(B, H_kv, ..., W, D)` with the sinks after each: `(B, H_kv, ..., W + K, D)`."""
+        sinks = self.value if value else self.key  # (B, H_kv, K, D)
+        extra = windows.dim() - sinks.dim()
+        sinks = sinks.view(*sinks.shape[:2], *(1,) * extra, *sinks.shape[2:])
+        return torch.cat([windows, sinks.expand(*windows.shape[:-2], *sinks.shape[-2:])], dim=-2)
+
+
+def _log_soft_mask(reach: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Tensor:
+    """`log m`, the float mask of an SDPA call, with -inf where `m = 0`. log(0) takes a slow path (~10x): clamp to
+    the smallest normal, log, then -inf at log(tiny)."""
+    tiny = torch.finfo(distance.dtype).tiny
+    bias = torch.sub(reach, distance).div_(ramp).clamp_(tiny, 1).log_()
+    return F.threshold_(bias, math.log(tiny) * (1 - 1e-6), -math.inf)
 
 
 def _banded_attention(
@@ -504,45 +504,23 @@ def _banded_attention(
     kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
     scaling = head_dim**-0.5 if scaling is None else scaling
-    left = reach - 1
-    right = 0 if causal else reach - 1
+    left, right = reach - 1, 0 if causal else reach - 1
     compute = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (or float64) at least
     # Inference on the CPU in float32/64: fused SDPA calls (whose CPU kernel returns zeros for empty rows) with the
-    # float mask log(m); log(0) takes a slow path (~10x): clamp to the smallest normal, log, then -inf at log(tiny).
+    # float mask log(m).
     sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
-    tiny = torch.finfo(compute).tiny
-    sinks = 0 if sink_mask is None else sink_mask.shape[1]
-    if sinks:  # the sink slots leave the band; each window gets them as `sinks` extra slots at distance 0 (m = 1)
+    # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
+    scale = scaling / temperature.to(compute)  # (B, H, N)
+    sinks = None
+    if sink_mask is not None:  # the sink slots leave the band; each window gets them as extra slots at distance 0
         positions = offset + torch.arange(length, device=query.device)
         sink_valid = _sink_validity(sink_mask, positions, causal, key_mask, max_distance, segment_ids)  # (B, N, K)
         key_mask = _band_key_mask(key_mask, sink_mask, keys)
-        sink_key, sink_value = key[:, :, :sinks].to(compute), value[:, :, :sinks]  # (B, H_kv, K, D), (B, H_kv, K, D_v)
+        count = sink_mask.shape[1]
+        sinks = _Sinks(key[:, :, :count].to(compute), value[:, :, :count], sink_valid)
     if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
-        start, stop = max(0, offset - left), min(keys, offset + right + 1)
-        distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
-        if not causal:
-            distance = distance.abs_()
-        if max_distance is not None:
-            distance = distance.masked_fill_(distance > max_distance, math.inf)
-        if key_mask is not None:
-            distance = distance.masked_fill(key_mask[:, None, None, start:stop] == 0, math.inf)  # (B, 1, 1, W)
-        z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
-        q = query.to(compute).view(batch, kv_heads, groups, head_dim)
-        q = q * (scaling / temperature.to(compute)).view(batch, kv_heads, groups, 1)
-        k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
-        if sinks:
-            sink_distance = _sink_distance(sink_valid, compute).view(batch, 1, 1, sinks)  # (B, 1, 1, K)
-            distance = torch.cat([sink_distance, distance.expand(batch, 1, 1, -1)], dim=-1)  # (B, 1, 1, K + W)
-            k, v = torch.cat([sink_key, k], dim=2), torch.cat([sink_value, v], dim=2)
-        if sdpa_path:
-            bias = torch.sub(z, distance).div_(ramp).clamp_(tiny, 1).log_()  # (B, H_kv, G, W)
-            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), -math.inf)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H_kv, G, D_v)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, W)
-            probs = _soft_masked_softmax(scores, _soft_mask(z, distance, ramp))[0]
-            out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, D_v)
-        return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
+        step = (offset, left, right, causal, ramp, max_distance)
+        return _decode_band(query, key, value, span, scale, key_mask, step, sdpa_path, sinks)
     if block_size is None:
         block_size = 32 if sdpa_path else 64
 
@@ -557,8 +535,6 @@ def _banded_attention(
     # so every block multiplies (G * block) queries with its own window of keys, and keys are never repeated per head.
     z = F.pad(span.to(compute), (0, pad_q)).view(batch, kv_heads, groups, num_blocks, block, 1).transpose(2, 3)
     z = (z + ramp).contiguous()  # the reach z + ramp, (B, H_kv, nb, G, block, 1), laid out as the scores
-    # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
-    scale = scaling / temperature.to(compute)  # (B, H, N)
 
     # Key positions offset - left ... offset + padded - 1 + right, out-of-range ones padded and marked invalid.
     start, stop = offset - left, offset + padded + right
@@ -580,64 +556,129 @@ def _banded_attention(
         distance = distance.masked_fill(distance > max_distance, max_span + ramp)
     # The soft mask is m = clamp((z + ramp - distance) / ramp, 0, 1), with the distance +inf where unreadable.
     distance = distance.to(compute)  # (block, width)
-    if sinks:  # per block: (B, 1, nb, 1, block, K), 0 where the sink is read, +inf where not
-        sink_valid = F.pad(sink_valid, (0, 0, 0, pad_q)).view(batch, 1, num_blocks, 1, block, sinks)
-
-    if sdpa_path:
-        # Fused SDPA calls with the float mask log(m) (-inf outside), in chunks of blocks: each chunk lays out its
-        # own queries, key/value windows and mask, a few MB that the allocator reuses from chunk to chunk, and writes
-        # into the one output tensor. (Tensors over the whole sequence, past the C allocator's 32 MB threshold at
-        # 16K tokens, come fresh from the operating system on every call: a page fault per 4 KiB page.)
-        flat, out_shape = batch * kv_heads, (batch, kv_heads, groups, num_blocks, block, value_dim)
-        out = query.new_empty(out_shape)  # (B, H_kv, G, nb, block, D_v), i.e. (B, H, padded, D_v)
-        step = max(1, (1 << 20) // (flat * groups * block * width))
-        if torch.compiler.is_compiling():  # one chunk: a traced loop would unroll into a graph that grows with N
-            step = num_blocks
-        for first in range(0, num_blocks, step):
-            last = min(num_blocks, first + step)
-            rows, begin, end = slice(first * block, last * block), start + first * block, start + last * block
-            q = _block_queries(query[:, :, rows], scale[:, :, rows], kv_heads, block)  # (B, H_kv, c, G * block, D)
-            windows = (begin, end + width - block, width, block)  # the keys the chunk's blocks read
-            k = _windows(key.to(compute), *windows).transpose(-1, -2)  # (B, H_kv, c, width, D)
-            v = _windows(value, *windows).transpose(-1, -2)  # (B, H_kv, c, width, D_v)
-            dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, c, 1, block, width)
-            if sinks:  # the sinks after each window: (B, H_kv, c, width + K, D); distances (..., block, width + K)
-                chunk_blocks = (-1, -1, last - first, -1, -1)
-                k = torch.cat([k, sink_key[:, :, None].expand(chunk_blocks)], dim=3)
-                v = torch.cat([v, sink_value[:, :, None].expand(chunk_blocks)], dim=3)
-                sink_dist = _sink_distance(sink_valid[:, :, first:last], compute)
-                dist = torch.cat([dist.expand(*sink_dist.shape[:-1], width), sink_dist], dim=-1)
-            bias = torch.sub(z[:, :, first:last], dist).div_(ramp).clamp_(tiny, 1).log_()
-            F.threshold_(bias, math.log(tiny) * (1 - 1e-6), float("-inf"))
-            chunk = (flat, last - first)
-            slots = k.shape[3]  # width (+ sinks)
-            o = F.scaled_dot_product_attention(
-                q.reshape(*chunk, groups * block, head_dim),
-                k.reshape(*chunk, slots, head_dim),
-                v.reshape(*chunk, slots, value_dim),
-                attn_mask=bias.reshape(*chunk, groups * block, slots),
-                scale=1.0,
-            )  # (B * H_kv, c, G * block, D_v); empty rows -> zeros
-            out[:, :, :, first:last] = o.view(batch, kv_heads, last - first, groups, block, value_dim).transpose(2, 3)
-        return out.view(batch, heads, padded, value_dim)[:, :, :length]
-    k_t = _windows(key.to(compute), start, stop, width, block)  # (B, H_kv, nb, D, width): views of one copy
-    v = _windows(value, start, stop, width, block).transpose(-1, -2)  # (B, H_kv, nb, width, D_v)
-    if sinks:  # the sinks after each window: width + K slots, read at distance 0 where `sink_valid`
-        k_t = torch.cat([k_t, sink_key.transpose(-1, -2)[:, :, None].expand(-1, -1, num_blocks, -1, -1)], dim=-1)
-        v = torch.cat([v, sink_value[:, :, None].expand(-1, -1, num_blocks, -1, -1)], dim=-2)
-        distance = torch.cat([distance, distance.new_zeros(block, sinks)], dim=-1)  # (block, width + K)
+    if sinks is not None:  # the sinks after each window: width + K slots, read at distance 0 where valid
+        sink_valid = F.pad(sinks.valid, (0, 0, 0, pad_q)).view(batch, 1, num_blocks, 1, block, -1)
+        distance = torch.cat([distance, distance.new_zeros(block, sink_valid.shape[-1])], dim=-1)  # (block, slots)
         valid = torch.cat([valid.expand(*sink_valid.shape[:-1], width), sink_valid], dim=-1)
-    if tracking:
-        out = _BandAttention.apply(query, scale, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
+
+    windows = (start, stop, width, block)
+    if sdpa_path:
+        out = _sdpa_band(query, key.to(compute), value, scale, z, distance, valid, windows, ramp, sinks)
     else:
-        q = _block_queries(query, scale, kv_heads, block)  # (B, H_kv, nb, G * block, D)
-        scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, width), fresh: reused in place
-        scores = scores.view(batch, kv_heads, num_blocks, groups, block, k_t.shape[-1])
-        probs = _soft_masked_softmax(scores, _soft_mask(z, _slot_distance(distance, valid), ramp))[0]
-        probs = probs.view(batch, kv_heads, num_blocks, groups * block, k_t.shape[-1])
-        out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
+        k = _windows(key.to(compute), *windows).transpose(-1, -2)  # (B, H_kv, nb, width, D): views of one copy
+        v = _windows(value, *windows).transpose(-1, -2)  # (B, H_kv, nb, width, D_v)
+        if sinks is not None:
+            k, v = sinks.append_to(k), sinks.append_to(v, value=True)  # (B, H_kv, nb, width + K, D)
+        k_t = k.transpose(-1, -2)  # (B, H_kv, nb, D, slots)
+        if tracking:
+            out = _BandAttention.apply(query, scale, k_t, v, z, distance, valid, ramp)  # (B, H_kv, nb, G * block, D_v)
+        else:
+            q = _block_queries(query, scale, kv_heads, block)  # (B, H_kv, nb, G * block, D)
+            scores = torch.matmul(q, k_t)  # (B, H_kv, nb, G * block, slots), fresh: reused in place
+            scores = scores.view(batch, kv_heads, num_blocks, groups, block, k_t.shape[-1])
+            probs = _soft_masked_softmax(scores, _soft_mask(z, _slot_distance(distance, valid), ramp))[0]
+            probs = probs.view(batch, kv_heads, num_blocks, groups * block, k_t.shape[-1])
+            out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, nb, G * block, D)
     out = out.view(batch, kv_heads, num_blocks, groups * block, value_dim)
     return _unblock(out, heads, length).to(query.dtype)  # (B, H, N, D_v)
+
+
+def _decode_band(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    scale: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    step: tuple[int, int, int, bool, int, int | None],
+    sdpa_path: bool,
+    sinks: _Sinks | None,
+) -> torch.Tensor:
+    """The band for one query `(B, H, 1, D)` (a decoding step), no blocks to set up: the keys `offset - left` to
+    `offset + right` (`step` = `(offset, left, right, causal, ramp, max_distance)`) and the sinks, `scale` `(B, H, 1)`
+    the logit factor `scaling / temperature` in the compute dtype. Returns `(B, H, 1, D_v)`."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
+    groups = heads // kv_heads
+    offset, left, right, causal, ramp, max_distance = step
+    compute = torch.promote_types(query.dtype, torch.float32)
+    start, stop = max(0, offset - left), min(keys, offset + right + 1)
+    distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
+    if not causal:
+        distance = distance.abs_()
+    if max_distance is not None:
+        distance = distance.masked_fill_(distance > max_distance, math.inf)
+    if key_mask is not None:
+        distance = distance.masked_fill(key_mask[:, None, None, start:stop] == 0, math.inf)  # (B, 1, 1, W)
+    z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
+    q = query.to(compute).view(batch, kv_heads, groups, head_dim) * scale.view(*z.shape)
+    k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
+    if sinks is not None:  # (B, H_kv, W + K, D); distances (B, 1, 1, W + K)
+        k, v = sinks.append_to(k), sinks.append_to(v, value=True)
+        sink_distance = _sink_distance(sinks.valid, compute).view(batch, 1, 1, -1)
+        distance = torch.cat([distance.expand(batch, 1, 1, -1), sink_distance], dim=-1)
+    if sdpa_path:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_log_soft_mask(z, distance, ramp), scale=1.0)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H_kv, G, W)
+        probs = _soft_masked_softmax(scores, _soft_mask(z, distance, ramp))[0]
+        out = torch.matmul(probs.to(value.dtype), v)  # (B, H_kv, G, D_v)
+    return out.reshape(batch, heads, 1, value_dim).to(query.dtype)
+
+
+def _sdpa_band(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: torch.Tensor,
+    reach: torch.Tensor,
+    distance: torch.Tensor,
+    valid: torch.Tensor,
+    windows: tuple[int, int, int, int],
+    ramp: int,
+    sinks: _Sinks | None,
+) -> torch.Tensor:
+    """The band at inference on the CPU: fused SDPA calls with the float mask `log m` (-inf outside), in chunks of
+    blocks. Each chunk lays out its own queries, key/value windows and mask, a few MB that the allocator reuses from
+    chunk to chunk, and writes into the one output tensor. (Tensors over the whole sequence, past the C allocator's
+    32 MB threshold at 16K tokens, come fresh from the operating system on every call: a page fault per 4 KiB page.)
+
+    `reach` `(B, H_kv, nb, G, block, 1)`, `distance` `(block, slots)` and `valid` (broadcastable to
+    `(B, 1, nb, 1, block, slots)`) as laid out by `_banded_attention`; `windows` the `(start, stop, width, block)` of
+    `_windows`. Returns
+    `(B, H_kv, nb, G * block, D_v)`.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads, value_dim = key.shape[1], value.shape[3]
+    groups = heads // kv_heads
+    start, _, width, block = windows
+    num_blocks, slots = reach.shape[2], distance.shape[-1]  # slots: width (+ sinks)
+    flat = batch * kv_heads
+    out = query.new_empty((batch, kv_heads, num_blocks, groups * block, value_dim))
+    step = max(1, (1 << 20) // (flat * groups * block * slots))
+    if torch.compiler.is_compiling():  # one chunk: a traced loop would unroll into a graph that grows with N
+        step = num_blocks
+    for first in range(0, num_blocks, step):
+        last = min(num_blocks, first + step)
+        rows, begin, end = slice(first * block, last * block), start + first * block, start + last * block
+        q = _block_queries(query[:, :, rows], scale[:, :, rows], kv_heads, block)  # (B, H_kv, c, G * block, D)
+        chunk_windows = (begin, end + width - block, width, block)  # the keys the chunk's blocks read
+        k = _windows(key, *chunk_windows).transpose(-1, -2)  # (B, H_kv, c, width, D)
+        v = _windows(value, *chunk_windows).transpose(-1, -2)  # (B, H_kv, c, width, D_v)
+        if sinks is not None:
+            k, v = sinks.append_to(k), sinks.append_to(v, value=True)  # (B, H_kv, c, slots, D)
+        dist = _slot_distance(distance, valid[:, :, first:last])  # (B, 1, c, 1, block, slots)
+        bias = _log_soft_mask(reach[:, :, first:last], dist, ramp)  # (B, H_kv, c, G, block, slots)
+        chunk = (flat, last - first)
+        o = F.scaled_dot_product_attention(
+            q.reshape(*chunk, groups * block, head_dim),
+            k.reshape(*chunk, slots, head_dim),
+            v.reshape(*chunk, slots, value_dim),
+            attn_mask=bias.reshape(*chunk, groups * block, slots),
+            scale=1.0,
+        )  # (B * H_kv, c, G * block, D_v); empty rows -> zeros
+        out[:, :, first:last] = o.view(batch, kv_heads, last - first, groups * block, value_dim)
+    return out
 
 
 def _windows(x: torch.Tensor, start: int, stop: int, width: int, block: int, value: int = 0) -> torch.Tensor:
@@ -672,20 +713,9 @@ def reference_local_attention(
     """Dense `O(N * S)` twin of `adaptive_local_attention` (same arguments, same result); for tests only."""
     del block_size  # the dense form has no blocks
     offset = _check_attention_inputs(
-        query,
-        key,
-        value,
-        span,
-        temperature,
-        max_span,
-        ramp,
-        causal,
-        key_mask,
-        query_offset,
-        max_distance,
-        segment_ids,
-        sink_mask,
-    )
+        query, key, value, span, temperature, max_span, ramp, causal, key_mask, query_offset, max_distance,
+        segment_ids, sink_mask,
+    )  # fmt: skip
     batch, heads, length, head_dim = query.shape
     groups = heads // key.shape[1]
     scaling = head_dim**-0.5 if scaling is None else scaling
