@@ -162,11 +162,17 @@ def _one_call(ctx: BenchContext, fn: Callable[[], object]) -> Measurement:
 
 
 def _find(
-    rows: list[dict], section: str, mode: str, n: int | None = None, impl: str | None = None, what: str = ""
+    rows: list[dict],
+    section: str,
+    mode: str,
+    n: int | None = None,
+    impl: str | None = None,
+    what: str = "",
+    last: bool = False,
 ) -> dict | None:
-    """The first row of `section` whose mode starts with `mode` (or equals it, for "forward"), at `n`, of `impl`,
-    whose description starts with `what`."""
-    for row in rows:
+    """The first (or `last`) row of `section` whose mode starts with `mode` (or equals it, for "forward"), at `n`, of
+    `impl`, whose description starts with `what`."""
+    for row in reversed(rows) if last else rows:
         mode_matches = row["mode"] == mode if mode == "forward" else row["mode"].startswith(mode)
         if (
             row["section"] == section
@@ -181,7 +187,7 @@ def _find(
 
 #: The ratios of the hybrid rows of a section set beside their targets: (measure, mode of the row, ratio, direction,
 #: bound); `{n}` in the measure is the row's N. The `model` rows are those of the 30-layer model, the `lengths` rows
-#: those of the 2-layer one at each N it was run at.
+#: those of the 2-layer one at each N it was run at, the `long` rows those of `LONG_TARGET_MODEL`.
 RATIO_TARGETS = {
     "model": (
         ("forward, N={n}, converted / original", "forward (no", "hybrid/original", "<=", "1.15"),
@@ -211,37 +217,49 @@ RATIO_TARGETS = {
             "0.90",
         ),
     ),
+    "long": (
+        (
+            "cache bytes, half the layers local-only / original, N={n}",
+            "prefill",
+            "cache converted/original",
+            "<=",
+            "0.55",
+        ),
+        (
+            "prefill time, half the layers local-only / original, N={n}",
+            "prefill",
+            "time converted/original",
+            "<=",
+            "0.85",
+        ),
+        (
+            "decoding tokens/s, half the layers local-only / original, {n}-token context",
+            "greedy",
+            "tokens/s converted/original",
+            ">=",
+            "1.25",
+        ),
+        (
+            "perplexity on Hamlet, half the layers local-only / original, N={n}",
+            "perplexity, hamlet",
+            "perplexity converted/original",
+            "<=",
+            "1.03",
+        ),
+        (
+            "perplexity on the Lee news corpus, half the layers local-only / original, N={n}",
+            "perplexity, lee news",
+            "perplexity converted/original",
+            "<=",
+            "1.03",
+        ),
+    ),
 }
 
 
-#: The model of the `long` section whose ratios are set beside the targets, and those targets: (measure, mode of the
-#: row, ratio, direction, bound); for perplexity, the last row of the mode (after the recovery, when there was one).
+#: The model of the `long` section whose ratios are set beside the targets (`RATIO_TARGETS["long"]`); for perplexity,
+#: the last row of the mode (after the recovery, when there was one).
 LONG_TARGET_MODEL = "50% local-only"
-LONG_TARGETS = (
-    ("cache bytes, half the layers local-only / original, N={n}", "prefill", "cache converted/original", "<=", "0.55"),
-    ("prefill time, half the layers local-only / original, N={n}", "prefill", "time converted/original", "<=", "0.85"),
-    (
-        "decoding tokens/s, half the layers local-only / original, {n}-token context",
-        "greedy",
-        "tokens/s converted/original",
-        ">=",
-        "1.25",
-    ),
-    (
-        "perplexity on Hamlet, half the layers local-only / original, N={n}",
-        "perplexity, hamlet",
-        "perplexity converted/original",
-        "<=",
-        "1.03",
-    ),
-    (
-        "perplexity on the Lee news corpus, half the layers local-only / original, N={n}",
-        "perplexity, lee news",
-        "perplexity converted/original",
-        "<=",
-        "1.03",
-    ),
-)
 
 
 def targets_table(rows: list[dict]) -> str:
@@ -254,11 +272,12 @@ def targets_table(rows: list[dict]) -> str:
             verdict = "met" if met else "**missed**"
             lines.append(f"| {measure} | {value:.2f}{how} | {direction} {bound}{note} | {verdict} |")
 
-    def add_ratios(section: str, n: int | None) -> None:
+    def add_ratios(section: str, n: int | None, impl: str = "hybrid", last: bool = False) -> None:
         for measure, mode, name, direction, bound in RATIO_TARGETS[section]:
-            row = _find(rows, section, mode, n, "hybrid")
+            row = _find(rows, section, mode, n, impl, last=last)
             if row is not None:
-                add(measure.format(n=row["n"]), row["ratios"].get(name), direction, bound)
+                stage = f" ({row['stage']})" if row.get("stage") else ""
+                add(measure.format(n=row["n"]) + stage, row["ratios"].get(name), direction, bound)
 
     add_ratios("model", None)
 
@@ -300,15 +319,7 @@ def targets_table(rows: list[dict]) -> str:
 
     for n in sorted({row["n"] for row in rows if row["section"] == "lengths"}):
         add_ratios("lengths", n)
-    for measure, mode, name, direction, bound in LONG_TARGETS:
-        candidates = [
-            row for row in rows
-            if row["section"] == "long" and row.get("impl") == LONG_TARGET_MODEL and row["mode"].startswith(mode)
-        ]  # fmt: skip
-        row = candidates[-1] if candidates else None  # perplexity: after the recovery when there was one
-        if row is not None:
-            stage = f" ({row['stage']})" if row.get("stage") else ""
-            add(measure.format(n=row["n"]) + stage, row["ratios"].get(name), direction, bound)
+    add_ratios("long", None, LONG_TARGET_MODEL, last=True)  # perplexity: after the recovery when there was one
     state = next((row for row in rows if row["section"] == "long" and row.get("impl") == "hybrid layer state"), None)
     if state is not None:
         measure = f"decoding state of a hybrid layer / the host layer's KV cache, bfloat16, N={state['n']}"
