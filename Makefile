@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 
 # Ruff's checks, configured in pyproject.toml.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check hybrid_hf tests
+	$(VENV)/bin/ruff check hybrid_hf tests scripts
 
 # The core install alone (`pip install .`, no extras) in a fresh environment: convert a tiny model, save, load it.
 # The environment (about 6 GB with PyPI's torch) is removed afterwards, pass or fail.
