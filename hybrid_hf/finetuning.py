@@ -283,8 +283,10 @@ def finetune(
     output = Path(output).expanduser().absolute() if output is not None else None
     if output is None and (save_steps is not None or resume):
         raise UsageError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
+    sources = [model.config._name_or_path if isinstance(model, PreTrainedModel) else model]
+    sources.append(distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from)
     if output is not None:
-        check_output(output, force)
+        check_output(output, force, *sources)
 
     train_texts = list(texts or []) + read_texts(data_files, "data")
     held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
@@ -317,7 +319,7 @@ def finetune(
     with contextlib.ExitStack() as stack:
         if output is not None and state.is_main_process:
             stack.enter_context(output_lock(output))  # a busy or unwritable output fails here, before loading
-            check_output(output, force)  # again: another run may have written it meanwhile
+            check_output(output, force, *sources)  # again: another run may have written it meanwhile
         set_seed(seed)
         with state.main_process_first():  # one process fills the caches (remote code, hub files) at a time
             if isinstance(model, PreTrainedModel):

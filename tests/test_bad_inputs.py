@@ -152,6 +152,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["cwd"] = root / "cwd"
     paths["out"] = root / "out"
     paths["missing"] = root / "does" / "not" / "exist"
+    paths["nest_inner"] = model_folder("nest/inner", convert(host, max_span=8, ramp=4))
+    paths["nest"] = root / "nest"
     return paths
 
 
@@ -394,11 +396,8 @@ DEMO = {
         ["--model", "{host}", "--text", "{text}", "--eval-text", "{missing}"],
         ["--eval-text file not found"],
     ),
-    "output exists": (["--out", "{user_files}"], ["user_files", "not a demo output", "--force"]),
-    "force onto user files": (
-        ["--out", "{user_files}", "--force"],
-        ["user_files", "neither a demo output nor a model"],
-    ),
+    "output exists": (["--out", "{user_files}"], ["user_files", "already exists", "--force"]),
+    "force onto user files": (["--out", "{user_files}", "--force"], ["user_files", "not a demo output or a model"]),
     "unknown flag": (["--epochs", "3"], ["unrecognized arguments: --epochs"]),
 }
 
@@ -408,6 +407,42 @@ COMMAND_CASES = [
                            ("demo", DEMO))
     for name, (argv, fragments) in table.items()
 ]  # fmt: skip
+
+SOURCE = "would replace the source"
+TRUST_OUTPUT = {
+    ("finetune", "output is the model"): (["{hybrid}", "{hybrid}", *FINETUNE_TEXT, "--force"], [SOURCE, "hybrid"]),
+    ("finetune", "output is the model, spelled relative"): (
+        ["../hybrid", "{hybrid}", *FINETUNE_TEXT, "--force"],
+        [SOURCE, "'../hybrid'"],
+    ),
+    ("finetune", "output holds the model"): (["{nest_inner}", "{nest}", *FINETUNE_TEXT, "--force"], [SOURCE]),
+    ("finetune", "output holds the teacher"): (
+        ["{host}", "{nest}", *FINETUNE_TEXT, "--distill-from", "{nest_inner}", "--force"],
+        [SOURCE, "nest/inner"],
+    ),
+    ("finetune", "output is the model, without --force"): (["{hybrid}", "{hybrid}", *FINETUNE_TEXT], [SOURCE]),
+    ("inspect", "--out is the model"): (["{hybrid}", "--prompt", "the cat", "--out", "{hybrid}"], [SOURCE]),
+    ("inspect", "--out holds the model"): (
+        ["{nest_inner}", "--prompt", "the cat", "--out", "{nest}", "--force"],
+        [SOURCE],
+    ),
+    ("inspect", "--out another model"): (
+        ["{hybrid}", "--prompt", "the cat", "--out", "{host}"],
+        ["host", "already exists", "--force"],
+    ),
+    ("inspect", "--out another model, forced"): (
+        ["{hybrid}", "--prompt", "the cat", "--out", "{host}", "--force"],
+        ["host", "not an earlier inspection"],
+    ),
+    ("inspect", "--out user files"): (["{hybrid}", *INSPECT_OUT[:2], "--out", "{user_files}"], ["already exists"]),
+    ("demo", "--out is the model"): (["--model", "{nest_inner}", "--out", "{nest_inner}", "--force"], [SOURCE]),
+    ("demo", "--out holds the model"): (["--model", "{host}", "--out", "{root}", "--force"], [SOURCE]),
+}
+TRUST_OUTPUT_CASES = [
+    pytest.param(command, argv, fragments, id=f"{command}: {name}")
+    for (command, name), (argv, fragments) in TRUST_OUTPUT.items()
+]
+COMMAND_CASES += TRUST_OUTPUT_CASES
 
 
 @pytest.fixture
