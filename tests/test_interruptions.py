@@ -3,7 +3,8 @@
 - `finetune --save-steps N` killed with SIGKILL resumes (`--resume`) to the weights of an uninterrupted run;
 - SIGTERM stops a command like Ctrl-C: exit status 2, "interrupted", no temporary folder left;
 - temporary folders a killed run left beside OUTPUT are removed by the next run of a command writing OUTPUT, but not
-  while another process holds OUTPUT's lock (it fails cleanly instead);
+  while another process holds OUTPUT's lock (it fails cleanly instead); an old OUTPUT that a `--force` replacement
+  killed between its two renames had moved aside is moved back first, never deleted;
 - two commands writing the same OUTPUT at once: one wins, the other fails cleanly, the output is complete;
 - a diverging fine-tune stops with the step, the loss and the learning rate;
 - code a model folder ships runs only with `--trust-remote-code`.
@@ -117,11 +118,12 @@ def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
 
 
 def _stale(parent: Path, name: str) -> list[Path]:
-    """What a run killed while writing `name` leaves: its temporary folder (as large as the weights) and an aside."""
-    folders = [parent / f".{name}.tmp-k1ll3d", parent / f".{name}.old-k1ll3d" / "old"]
+    """What a run killed while writing `name` leaves: its temporary folder (as large as the weights) and the folder
+    made to move an old output aside into, killed before the move."""
+    folders = [parent / f".{name}.tmp-k1ll3d", parent / f".{name}.old-k1ll3d"]
     for folder in folders:
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    (folders[0] / "model.safetensors").write_bytes(b"\0" * 4096)
     return folders
 
 
@@ -140,6 +142,44 @@ def test_a_later_run_removes_stale_temporary_folders(command, sources, tmp_path,
     assert _hidden(tmp_path, "out") == []
     assert _hidden(tmp_path, "other") == [".other.old-k1ll3d", ".other.tmp-k1ll3d"]
     assert (tmp_path / ".outer.tmp-1").is_dir()
+
+
+def _killed_between_renames(sources, parent: Path) -> Path:
+    """What a `--force` replacement of `parent/out` killed between its two renames leaves: no OUTPUT, the old output
+    moved aside into `.out.old-*/old` (marked with old.txt) and the finished new one in `.out.tmp-*`."""
+    old, new = parent / ".out.old-k1ll3d" / "old", parent / ".out.tmp-k1ll3d"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        for path in sources["hybrid"].iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+    (old / "old.txt").write_text("the only copy")
+    return parent / "out"
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune", "inspect"])
+def test_a_replacement_killed_between_its_renames_is_undone(command, sources, tmp_path, capsys):
+    """The next run into OUTPUT moves the old output back before it removes what the killed run left; without
+    --force it then finds OUTPUT there and refuses, as it would have before the killed run."""
+    out = _killed_between_renames(sources, tmp_path)
+    argv = {
+        "convert": ["convert", sources["host"], out],
+        "finetune": ["finetune", sources["host"], out, "--data", sources["text"]],
+        "inspect": ["inspect", sources["hybrid"], "--prompt", "the cat sat", "--out", out],
+    }[command]
+    status = commands.main([str(arg) for arg in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1] == f"error: output {str(out)!r} already exists; pass --force to replace it"
+    assert (out / "old.txt").read_text() == "the only copy"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "HybridLlamaForCausalLM"
+    assert _hidden(tmp_path, "out") == []
+
+
+def test_a_replacement_killed_between_its_renames_is_replaced_with_force(sources, tmp_path, capsys):
+    out = _killed_between_renames(sources, tmp_path)
+    argv = ["convert", sources["host"], out, "--max-span", "4", "--ramp", "2", "--force"]
+    assert commands.main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+    assert not (out / "old.txt").exists() and json.loads((out / "config.json").read_text())["max_span"] == 4
+    assert _hidden(tmp_path, "out") == []
 
 
 @pytest.mark.parametrize("command", ["convert", "finetune"])
