@@ -50,10 +50,10 @@ from .errors import UsageError
 from .loading import load_model as load_source
 from .loading import load_source_config
 from .lora import get_lora_model
-from .model.configuration_hybrid import FLOAT32_MAX, HYBRID_PREFIX
+from .model.configuration_hybrid import HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
 from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, resume_point
-from .settings import SETTINGS, check_settings, flag
+from .settings import SETTINGS, UPPER_BOUNDS, check_settings, flag
 from .tasks import is_encoder, model_classes
 
 
@@ -101,6 +101,7 @@ def prepare_model(
             raise UsageError("hybrid settings and span-loss-coef need hybrid=True (a converted model)")
         return model, False
     if not is_hybrid:
+        check_settings(settings, model.config)
         coef = {} if span_loss_coef is None else {"span_loss_coef": float(span_loss_coef)}
         return convert(model, **settings, **coef), True
     if settings:
@@ -118,10 +119,10 @@ def _check_positions(config, seq_len: int | None) -> None:
 
 
 def _check_span_loss_coef(value: float | None) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= FLOAT32_MAX
-    ):
-        raise UsageError(f"span-loss-coef must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}), got {value!r}")
+    bound = UPPER_BOUNDS["span_loss_coef"]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (number and 0 <= value <= bound):
+        raise UsageError(f"span-loss-coef must be a finite number >= 0 (at most {bound:g}), got {value!r}")
 
 
 def load_model(

@@ -28,7 +28,9 @@ from transformers import BertConfig, BertModel, BloomConfig
 
 import hybrid_hf
 from hybrid_hf import HybridSettings, commands, convert
+from hybrid_hf.conversion import NEW_PARAMETER_MODULES
 from hybrid_hf.finetuning import finetune
+from hybrid_hf.settings import UPPER_BOUNDS, check_settings
 
 INF, NAN = float("inf"), float("nan")
 # Writes the file PWNED beside itself when imported (transformers imports a copy from its module cache: the path is
@@ -437,6 +439,17 @@ TRUST_OUTPUT = {
     ("inspect", "--out user files"): (["{hybrid}", *INSPECT_OUT[:2], "--out", "{user_files}"], ["already exists"]),
     ("demo", "--out is the model"): (["--model", "{nest_inner}", "--out", "{nest_inner}", "--force"], [SOURCE]),
     ("demo", "--out holds the model"): (["--model", "{host}", "--out", "{root}", "--force"], [SOURCE]),
+    ("convert", "tau max 1e39"): (["{host}", "{out}", "--tau-max", "1e39"], ["tau_max", "at most 1000"]),
+    ("convert", "span loss coef 3.4e38"): (
+        ["{host}", "{out}", "--span-loss-coef", "3.4e38"],
+        ["span_loss_coef", "at most 1000"],
+    ),
+    ("finetune", "tau max 1e39"): (["{host}", "{out}", *FINETUNE_TEXT, "--tau-max", "1e39"], ["tau_max", "at most"]),
+    ("finetune", "span loss coef 3.4e38"): (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "3.4e38"],
+        ["span-loss-coef", "at most 1000"],
+    ),
+    ("demo", "span loss coef 3.4e38"): (["--span-loss-coef", "3.4e38"], ["span-loss-coef", "at most 1000"]),
 }
 TRUST_OUTPUT_CASES = [
     pytest.param(command, argv, fragments, id=f"{command}: {name}")
@@ -524,6 +537,14 @@ API_CASES += [
                                   settings={"max_spam": 8}), TypeError, "max_spam", id="finetune unknown setting"),
 ]  # fmt: skip
 
+TRUST_OUTPUT_API_CASES = [
+    pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
+                                  settings={"tau_max": 1e39}), ValueError, "tau_max", id="finetune tau_max=1e39"),
+    pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
+                                  span_loss_coef=3.4e38), ValueError, "span-loss-coef", id="finetune coef=3.4e38"),
+]  # fmt: skip
+API_CASES += TRUST_OUTPUT_API_CASES
+
 
 @pytest.mark.parametrize("call, error, field", API_CASES)
 def test_api_bad_input(call, error, field):
@@ -584,6 +605,41 @@ def test_random_settings_give_a_finite_model_or_value_error(settings, model_type
         model.train()
         loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
         assert math.isfinite(loss.item()), settings
+
+
+TAU_MAX, COEF_MAX = UPPER_BOUNDS["tau_max"], UPPER_BOUNDS["span_loss_coef"]
+
+
+@hypothesis_settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(1e-3, TAU_MAX, COEF_MAX, 5.0, torch.bfloat16)
+@example(TAU_MAX, TAU_MAX, COEF_MAX, 5.0, torch.float32)
+@example(1e-3, 1e-3, COEF_MAX, 5.0, torch.float32)
+@given(
+    st.floats(1e-3, TAU_MAX),
+    st.floats(1e-3, TAU_MAX),
+    st.floats(0, COEF_MAX),
+    st.floats(0.01, 5.0),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_gradients_stay_finite_up_to_the_bounds(tau_a, tau_b, coef, scale, dtype):
+    """Every setting the commands accept (`settings.UPPER_BOUNDS`) trains: the loss, every gradient and the squared
+    gradient norm (gradient clipping) are finite in float32 and bfloat16, with the new parameters drawn away from
+    their initial values (a model part-way through training) so that every gradient path carries weight."""
+    settings = {"tau_min": min(tau_a, tau_b), "tau_max": max(tau_a, tau_b), "span_loss_coef": coef}
+    check_settings(settings)
+    torch.manual_seed(0)
+    model = convert(tiny_host("llama"), **settings)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in NEW_PARAMETER_MODULES for part in name.split(".")):
+                parameter.normal_(0, scale)
+    model = model.to(dtype).train()
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    gradients = [p.grad.float() for p in model.parameters() if p.grad is not None]
+    assert math.isfinite(loss.item()) and all(torch.isfinite(g).all() for g in gradients), settings
+    assert math.isfinite(sum(g.square().sum() for g in gradients).item()), settings
 
 
 def test_the_kernel_lets_nan_through():
