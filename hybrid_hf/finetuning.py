@@ -52,7 +52,7 @@ from .loading import load_source_config
 from .lora import get_lora_model
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
-from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, resume_point
+from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, path_or_name, resume_point
 from .settings import SETTINGS, UPPER_BOUNDS, check_settings, flag
 from .tasks import is_encoder, model_classes
 
@@ -299,7 +299,7 @@ def finetune(
         raise UsageError("the eval data is empty (no text)")
     # What a resumed run must share with the interrupted one for the same result.
     run = {
-        "model": str(model) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
+        "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
         "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
         "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed, "lora": lora,
         "lora_r": lora_r, "lora_alpha": lora_alpha, "span_loss_coef": span_loss_coef, "settings": settings,
@@ -307,7 +307,7 @@ def finetune(
     }  # fmt: skip
     if distill_from is not None:
         teacher_name = distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from
-        run.update(distill_from=str(teacher_name), distill_weight=distill_weight)
+        run.update(distill_from=path_or_name(str(teacher_name)), distill_weight=distill_weight)
     checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
     resume_from = resume_point(checkpoints, run, resume) if checkpoints is not None else None
     if resume_from is not None and save_steps is None:
@@ -461,7 +461,7 @@ def finetune(
                     "processes": num_processes if result.sharding is None else f"{num_processes} ({result.sharding})",
                     "learning rate": lr,
                     "method": (f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full "
-                    "fine-tuning") + (f", distilled from {run['distill_from']} (weight {distill_weight:g})"
+                    "fine-tuning") + (f", distilled from {teacher_name} (weight {distill_weight:g})"
                     if distill_from is not None else ""),
                     "perplexity before (held-out, LM loss only)": ppl_before,
                     "perplexity after": ppl_after,

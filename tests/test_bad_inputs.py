@@ -156,7 +156,48 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["missing"] = root / "does" / "not" / "exist"
     paths["nest_inner"] = model_folder("nest/inner", convert(host, max_span=8, ramp=4))
     paths["nest"] = root / "nest"
+    for name, damage in RESUME_DAMAGE.items():
+        paths[name] = _checkpoint_of(root / name, damage)
+    files = root / "resume_state_not_json.checkpoints" / "checkpoint-2"  # the interrupted run's, made complete
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (root / "interrupted.checkpoints" / "checkpoint-2" / name).write_bytes((files / name).read_bytes())
     return paths
+
+
+def _checkpoint_of(output: Path, damage) -> Path:
+    """What `finetune MODEL output --save-steps 2 --steps 2` leaves when killed after its last checkpoint (the
+    files a checkpoint holds, with the run's arguments; the contents do not matter to checks made before loading),
+    then changed by `damage(checkpoint folder)`."""
+    from safetensors.torch import save_file
+
+    checkpoint = output.with_name(f"{output.name}.checkpoints") / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    save_file({"weight": torch.zeros(64, 64)}, checkpoint / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"state": {0: torch.zeros(4)}, "step": 2}, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (checkpoint.parent / "finetune_run.json").write_text(json.dumps({"steps": 50, "save_steps": 2}))
+    damage(checkpoint)
+    return output
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+RESUME_DAMAGE = {
+    "resume_no_optimizer": lambda checkpoint: (checkpoint / "optimizer.pt").unlink(),
+    "resume_truncated_weights": lambda checkpoint: _truncate(checkpoint / "model.safetensors"),
+    "resume_state_not_json": lambda checkpoint: (checkpoint / "trainer_state.json").write_text("{not json"),
+    "resume_run_a_list": lambda checkpoint: (checkpoint.parent / "finetune_run.json").write_text("[1, 2]"),
+    "resume_optimizer_link": lambda checkpoint: (
+        (checkpoint / "optimizer.pt").unlink(),
+        (checkpoint / "optimizer.pt").symlink_to("/etc/passwd"),
+    ),
+    "resume_optimizer_payload": lambda checkpoint: torch.save(
+        {"state": _Evil(checkpoint.parents[1] / "PWNED")}, checkpoint / "optimizer.pt"
+    ),
+}
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -450,6 +491,30 @@ TRUST_OUTPUT = {
         ["span-loss-coef", "at most 1000"],
     ),
     ("demo", "span loss coef 3.4e38"): (["--span-loss-coef", "3.4e38"], ["span-loss-coef", "at most 1000"]),
+    ("finetune", "resume without optimizer.pt"): (
+        ["{host}", "{resume_no_optimizer}", *FINETUNE_TEXT, "--resume"],
+        ["checkpoint-2", "optimizer.pt", "is missing", "start over"],
+    ),
+    ("finetune", "resume from truncated weights"): (
+        ["{host}", "{resume_truncated_weights}", *FINETUNE_TEXT, "--resume"],
+        ["model.safetensors", "damaged or truncated"],
+    ),
+    ("finetune", "resume, trainer_state.json not JSON"): (
+        ["{host}", "{resume_state_not_json}", *FINETUNE_TEXT, "--resume"],
+        ["trainer_state.json", "not JSON"],
+    ),
+    ("finetune", "resume, finetune_run.json a list"): (
+        ["{host}", "{resume_run_a_list}", *FINETUNE_TEXT, "--resume"],
+        ["finetune_run.json", "not a JSON object"],
+    ),
+    ("finetune", "resume, optimizer.pt a link to a system file"): (
+        ["{host}", "{resume_optimizer_link}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "is a link"],
+    ),
+    ("finetune", "resume, optimizer.pt a pickle with a payload"): (
+        ["{host}", "{resume_optimizer_payload}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "not loaded"],
+    ),
 }
 TRUST_OUTPUT_CASES = [
     pytest.param(command, argv, fragments, id=f"{command}: {name}")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,6 +102,41 @@ def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(sources,
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_takes_the_model_path_in_any_spelling_and_refuses_a_lost_optimizer(
+    sources, tmp_path, capsys, monkeypatch
+):
+    """A run whose last checkpoint is kept (as when killed just before writing OUTPUT) resumes with the model path
+    spelled relative instead of absolute, to the same weights; without the checkpoint's optimizer.pt it is refused
+    with one line naming the file, and nothing runs."""
+    import hybrid_hf.finetuning
+
+    monkeypatch.setattr(hybrid_hf.finetuning, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None))
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    train = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "2", "--save-steps", "2"]
+    assert commands.main(["finetune", str(sources["host"]), str(out), *train]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    out.rename(tmp_path / "reference")
+    monkeypatch.chdir(sources["host"].parent)
+
+    optimizer = checkpoints / "checkpoint-2" / "optimizer.pt"
+    optimizer.rename(tmp_path / "optimizer.pt")
+    before = sorted(tmp_path.rglob("*"))
+    assert commands.main(["finetune", "host", str(out), *train, "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: cannot resume from {checkpoints / 'checkpoint-2'}: optimizer.pt (the optimizer's state) is missing, "
+        f"so the run would not continue where it stopped; remove {checkpoints} to start over"
+    ]
+    assert sorted(tmp_path.rglob("*")) == before
+
+    (tmp_path / "optimizer.pt").rename(optimizer)
+    assert commands.main(["finetune", "host", str(out), *train, "--resume"]) == 0, capsys.readouterr().err
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
 
 
 def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
