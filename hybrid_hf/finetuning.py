@@ -52,7 +52,7 @@ from .loading import load_source_config
 from .lora import get_lora_model
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
-from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, path_or_name, resume_point
+from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, checkpoint_write_errors, path_or_name, resume_point
 from .settings import SETTINGS, UPPER_BOUNDS, check_settings, flag
 from .tasks import is_encoder, model_classes
 
@@ -367,8 +367,9 @@ def finetune(
         if save_steps is not None:
             trainer_dir = checkpoints
             if state.is_main_process:
-                checkpoints.mkdir(exist_ok=True)
-                (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
+                with checkpoint_write_errors(checkpoints):
+                    checkpoints.mkdir(exist_ok=True)
+                    (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
         else:
             trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
         args = TrainingArguments(
@@ -406,7 +407,8 @@ def finetune(
         add_span_logging(trainer)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if guard.step is not None:
             raise UsageError(
                 f"training diverged at step {guard.step}: the loss is {guard.loss}; the learning rate (lr {lr:g}) "

@@ -7,11 +7,14 @@ one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingInputError, OutputExistsError, UsageError, first_line
+from .errors import MissingInputError, OutputExistsError, OutputNotWritableError, UsageError, first_line
 
 #: the Trainer checkpoints of OUTPUT (`--save-steps`) go into the folder OUTPUT + this suffix, beside it
 CHECKPOINTS_SUFFIX = ".checkpoints"
@@ -43,6 +46,36 @@ def last_checkpoint(folder: Path) -> Path | None:
         if step.isdigit() and (path / "trainer_state.json").is_file():
             steps.append((int(step), path))
     return max(steps)[1] if steps else None
+
+
+def discard_incomplete(folder: Path) -> Path | None:
+    """Remove from `folder` the checkpoints whose writing failed or was cut short (no `trainer_state.json`), and
+    `folder` itself when no complete checkpoint is left; return the last complete one."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else []:
+        if not (path / "trainer_state.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+    last = last_checkpoint(folder)
+    if last is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return last
+
+
+@contextlib.contextmanager
+def checkpoint_write_errors(folder: Path) -> Iterator[None]:
+    """Report a checkpoint that cannot be written into `folder` in the block (a full disk: an `OSError`, or
+    safetensors' `SafetensorError`) as one `OutputNotWritableError`, after removing what was left half-written
+    (`discard_incomplete`); the complete checkpoints stay for `--resume`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        last = discard_incomplete(folder)
+        kept = f"--resume continues from {last.name} once there is room" if last else "no checkpoint was kept"
+        message = f"could not write a checkpoint into {folder}: {first_line(error)}; {kept}"
+        raise OutputNotWritableError(message) from error
 
 
 def path_or_name(name: str) -> str:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tiny_models import TEXT, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
@@ -137,6 +139,105 @@ def test_resume_takes_the_model_path_in_any_spelling_and_refuses_a_lost_optimize
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+#: what a writer raises on a full disk: safetensors' own error (not an OSError), and the system's
+FULL_DISK = {
+    "SafetensorError": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "ENOSPC": OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+def _full_disk(monkeypatch, error: Exception, after: int = 0) -> None:
+    """Saving weights fails as on a full disk, half a file written, from the call after the first `after` on."""
+    import transformers.modeling_utils
+
+    save, calls = transformers.modeling_utils.safe_save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= after:
+            return save(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 64)
+        raise error
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+
+
+def _error_line(capsys) -> str:
+    """The command's one error line: the last line of stderr (progress bars come before it), without a traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("error", FULL_DISK)
+@pytest.mark.parametrize("command", ["convert", "finetune", "finetune --save-steps"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(command, error, sources, tmp_path, capsys, monkeypatch):
+    _full_disk(monkeypatch, FULL_DISK[error])
+    out = tmp_path / "out"
+    argv = {
+        "convert": ["convert", sources["host"], out, "--max-span", "8", "--ramp", "4"],
+        "finetune": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6], "--steps", "2"],
+        "finetune --save-steps": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6],
+                                  "--steps", "4", "--save-steps", "2"],
+    }[command]  # fmt: skip
+    assert commands.main([str(arg) for arg in argv]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: could not write") and "No space left on device" in line, line
+    if command == "finetune --save-steps":
+        assert "out.checkpoints" in line and "no checkpoint was kept" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_after_a_checkpoint_keeps_it_and_resumes_to_the_same_weights(
+    sources, tmp_path, capsys, monkeypatch
+):
+    train = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "4", "--save-steps", "2"]
+    assert commands.main(["finetune", str(sources["host"]), str(tmp_path / "reference"), *train]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _full_disk(patch, FULL_DISK["SafetensorError"], after=1)  # checkpoint-2 is written, checkpoint-4 is not
+        assert commands.main(["finetune", str(sources["host"]), str(out), *train]) == 2
+    line = _error_line(capsys)
+    assert "--resume continues from checkpoint-2 once there is room" in line, line
+    assert sorted(p.name for p in (tmp_path / "out.checkpoints").iterdir()) == ["checkpoint-2", "finetune_run.json"]
+    assert commands.main(["finetune", str(sources["host"]), str(out), *train, "--resume"]) == 0
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_inspect_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(fault, sources, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    import matplotlib.figure
+
+    import hybrid_hf.publishing
+
+    if fault == "full disk":
+
+        def savefig(figure, path, **kwargs):
+            Path(path).write_bytes(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    else:
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(hybrid_hf.publishing, "open", read_only, raising=False)
+    status = commands.main(
+        ["inspect", str(sources["hybrid"]), "--prompt", "the cat sat", "--out", str(tmp_path / "plots")]
+    )
+    assert status == 2
+    line = _error_line(capsys)
+    reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+    assert "plots" in line and reason in line, line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
