@@ -608,6 +608,21 @@ TRUST_OUTPUT_API_CASES = [
     pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
                                   span_loss_coef=3.4e38), ValueError, "span-loss-coef", id="finetune coef=3.4e38"),
 ]  # fmt: skip
+
+def _lora_twice(inject: bool):
+    from peft import inject_adapter_in_model
+
+    from hybrid_hf.lora import get_lora_model, lora_config
+
+    model = convert(tiny_host("llama"), max_span=8, ramp=4)
+    model = inject_adapter_in_model(lora_config(model), model) if inject else get_lora_model(model)
+    return get_lora_model(model)
+
+
+TRUST_OUTPUT_API_CASES += [
+    pytest.param(lambda: _lora_twice(False), ValueError, "already has LoRA adapters", id="get_lora_model twice"),
+    pytest.param(lambda: _lora_twice(True), ValueError, "merge_and_unload", id="get_lora_model on injected LoRA"),
+]
 API_CASES += TRUST_OUTPUT_API_CASES
 
 
