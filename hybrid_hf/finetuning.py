@@ -52,7 +52,14 @@ from .loading import load_source_config
 from .lora import get_lora_model
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
-from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, checkpoint_write_errors, path_or_name, resume_point
+from .resuming import (
+    CHECKPOINTS_SUFFIX,
+    RUN_FILE,
+    checkpoint_write_errors,
+    first_non_finite,
+    path_or_name,
+    resume_point,
+)
 from .settings import SETTINGS, UPPER_BOUNDS, check_settings, flag
 from .tasks import is_encoder, model_classes
 
@@ -116,6 +123,17 @@ def _check_positions(config, seq_len: int | None) -> None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if seq_len is not None and positions and seq_len > positions:
         raise UsageError(f"seq-len {seq_len} exceeds the model's maximum of {positions} positions")
+
+
+def _check_finite(model, name: str | None) -> None:
+    """Refuse a model whose weights hold NaN or inf before it is trained (training would report the NaN loss as a
+    divergence)."""
+    found = first_non_finite(dict(model.named_parameters()))
+    if found is not None:
+        raise UsageError(
+            f"the weights of {name or 'the model'} hold NaN or infinite values ({found}) before training; "
+            "a model with non-finite weights cannot be trained"
+        )
 
 
 def _check_span_loss_coef(value: float | None) -> None:
@@ -336,6 +354,7 @@ def finetune(
                 )  # fmt: skip
                 base_model = base_model or name
             _check_positions(model.config, seq_len)
+            _check_finite(model, base_model)
             if held_out:
                 train_part, eval_part = train_texts, held_out
             else:

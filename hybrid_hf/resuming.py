@@ -84,6 +84,25 @@ def path_or_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def first_non_finite(tensors: Any, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf in `tensors` (a tensor, or dicts, lists and
+    tuples of them, as in a state dict or an optimizer's state), or None."""
+    import torch
+
+    if isinstance(tensors, torch.Tensor):
+        finite = not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
+        return None if finite else prefix or "tensor"
+    if isinstance(tensors, dict):
+        items = tensors.items()
+    else:
+        items = enumerate(tensors) if isinstance(tensors, (list, tuple)) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _read_json_object(path: Path, where: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -97,8 +116,9 @@ def _read_json_object(path: Path, where: str) -> dict[str, Any]:
 def check_checkpoint(checkpoint: Path) -> None:
     """Refuse a Trainer checkpoint that cannot continue the run, before anything is loaded: a link in it (a
     checkpoint holds plain files), a file of `REQUIRED_FILES` missing, `trainer_state.json` that is not a JSON
-    object, a damaged or truncated safetensors file, or a torch file (`*.pt`, `*.pth`) that does not load as
-    tensors and plain data (`weights_only`: a pickle that holds more is never run). One-line `UsageError`s."""
+    object, a damaged or truncated safetensors file, a torch file (`*.pt`, `*.pth`) that does not load as tensors
+    and plain data (`weights_only`: a pickle that holds more is never run), or weights or optimizer state with NaN
+    or inf. One-line `UsageError`s."""
     import torch
     from safetensors import SafetensorError, safe_open
     from transformers.trainer_pt_utils import safe_globals
@@ -116,19 +136,30 @@ def check_checkpoint(checkpoint: Path) -> None:
     _read_json_object(checkpoint / "trainer_state.json", where)
     for path in sorted(checkpoint.glob("*.safetensors")):
         try:
-            with safe_open(path, "pt"):
-                pass
+            with safe_open(path, "pt") as weights:
+                names = weights.keys()  # one tensor in memory at a time
+                found = next((name for name in names if first_non_finite(weights.get_tensor(name))), None)
         except (SafetensorError, OSError) as error:
             raise UsageError(f"{where}: {path.name} is damaged or truncated ({first_line(error)})") from None
+        _refuse_non_finite(where, path, found)
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
         try:
             with safe_globals():  # the numpy types of the Trainer's RNG state, as the Trainer loads it
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                found = first_non_finite(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except Exception:  # any failure to load: damaged, not a torch file, or a pickle of more than data
             raise UsageError(
                 f"{where}: {path.name} is damaged, or a pickle that holds more than tensors (not loaded: it could "
                 "run code)"
             ) from None
+        _refuse_non_finite(where, path, found)
+
+
+def _refuse_non_finite(where: str, path: Path, name: str | None) -> None:
+    if name is not None:
+        raise UsageError(
+            f"{where}: {path.name} holds NaN or infinite values ({name}): the run had diverged by then, or the file "
+            "is damaged"
+        )
 
 
 def _same(key: str, then: Any, now: Any) -> bool:

@@ -23,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from tiny_models import TEXT, VOCAB, tiny_host, word_tokenizer
 from transformers import BertConfig, BertModel, BloomConfig
 
@@ -168,8 +169,6 @@ def _checkpoint_of(output: Path, damage) -> Path:
     """What `finetune MODEL output --save-steps 2 --steps 2` leaves when killed after its last checkpoint (the
     files a checkpoint holds, with the run's arguments; the contents do not matter to checks made before loading),
     then changed by `damage(checkpoint folder)`."""
-    from safetensors.torch import save_file
-
     checkpoint = output.with_name(f"{output.name}.checkpoints") / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     save_file({"weight": torch.zeros(64, 64)}, checkpoint / "model.safetensors")
@@ -193,6 +192,12 @@ RESUME_DAMAGE = {
     "resume_optimizer_link": lambda checkpoint: (
         (checkpoint / "optimizer.pt").unlink(),
         (checkpoint / "optimizer.pt").symlink_to("/etc/passwd"),
+    ),
+    "resume_nan_weights": lambda checkpoint: save_file(
+        {"model.layers.0.self_attn.mix.weight": torch.full((4, 4), NAN)}, checkpoint / "model.safetensors"
+    ),
+    "resume_inf_optimizer": lambda checkpoint: torch.save(
+        {"state": {0: {"exp_avg": torch.full((4,), INF)}}}, checkpoint / "optimizer.pt"
     ),
     "resume_optimizer_payload": lambda checkpoint: torch.save(
         {"state": _Evil(checkpoint.parents[1] / "PWNED")}, checkpoint / "optimizer.pt"
@@ -511,6 +516,14 @@ TRUST_OUTPUT = {
         ["{host}", "{resume_optimizer_link}", *FINETUNE_TEXT, "--resume"],
         ["optimizer.pt", "is a link"],
     ),
+    ("finetune", "resume from NaN weights"): (
+        ["{host}", "{resume_nan_weights}", *FINETUNE_TEXT, "--resume"],
+        ["model.safetensors", "NaN or infinite", "mix"],
+    ),
+    ("finetune", "resume from an infinite optimizer state"): (
+        ["{host}", "{resume_inf_optimizer}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "NaN or infinite", "exp_avg"],
+    ),
     ("finetune", "resume, optimizer.pt a pickle with a payload"): (
         ["{host}", "{resume_optimizer_payload}", *FINETUNE_TEXT, "--resume"],
         ["optimizer.pt", "not loaded"],
@@ -608,6 +621,19 @@ TRUST_OUTPUT_API_CASES = [
     pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
                                   span_loss_coef=3.4e38), ValueError, "span-loss-coef", id="finetune coef=3.4e38"),
 ]  # fmt: skip
+
+def _nan_mix():
+    model = convert(tiny_host("llama"), max_span=8, ramp=4)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.mix.weight[0, 0] = NAN
+    return model
+
+
+TRUST_OUTPUT_API_CASES.append(
+    pytest.param(lambda: finetune(_nan_mix(), None, tokenizer=word_tokenizer(), texts=[TEXT]), ValueError,
+                 "NaN or infinite values (model.layers.1.self_attn.mix.weight) before training", id="finetune NaN mix")
+)  # fmt: skip
+
 
 def _lora_twice(inject: bool):
     from peft import inject_adapter_in_model
