@@ -615,12 +615,14 @@ API_CASES += [
                                   settings={"max_spam": 8}), TypeError, "max_spam", id="finetune unknown setting"),
 ]  # fmt: skip
 
+
 TRUST_OUTPUT_API_CASES = [
     pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
                                   settings={"tau_max": 1e39}), ValueError, "tau_max", id="finetune tau_max=1e39"),
     pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
                                   span_loss_coef=3.4e38), ValueError, "span-loss-coef", id="finetune coef=3.4e38"),
 ]  # fmt: skip
+
 
 def _nan_mix():
     model = convert(tiny_host("llama"), max_span=8, ramp=4)
