@@ -50,10 +50,17 @@ from .errors import UsageError
 from .loading import load_model as load_source
 from .loading import load_source_config
 from .lora import get_lora_model
-from .model.configuration_hybrid import FLOAT32_MAX, HYBRID_PREFIX
+from .model.configuration_hybrid import HYBRID_PREFIX
 from .publishing import check_output, output_lock, save_model
-from .resuming import CHECKPOINTS_SUFFIX, RUN_FILE, resume_point
-from .settings import SETTINGS, check_settings, flag
+from .resuming import (
+    CHECKPOINTS_SUFFIX,
+    RUN_FILE,
+    checkpoint_write_errors,
+    first_non_finite,
+    path_or_name,
+    resume_point,
+)
+from .settings import SETTINGS, UPPER_BOUNDS, check_settings, flag
 from .tasks import is_encoder, model_classes
 
 
@@ -101,6 +108,7 @@ def prepare_model(
             raise UsageError("hybrid settings and span-loss-coef need hybrid=True (a converted model)")
         return model, False
     if not is_hybrid:
+        check_settings(settings, model.config)
         coef = {} if span_loss_coef is None else {"span_loss_coef": float(span_loss_coef)}
         return convert(model, **settings, **coef), True
     if settings:
@@ -117,11 +125,22 @@ def _check_positions(config, seq_len: int | None) -> None:
         raise UsageError(f"seq-len {seq_len} exceeds the model's maximum of {positions} positions")
 
 
+def _check_finite(model, name: str | None) -> None:
+    """Refuse a model whose weights hold NaN or inf before it is trained (training would report the NaN loss as a
+    divergence)."""
+    found = first_non_finite(dict(model.named_parameters()))
+    if found is not None:
+        raise UsageError(
+            f"the weights of {name or 'the model'} hold NaN or infinite values ({found}) before training; "
+            "a model with non-finite weights cannot be trained"
+        )
+
+
 def _check_span_loss_coef(value: float | None) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= FLOAT32_MAX
-    ):
-        raise UsageError(f"span-loss-coef must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}), got {value!r}")
+    bound = UPPER_BOUNDS["span_loss_coef"]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (number and 0 <= value <= bound):
+        raise UsageError(f"span-loss-coef must be a finite number >= 0 (at most {bound:g}), got {value!r}")
 
 
 def load_model(
@@ -283,8 +302,10 @@ def finetune(
     output = Path(output).expanduser().absolute() if output is not None else None
     if output is None and (save_steps is not None or resume):
         raise UsageError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
+    sources = [model.config._name_or_path if isinstance(model, PreTrainedModel) else model]
+    sources.append(distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from)
     if output is not None:
-        check_output(output, force)
+        check_output(output, force, *sources)
 
     train_texts = list(texts or []) + read_texts(data_files, "data")
     held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
@@ -296,7 +317,7 @@ def finetune(
         raise UsageError("the eval data is empty (no text)")
     # What a resumed run must share with the interrupted one for the same result.
     run = {
-        "model": str(model) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
+        "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
         "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
         "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed, "lora": lora,
         "lora_r": lora_r, "lora_alpha": lora_alpha, "span_loss_coef": span_loss_coef, "settings": settings,
@@ -304,7 +325,7 @@ def finetune(
     }  # fmt: skip
     if distill_from is not None:
         teacher_name = distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from
-        run.update(distill_from=str(teacher_name), distill_weight=distill_weight)
+        run.update(distill_from=path_or_name(str(teacher_name)), distill_weight=distill_weight)
     checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
     resume_from = resume_point(checkpoints, run, resume) if checkpoints is not None else None
     if resume_from is not None and save_steps is None:
@@ -317,7 +338,7 @@ def finetune(
     with contextlib.ExitStack() as stack:
         if output is not None and state.is_main_process:
             stack.enter_context(output_lock(output))  # a busy or unwritable output fails here, before loading
-            check_output(output, force)  # again: another run may have written it meanwhile
+            check_output(output, force, *sources)  # again: another run may have written it meanwhile
         set_seed(seed)
         with state.main_process_first():  # one process fills the caches (remote code, hub files) at a time
             if isinstance(model, PreTrainedModel):
@@ -333,6 +354,7 @@ def finetune(
                 )  # fmt: skip
                 base_model = base_model or name
             _check_positions(model.config, seq_len)
+            _check_finite(model, base_model)
             if held_out:
                 train_part, eval_part = train_texts, held_out
             else:
@@ -364,8 +386,9 @@ def finetune(
         if save_steps is not None:
             trainer_dir = checkpoints
             if state.is_main_process:
-                checkpoints.mkdir(exist_ok=True)
-                (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
+                with checkpoint_write_errors(checkpoints):
+                    checkpoints.mkdir(exist_ok=True)
+                    (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
         else:
             trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
         args = TrainingArguments(
@@ -403,7 +426,8 @@ def finetune(
         add_span_logging(trainer)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if guard.step is not None:
             raise UsageError(
                 f"training diverged at step {guard.step}: the loss is {guard.loss}; the learning rate (lr {lr:g}) "
@@ -458,7 +482,7 @@ def finetune(
                     "processes": num_processes if result.sharding is None else f"{num_processes} ({result.sharding})",
                     "learning rate": lr,
                     "method": (f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full "
-                    "fine-tuning") + (f", distilled from {run['distill_from']} (weight {distill_weight:g})"
+                    "fine-tuning") + (f", distilled from {teacher_name} (weight {distill_weight:g})"
                     if distill_from is not None else ""),
                     "perplexity before (held-out, LM loss only)": ppl_before,
                     "perplexity after": ppl_after,

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .conversion import NEW_PARAMETER_MODULES
+from .errors import UsageError
 from .model.configuration_hybrid import HYBRID_PREFIX
 from .model.modeling_hybrid import self_attention_modules
 from .tasks import TASK_TABLE, model_task, unwrap
@@ -80,13 +81,29 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, **kwar
     return LoraConfig(**settings)
 
 
+def check_no_adapters(model: nn.Module) -> None:
+    """Refuse a model that already has PEFT adapters (a `PeftModel`, or LoRA layers injected into it): a second
+    set would wrap the first, and only one would be merged."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise UsageError(
+            f"the model ({type(model).__name__}) already has LoRA adapters; merge them first "
+            "(`model = model.merge_and_unload()`), or train the ones it has"
+        )
+
+
 def get_lora_model(model, **kwargs: Any):
     """`peft.get_peft_model(model, lora_config(model, **kwargs))`: the model with LoRA adapters, ready to train.
+    A model that has adapters already is refused (`check_no_adapters`).
 
     PEFT (0.21 and earlier) reads `model.is_gradient_checkpointing`, which transformers deprecates with a
     `FutureWarning`; that one warning, about a call this package does not make, is silenced here.
     """
     from peft import get_peft_model
+
+    check_no_adapters(model)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

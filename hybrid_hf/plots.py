@@ -11,6 +11,8 @@ from .spans import SpanRecord, check_layers
 SPAN_HEATMAP = "span_heatmap.png"
 TEMPERATURE_HEATMAP = "temperature_heatmap.png"
 SPAN_ALONG_SEQUENCE = "span_along_sequence.png"
+#: the files `plot_spans` writes
+FIGURES = (SPAN_HEATMAP, TEMPERATURE_HEATMAP, SPAN_ALONG_SEQUENCE)
 
 #: above this many heads (or span values shared by all heads), the sequence plot draws the head mean and range
 MAX_HEAD_LINES = 16

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .cards import write_model_card
@@ -28,21 +28,47 @@ logger = logging.getLogger(__name__)
 _LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
 
 
-def check_output(output: Path, force: bool, source: str | None = None) -> None:
-    """Refuse an existing `output` unless `force`; with `force`, refuse one that is not a model folder (a file, or a
-    non-empty folder without config.json: user files, which replacing would delete) or that holds `source`."""
-    if not (output.exists() or output.is_symlink()):
+def is_model_folder(folder: Path) -> bool:
+    """Whether `folder` holds a saved model (a config.json)."""
+    return (folder / "config.json").is_file()
+
+
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_source(output: Path, *sources: str | os.PathLike | None) -> None:
+    """Refuse an `output` that is one of the `sources` or a folder holding one: writing it would replace the source.
+    Paths are compared resolved (links followed, `..` and relative spellings made absolute); a source that is no
+    path on this machine (a Hub id) is skipped."""
+    resolved_output = Path(output).expanduser().resolve()
+    for source in sources:
+        if not source or not Path(source).expanduser().exists():
+            continue
+        resolved_source = Path(source).expanduser().resolve()
+        if resolved_output == resolved_source or resolved_output in resolved_source.parents:
+            raise UsageError(f"output {str(output)!r} would replace the source {str(source)!r}; choose another folder")
+
+
+def check_output(
+    output: Path,
+    force: bool,
+    *sources: str | os.PathLike | None,
+    replaceable: Callable[[Path], bool] = is_model_folder,
+    kind: str = "a model folder (no config.json)",
+) -> None:
+    """Refuse an `output` that is or holds one of the `sources` (`check_source`), and an existing one unless
+    `force`; with `force`, refuse one that is a file, or a non-empty folder that `replaceable` refuses (`kind` names
+    what it accepts): user files, which replacing would delete. An empty folder holds nothing to lose: it is written
+    into without `force`."""
+    check_source(output, *sources)
+    if not (output.exists() or output.is_symlink()) or _is_empty_folder(output):
         return
     if not force:
         raise OutputExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
-    source_path = Path(source).expanduser() if source is not None else None
-    if source_path is not None and source_path.exists():
-        resolved_output, resolved_source = output.resolve(), source_path.resolve()
-        if resolved_output == resolved_source or resolved_output in resolved_source.parents:
-            raise UsageError(f"output {str(output)!r} would replace the source {source!r}; choose another folder")
-    if not (output.is_dir() and ((output / "config.json").is_file() or not any(output.iterdir()))):
+    if not (output.is_dir() and replaceable(output)):
         raise OutputExistsError(
-            f"refusing to replace {str(output)!r} with --force: it is not a model folder (no config.json); "
+            f"refusing to replace {str(output)!r} with --force: it is not {kind}; "
             "choose another output or remove it yourself"
         )
 
@@ -53,7 +79,8 @@ def output_lock(output: Path) -> Iterator[None]:
 
     A second command writing the same OUTPUT meanwhile fails at once (`OutputBusyError`) instead of racing. Holding
     the lock, nobody else is writing OUTPUT, so the temporary folders beside it (`.OUTPUT.tmp-*`, `.OUTPUT.old-*`)
-    are what a killed run left: they are removed. An output folder that cannot be written is reported here, before
+    are what a killed run left: they are removed, once a previous OUTPUT moved aside by a replacement killed halfway
+    is back in place (`_recover`). An output folder that cannot be written is reported here, before
     anything is loaded. The lock (a `flock`, released by the system even when the process is killed) is removed on
     exit.
     """
@@ -85,16 +112,36 @@ def output_lock(output: Path) -> Iterator[None]:
         )
         raise OutputNotWritableError(f"cannot write the output {str(output)!r}: {reason}") from None
     try:
-        for pattern in (".tmp-*", ".old-*"):
-            for stale in glob.glob(
-                os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}{pattern}")
-            ):
-                logger.info("Removing %s, left by an interrupted run", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+        _recover(output)
         yield
     finally:
         lock_path.unlink(missing_ok=True)
         handle.close()
+
+
+def _leftovers(output: Path, pattern: str) -> list[Path]:
+    """The folders beside `output` named `.OUTPUT<pattern>`, newest first."""
+    found = glob.glob(os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}{pattern}"))
+    return sorted(map(Path, found), key=lambda path: path.lstat().st_mtime_ns, reverse=True)
+
+
+def _recover(output: Path) -> None:
+    """Clean up after a run killed while writing `output` (the caller holds its lock).
+
+    A `--force` replacement (`publish`) moves the previous OUTPUT into `.OUTPUT.old-*/old` before it renames the new
+    one into place; killed in between, OUTPUT is missing and the aside holds the only complete copy: it is moved
+    back. Then the temporary folders (`.OUTPUT.tmp-*`, unfinished or never published) and the asides are removed.
+    """
+    if not (output.exists() or output.is_symlink()):
+        for aside in _leftovers(output, ".old-*"):
+            if os.path.lexists(aside / "old"):
+                logger.warning("Restoring %s from %s, moved aside by an interrupted replacement", output, aside)
+                os.rename(aside / "old", output)
+                break
+    for pattern in (".tmp-*", ".old-*"):
+        for stale in _leftovers(output, pattern):
+            logger.info("Removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -117,8 +164,8 @@ def normalize_modes(folder: Path) -> None:
 def publish(tmp: Path, output: Path, force: bool = False) -> None:
     """Rename the finished `tmp` folder to `output`; an existing `output` is replaced only with `force`, and put back
     should the replacement fail."""
-    if not (output.exists() or output.is_symlink()):
-        os.rename(tmp, output)
+    if not (output.exists() or output.is_symlink()) or _is_empty_folder(output):
+        os.rename(tmp, output)  # an empty folder is replaced by the rename itself
         return
     if not force:
         raise OutputExistsError(f"output {str(output)!r} already exists; pass --force to replace it")
@@ -167,19 +214,28 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def save_model(output: Path, model, tokenizer=None, force: bool = False, card: dict | None = None) -> None:
-    """Save `model`, its tokenizer and (with `card`, the arguments of `cards.write_model_card`) a model card into
-    `output`, atomically (`staged_folder`). A failing write (a full disk, no permission) is an
-    `OutputNotWritableError` naming the output."""
+@contextlib.contextmanager
+def write_errors(output: Path) -> Iterator[None]:
+    """Report a write that fails in the block (a full disk, a read-only file system, no permission: an `OSError`,
+    or safetensors' `SafetensorError`, which is not one) as an `OutputNotWritableError` naming `output`."""
+    from safetensors import SafetensorError
+
     try:
-        with staged_folder(output, force) as tmp:
-            vars(model.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                save_tokenizer(tokenizer, tmp)
-            if card is not None:
-                write_model_card(tmp, **card)
+        yield
     except UsageError:
         raise
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise OutputNotWritableError(f"could not write {str(output)!r}: {first_line(error)}") from error
+
+
+def save_model(output: Path, model, tokenizer=None, force: bool = False, card: dict | None = None) -> None:
+    """Save `model`, its tokenizer and (with `card`, the arguments of `cards.write_model_card`) a model card into
+    `output`, atomically (`staged_folder`). A failing write is an `OutputNotWritableError` naming the output
+    (`write_errors`), and leaves nothing behind."""
+    with write_errors(output), staged_folder(output, force) as tmp:
+        vars(model.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        if card is not None:
+            write_model_card(tmp, **card)

@@ -30,6 +30,11 @@ SETTINGS = {
     "sink_tokens": "first tokens of a sequence every query of a local-only layer reads (attention sinks)",
     "max_crop": "most tokens a cache crop may remove at once (assisted and prompt-lookup decoding)",
 }
+#: setting -> its largest value, where training stays finite in float32 and bfloat16 (the gradients at the bounds
+#: are tested): beyond a temperature of 1000 the local softmax is uniform already, and a span penalty weighted by
+#: more than 1000 outweighs the LM loss (a few units) by orders of magnitude. `tau_max` 1e39 or `span_loss_coef`
+#: 3.4e38, finite numbers, give infinite or NaN gradients.
+UPPER_BOUNDS = {"tau_max": 1000.0, "span_loss_coef": 1000.0}
 #: the settings that shape the new parameters: they apply only when a host model is converted
 CONVERSION_SETTINGS = tuple(name for name in SETTINGS if name != "span_loss_coef")
 
@@ -79,7 +84,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser, title: str = "hybrid 
                 flag(name),
                 type=type(default),
                 metavar="X" if isinstance(default, float) else "N",
-                help=f"{help_text} (default {default})",
+                help=f"{help_text} (default {default}"
+                + (f", at most {UPPER_BOUNDS[name]:g})" if name in UPPER_BOUNDS else ")"),
             )
 
 
@@ -106,3 +112,9 @@ def check_settings(settings: dict[str, Any], host_config=None) -> None:
         raise
     except ValueError as error:
         raise UsageError(validation_message(error)) from error
+    for name, bound in UPPER_BOUNDS.items():
+        value = settings.get(name)
+        if isinstance(value, (int, float)) and value > bound:
+            raise UsageError(
+                f"`{name}` must be at most {bound:g} (beyond, training gives infinite gradients), got {value!r}"
+            )

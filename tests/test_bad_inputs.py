@@ -23,12 +23,15 @@ import torch
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from tiny_models import TEXT, VOCAB, tiny_host, word_tokenizer
 from transformers import BertConfig, BertModel, BloomConfig
 
 import hybrid_hf
 from hybrid_hf import HybridSettings, commands, convert
+from hybrid_hf.conversion import NEW_PARAMETER_MODULES
 from hybrid_hf.finetuning import finetune
+from hybrid_hf.settings import UPPER_BOUNDS, check_settings
 
 INF, NAN = float("inf"), float("nan")
 # Writes the file PWNED beside itself when imported (transformers imports a copy from its module cache: the path is
@@ -152,7 +155,54 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["cwd"] = root / "cwd"
     paths["out"] = root / "out"
     paths["missing"] = root / "does" / "not" / "exist"
+    paths["nest_inner"] = model_folder("nest/inner", convert(host, max_span=8, ramp=4))
+    paths["nest"] = root / "nest"
+    for name, damage in RESUME_DAMAGE.items():
+        paths[name] = _checkpoint_of(root / name, damage)
+    files = root / "resume_state_not_json.checkpoints" / "checkpoint-2"  # the interrupted run's, made complete
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (root / "interrupted.checkpoints" / "checkpoint-2" / name).write_bytes((files / name).read_bytes())
     return paths
+
+
+def _checkpoint_of(output: Path, damage) -> Path:
+    """What `finetune MODEL output --save-steps 2 --steps 2` leaves when killed after its last checkpoint (the
+    files a checkpoint holds, with the run's arguments; the contents do not matter to checks made before loading),
+    then changed by `damage(checkpoint folder)`."""
+    checkpoint = output.with_name(f"{output.name}.checkpoints") / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    save_file({"weight": torch.zeros(64, 64)}, checkpoint / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"state": {0: torch.zeros(4)}, "step": 2}, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (checkpoint.parent / "finetune_run.json").write_text(json.dumps({"steps": 50, "save_steps": 2}))
+    damage(checkpoint)
+    return output
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+RESUME_DAMAGE = {
+    "resume_no_optimizer": lambda checkpoint: (checkpoint / "optimizer.pt").unlink(),
+    "resume_truncated_weights": lambda checkpoint: _truncate(checkpoint / "model.safetensors"),
+    "resume_state_not_json": lambda checkpoint: (checkpoint / "trainer_state.json").write_text("{not json"),
+    "resume_run_a_list": lambda checkpoint: (checkpoint.parent / "finetune_run.json").write_text("[1, 2]"),
+    "resume_optimizer_link": lambda checkpoint: (
+        (checkpoint / "optimizer.pt").unlink(),
+        (checkpoint / "optimizer.pt").symlink_to("/etc/passwd"),
+    ),
+    "resume_nan_weights": lambda checkpoint: save_file(
+        {"model.layers.0.self_attn.mix.weight": torch.full((4, 4), NAN)}, checkpoint / "model.safetensors"
+    ),
+    "resume_inf_optimizer": lambda checkpoint: torch.save(
+        {"state": {0: {"exp_avg": torch.full((4,), INF)}}}, checkpoint / "optimizer.pt"
+    ),
+    "resume_optimizer_payload": lambda checkpoint: torch.save(
+        {"state": _Evil(checkpoint.parents[1] / "PWNED")}, checkpoint / "optimizer.pt"
+    ),
+}
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -394,11 +444,8 @@ DEMO = {
         ["--model", "{host}", "--text", "{text}", "--eval-text", "{missing}"],
         ["--eval-text file not found"],
     ),
-    "output exists": (["--out", "{user_files}"], ["user_files", "not a demo output", "--force"]),
-    "force onto user files": (
-        ["--out", "{user_files}", "--force"],
-        ["user_files", "neither a demo output nor a model"],
-    ),
+    "output exists": (["--out", "{user_files}"], ["user_files", "already exists", "--force"]),
+    "force onto user files": (["--out", "{user_files}", "--force"], ["user_files", "not a demo output or a model"]),
     "unknown flag": (["--epochs", "3"], ["unrecognized arguments: --epochs"]),
 }
 
@@ -408,6 +455,85 @@ COMMAND_CASES = [
                            ("demo", DEMO))
     for name, (argv, fragments) in table.items()
 ]  # fmt: skip
+
+SOURCE = "would replace the source"
+TRUST_OUTPUT = {
+    ("finetune", "output is the model"): (["{hybrid}", "{hybrid}", *FINETUNE_TEXT, "--force"], [SOURCE, "hybrid"]),
+    ("finetune", "output is the model, spelled relative"): (
+        ["../hybrid", "{hybrid}", *FINETUNE_TEXT, "--force"],
+        [SOURCE, "'../hybrid'"],
+    ),
+    ("finetune", "output holds the model"): (["{nest_inner}", "{nest}", *FINETUNE_TEXT, "--force"], [SOURCE]),
+    ("finetune", "output holds the teacher"): (
+        ["{host}", "{nest}", *FINETUNE_TEXT, "--distill-from", "{nest_inner}", "--force"],
+        [SOURCE, "nest/inner"],
+    ),
+    ("finetune", "output is the model, without --force"): (["{hybrid}", "{hybrid}", *FINETUNE_TEXT], [SOURCE]),
+    ("inspect", "--out is the model"): (["{hybrid}", "--prompt", "the cat", "--out", "{hybrid}"], [SOURCE]),
+    ("inspect", "--out holds the model"): (
+        ["{nest_inner}", "--prompt", "the cat", "--out", "{nest}", "--force"],
+        [SOURCE],
+    ),
+    ("inspect", "--out another model"): (
+        ["{hybrid}", "--prompt", "the cat", "--out", "{host}"],
+        ["host", "already exists", "--force"],
+    ),
+    ("inspect", "--out another model, forced"): (
+        ["{hybrid}", "--prompt", "the cat", "--out", "{host}", "--force"],
+        ["host", "not an earlier inspection"],
+    ),
+    ("inspect", "--out user files"): (["{hybrid}", *INSPECT_OUT[:2], "--out", "{user_files}"], ["already exists"]),
+    ("demo", "--out is the model"): (["--model", "{nest_inner}", "--out", "{nest_inner}", "--force"], [SOURCE]),
+    ("demo", "--out holds the model"): (["--model", "{host}", "--out", "{root}", "--force"], [SOURCE]),
+    ("convert", "tau max 1e39"): (["{host}", "{out}", "--tau-max", "1e39"], ["tau_max", "at most 1000"]),
+    ("convert", "span loss coef 3.4e38"): (
+        ["{host}", "{out}", "--span-loss-coef", "3.4e38"],
+        ["span_loss_coef", "at most 1000"],
+    ),
+    ("finetune", "tau max 1e39"): (["{host}", "{out}", *FINETUNE_TEXT, "--tau-max", "1e39"], ["tau_max", "at most"]),
+    ("finetune", "span loss coef 3.4e38"): (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--span-loss-coef", "3.4e38"],
+        ["span-loss-coef", "at most 1000"],
+    ),
+    ("demo", "span loss coef 3.4e38"): (["--span-loss-coef", "3.4e38"], ["span-loss-coef", "at most 1000"]),
+    ("finetune", "resume without optimizer.pt"): (
+        ["{host}", "{resume_no_optimizer}", *FINETUNE_TEXT, "--resume"],
+        ["checkpoint-2", "optimizer.pt", "is missing", "start over"],
+    ),
+    ("finetune", "resume from truncated weights"): (
+        ["{host}", "{resume_truncated_weights}", *FINETUNE_TEXT, "--resume"],
+        ["model.safetensors", "damaged or truncated"],
+    ),
+    ("finetune", "resume, trainer_state.json not JSON"): (
+        ["{host}", "{resume_state_not_json}", *FINETUNE_TEXT, "--resume"],
+        ["trainer_state.json", "not JSON"],
+    ),
+    ("finetune", "resume, finetune_run.json a list"): (
+        ["{host}", "{resume_run_a_list}", *FINETUNE_TEXT, "--resume"],
+        ["finetune_run.json", "not a JSON object"],
+    ),
+    ("finetune", "resume, optimizer.pt a link to a system file"): (
+        ["{host}", "{resume_optimizer_link}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "is a link"],
+    ),
+    ("finetune", "resume from NaN weights"): (
+        ["{host}", "{resume_nan_weights}", *FINETUNE_TEXT, "--resume"],
+        ["model.safetensors", "NaN or infinite", "mix"],
+    ),
+    ("finetune", "resume from an infinite optimizer state"): (
+        ["{host}", "{resume_inf_optimizer}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "NaN or infinite", "exp_avg"],
+    ),
+    ("finetune", "resume, optimizer.pt a pickle with a payload"): (
+        ["{host}", "{resume_optimizer_payload}", *FINETUNE_TEXT, "--resume"],
+        ["optimizer.pt", "not loaded"],
+    ),
+}
+TRUST_OUTPUT_CASES = [
+    pytest.param(command, argv, fragments, id=f"{command}: {name}")
+    for (command, name), (argv, fragments) in TRUST_OUTPUT.items()
+]
+COMMAND_CASES += TRUST_OUTPUT_CASES
 
 
 @pytest.fixture
@@ -490,6 +616,44 @@ API_CASES += [
 ]  # fmt: skip
 
 
+TRUST_OUTPUT_API_CASES = [
+    pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
+                                  settings={"tau_max": 1e39}), ValueError, "tau_max", id="finetune tau_max=1e39"),
+    pytest.param(lambda: finetune(tiny_host("llama"), None, tokenizer=word_tokenizer(), texts=[TEXT],
+                                  span_loss_coef=3.4e38), ValueError, "span-loss-coef", id="finetune coef=3.4e38"),
+]  # fmt: skip
+
+
+def _nan_mix():
+    model = convert(tiny_host("llama"), max_span=8, ramp=4)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.mix.weight[0, 0] = NAN
+    return model
+
+
+TRUST_OUTPUT_API_CASES.append(
+    pytest.param(lambda: finetune(_nan_mix(), None, tokenizer=word_tokenizer(), texts=[TEXT]), ValueError,
+                 "NaN or infinite values (model.layers.1.self_attn.mix.weight) before training", id="finetune NaN mix")
+)  # fmt: skip
+
+
+def _lora_twice(inject: bool):
+    from peft import inject_adapter_in_model
+
+    from hybrid_hf.lora import get_lora_model, lora_config
+
+    model = convert(tiny_host("llama"), max_span=8, ramp=4)
+    model = inject_adapter_in_model(lora_config(model), model) if inject else get_lora_model(model)
+    return get_lora_model(model)
+
+
+TRUST_OUTPUT_API_CASES += [
+    pytest.param(lambda: _lora_twice(False), ValueError, "already has LoRA adapters", id="get_lora_model twice"),
+    pytest.param(lambda: _lora_twice(True), ValueError, "merge_and_unload", id="get_lora_model on injected LoRA"),
+]
+API_CASES += TRUST_OUTPUT_API_CASES
+
+
 @pytest.mark.parametrize("call, error, field", API_CASES)
 def test_api_bad_input(call, error, field):
     with pytest.raises(error) as raised:
@@ -549,6 +713,41 @@ def test_random_settings_give_a_finite_model_or_value_error(settings, model_type
         model.train()
         loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
         assert math.isfinite(loss.item()), settings
+
+
+TAU_MAX, COEF_MAX = UPPER_BOUNDS["tau_max"], UPPER_BOUNDS["span_loss_coef"]
+
+
+@hypothesis_settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(1e-3, TAU_MAX, COEF_MAX, 5.0, torch.bfloat16)
+@example(TAU_MAX, TAU_MAX, COEF_MAX, 5.0, torch.float32)
+@example(1e-3, 1e-3, COEF_MAX, 5.0, torch.float32)
+@given(
+    st.floats(1e-3, TAU_MAX),
+    st.floats(1e-3, TAU_MAX),
+    st.floats(0, COEF_MAX),
+    st.floats(0.01, 5.0),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_gradients_stay_finite_up_to_the_bounds(tau_a, tau_b, coef, scale, dtype):
+    """Every setting the commands accept (`settings.UPPER_BOUNDS`) trains: the loss, every gradient and the squared
+    gradient norm (gradient clipping) are finite in float32 and bfloat16, with the new parameters drawn away from
+    their initial values (a model part-way through training) so that every gradient path carries weight."""
+    settings = {"tau_min": min(tau_a, tau_b), "tau_max": max(tau_a, tau_b), "span_loss_coef": coef}
+    check_settings(settings)
+    torch.manual_seed(0)
+    model = convert(tiny_host("llama"), **settings)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in NEW_PARAMETER_MODULES for part in name.split(".")):
+                parameter.normal_(0, scale)
+    model = model.to(dtype).train()
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    gradients = [p.grad.float() for p in model.parameters() if p.grad is not None]
+    assert math.isfinite(loss.item()) and all(torch.isfinite(g).all() for g in gradients), settings
+    assert math.isfinite(sum(g.square().sum() for g in gradients).item()), settings
 
 
 def test_the_kernel_lets_nan_through():

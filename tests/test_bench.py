@@ -156,31 +156,39 @@ def test_prefilled_decoding_starts_from_a_copy_of_the_prompts_cache():
 
 
 FRESH_PAGES = """
-import resource, sys, torch
+import resource, statistics, torch
 from hybrid_hf.benchmarks.harness import keep_freed_memory
-if sys.argv[1] == "keep" and not keep_freed_memory():
-    print("unsupported"); sys.exit()
-def faults_of_one_64_mb_tensor():
+def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(16 << 20).fill_(1.0)  # 64 MB, written once and freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_64_mb_tensor()
-print(faults_of_one_64_mb_tensor())
+def steady():  # the median of 5 calls, after 3 that let the allocator settle
+    for _ in range(3):
+        faults()
+    return statistics.median(faults() for _ in range(5))
+default = steady()
+print(default, steady() if keep_freed_memory() else "unsupported")
 """
 
 
 def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_in_fresh_pages():
     """A 64 MB tensor made again after it was freed: 16,384 fresh 4 KiB pages by default (glibc maps it anew), about
-    none once the allocator keeps freed memory."""
+    none once the allocator keeps freed memory.
+
+    Page faults depend on the machine and on the allocator's history: the first calls after `keep_freed_memory`
+    may still fault while the heap grows to hold the block (16,384 faults were seen at the second call), and a
+    machine with other allocator settings (`MALLOC_MMAP_THRESHOLD_`, transparent huge pages) does not fault as the
+    default assumes. So both counts come from one process, before and after the call, each the median of 5 calls
+    after 3 that let the allocator settle, and are compared as a ratio (kept at most a tenth of the default) with
+    no retry; a machine whose default does not fault has nothing to compare and is skipped. The benchmark itself
+    records page faults per call in every row (`harness.BenchContext.compare`)."""
     import subprocess
     import sys
 
-    def faults(mode: str) -> str:
-        run = subprocess.run([sys.executable, "-c", FRESH_PAGES, mode], capture_output=True, text=True, check=True)
-        return run.stdout.strip()
-
-    kept = faults("keep")
+    run = subprocess.run([sys.executable, "-c", FRESH_PAGES], capture_output=True, text=True, check=True)
+    default, kept = run.stdout.split()
     if kept == "unsupported":
         pytest.skip("the C library is not glibc")
-    assert int(faults("default")) > 8_000
-    assert int(kept) < 1_000
+    if float(default) < 1_000:
+        pytest.skip(f"this machine maps a freed 64 MB block back without faults ({default}): nothing to compare")
+    assert float(kept) <= float(default) / 10, (default, kept)

@@ -252,9 +252,9 @@ def test_demo_refuses_a_folder_it_did_not_write(host_folder, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a demo output; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
         run_demo(host_folder, text, other)
-    with pytest.raises(FileExistsError, match="neither a demo output nor a model folder"):
+    with pytest.raises(FileExistsError, match="not a demo output or a model folder"):
         run_demo(host_folder, text, other, "--force")
     assert (other / "todo.txt").read_text() == "mine"
 

@@ -176,7 +176,7 @@ def test_layers_option_and_bad_layers(random_model, tmp_path, capsys):
     status, out, err = run_cli(capsys, random_model[1], "--prompt", "the cat", "--out", tmp_path, "--layers", "2")
     assert status == 0, err
     assert (tmp_path / SPAN_ALONG_SEQUENCE).is_file()
-    status, _, err = run_cli(capsys, random_model[1], "--prompt", "the cat", "--out", tmp_path, "--layers", "7")
+    status, _, err = run_cli(capsys, random_model[1], "--prompt", "the cat", "--out", tmp_path / "o", "--layers", "7")
     assert status == 2
     assert err.startswith("error:") and "hybrid layers: 0-2" in err and len(err.strip().splitlines()) == 1
 

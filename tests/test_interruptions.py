@@ -3,7 +3,8 @@
 - `finetune --save-steps N` killed with SIGKILL resumes (`--resume`) to the weights of an uninterrupted run;
 - SIGTERM stops a command like Ctrl-C: exit status 2, "interrupted", no temporary folder left;
 - temporary folders a killed run left beside OUTPUT are removed by the next run of a command writing OUTPUT, but not
-  while another process holds OUTPUT's lock (it fails cleanly instead);
+  while another process holds OUTPUT's lock (it fails cleanly instead); an old OUTPUT that a `--force` replacement
+  killed between its two renames had moved aside is moved back first, never deleted;
 - two commands writing the same OUTPUT at once: one wins, the other fails cleanly, the output is complete;
 - a diverging fine-tune stops with the step, the loss and the learning rate;
 - code a model folder ships runs only with `--trust-remote-code`.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,9 +21,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tiny_models import TEXT, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
@@ -102,6 +106,140 @@ def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(sources,
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resume_takes_the_model_path_in_any_spelling_and_refuses_a_lost_optimizer(
+    sources, tmp_path, capsys, monkeypatch
+):
+    """A run whose last checkpoint is kept (as when killed just before writing OUTPUT) resumes with the model path
+    spelled relative instead of absolute, to the same weights; without the checkpoint's optimizer.pt it is refused
+    with one line naming the file, and nothing runs."""
+    import hybrid_hf.finetuning
+
+    monkeypatch.setattr(hybrid_hf.finetuning, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None))
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    train = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "2", "--save-steps", "2"]
+    assert commands.main(["finetune", str(sources["host"]), str(out), *train]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    out.rename(tmp_path / "reference")
+    monkeypatch.chdir(sources["host"].parent)
+
+    optimizer = checkpoints / "checkpoint-2" / "optimizer.pt"
+    optimizer.rename(tmp_path / "optimizer.pt")
+    before = sorted(tmp_path.rglob("*"))
+    assert commands.main(["finetune", "host", str(out), *train, "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: cannot resume from {checkpoints / 'checkpoint-2'}: optimizer.pt (the optimizer's state) is missing, "
+        f"so the run would not continue where it stopped; remove {checkpoints} to start over"
+    ]
+    assert sorted(tmp_path.rglob("*")) == before
+
+    (tmp_path / "optimizer.pt").rename(optimizer)
+    assert commands.main(["finetune", "host", str(out), *train, "--resume"]) == 0, capsys.readouterr().err
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+#: what a writer raises on a full disk: safetensors' own error (not an OSError), and the system's
+FULL_DISK = {
+    "SafetensorError": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "ENOSPC": OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+def _full_disk(monkeypatch, error: Exception, after: int = 0) -> None:
+    """Saving weights fails as on a full disk, half a file written, from the call after the first `after` on."""
+    import transformers.modeling_utils
+
+    save, calls = transformers.modeling_utils.safe_save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= after:
+            return save(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 64)
+        raise error
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+
+
+def _error_line(capsys) -> str:
+    """The command's one error line: the last line of stderr (progress bars come before it), without a traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("error", FULL_DISK)
+@pytest.mark.parametrize("command", ["convert", "finetune", "finetune --save-steps"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(command, error, sources, tmp_path, capsys, monkeypatch):
+    _full_disk(monkeypatch, FULL_DISK[error])
+    out = tmp_path / "out"
+    argv = {
+        "convert": ["convert", sources["host"], out, "--max-span", "8", "--ramp", "4"],
+        "finetune": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6], "--steps", "2"],
+        "finetune --save-steps": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6],
+                                  "--steps", "4", "--save-steps", "2"],
+    }[command]  # fmt: skip
+    assert commands.main([str(arg) for arg in argv]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: could not write") and "No space left on device" in line, line
+    if command == "finetune --save-steps":
+        assert "out.checkpoints" in line and "no checkpoint was kept" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_after_a_checkpoint_keeps_it_and_resumes_to_the_same_weights(
+    sources, tmp_path, capsys, monkeypatch
+):
+    train = ["--data", str(sources["text"]), *TRAIN[:6], "--steps", "4", "--save-steps", "2"]
+    assert commands.main(["finetune", str(sources["host"]), str(tmp_path / "reference"), *train]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _full_disk(patch, FULL_DISK["SafetensorError"], after=1)  # checkpoint-2 is written, checkpoint-4 is not
+        assert commands.main(["finetune", str(sources["host"]), str(out), *train]) == 2
+    line = _error_line(capsys)
+    assert "--resume continues from checkpoint-2 once there is room" in line, line
+    assert sorted(p.name for p in (tmp_path / "out.checkpoints").iterdir()) == ["checkpoint-2", "finetune_run.json"]
+    assert commands.main(["finetune", str(sources["host"]), str(out), *train, "--resume"]) == 0
+    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_inspect_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(fault, sources, tmp_path, capsys,
+                                                                            monkeypatch):  # fmt: skip
+    import matplotlib.figure
+
+    import hybrid_hf.publishing
+
+    if fault == "full disk":
+
+        def savefig(figure, path, **kwargs):
+            Path(path).write_bytes(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    else:
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(hybrid_hf.publishing, "open", read_only, raising=False)
+    status = commands.main(
+        ["inspect", str(sources["hybrid"]), "--prompt", "the cat sat", "--out", str(tmp_path / "plots")]
+    )
+    assert status == 2
+    line = _error_line(capsys)
+    reason = "No space left on device" if fault == "full disk" else "Read-only file system"
+    assert "plots" in line and reason in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(_finetune(sources, out, "--save-steps", "5", "--steps", "100000"), env=ENV,
@@ -117,11 +255,12 @@ def test_sigterm_stops_like_ctrl_c(sources, tmp_path):
 
 
 def _stale(parent: Path, name: str) -> list[Path]:
-    """What a run killed while writing `name` leaves: its temporary folder (as large as the weights) and an aside."""
-    folders = [parent / f".{name}.tmp-k1ll3d", parent / f".{name}.old-k1ll3d" / "old"]
+    """What a run killed while writing `name` leaves: its temporary folder (as large as the weights) and the folder
+    made to move an old output aside into, killed before the move."""
+    folders = [parent / f".{name}.tmp-k1ll3d", parent / f".{name}.old-k1ll3d"]
     for folder in folders:
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    (folders[0] / "model.safetensors").write_bytes(b"\0" * 4096)
     return folders
 
 
@@ -140,6 +279,44 @@ def test_a_later_run_removes_stale_temporary_folders(command, sources, tmp_path,
     assert _hidden(tmp_path, "out") == []
     assert _hidden(tmp_path, "other") == [".other.old-k1ll3d", ".other.tmp-k1ll3d"]
     assert (tmp_path / ".outer.tmp-1").is_dir()
+
+
+def _killed_between_renames(sources, parent: Path) -> Path:
+    """What a `--force` replacement of `parent/out` killed between its two renames leaves: no OUTPUT, the old output
+    moved aside into `.out.old-*/old` (marked with old.txt) and the finished new one in `.out.tmp-*`."""
+    old, new = parent / ".out.old-k1ll3d" / "old", parent / ".out.tmp-k1ll3d"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        for path in sources["hybrid"].iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+    (old / "old.txt").write_text("the only copy")
+    return parent / "out"
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune", "inspect"])
+def test_a_replacement_killed_between_its_renames_is_undone(command, sources, tmp_path, capsys):
+    """The next run into OUTPUT moves the old output back before it removes what the killed run left; without
+    --force it then finds OUTPUT there and refuses, as it would have before the killed run."""
+    out = _killed_between_renames(sources, tmp_path)
+    argv = {
+        "convert": ["convert", sources["host"], out],
+        "finetune": ["finetune", sources["host"], out, "--data", sources["text"]],
+        "inspect": ["inspect", sources["hybrid"], "--prompt", "the cat sat", "--out", out],
+    }[command]
+    status = commands.main([str(arg) for arg in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1] == f"error: output {str(out)!r} already exists; pass --force to replace it"
+    assert (out / "old.txt").read_text() == "the only copy"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "HybridLlamaForCausalLM"
+    assert _hidden(tmp_path, "out") == []
+
+
+def test_a_replacement_killed_between_its_renames_is_replaced_with_force(sources, tmp_path, capsys):
+    out = _killed_between_renames(sources, tmp_path)
+    argv = ["convert", sources["host"], out, "--max-span", "4", "--ramp", "2", "--force"]
+    assert commands.main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+    assert not (out / "old.txt").exists() and json.loads((out / "config.json").read_text())["max_span"] == 4
+    assert _hidden(tmp_path, "out") == []
 
 
 @pytest.mark.parametrize("command", ["convert", "finetune"])

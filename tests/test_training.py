@@ -599,7 +599,8 @@ def test_cli_bad_arguments(folders, tmp_path, capfd):
         "hybrid with settings": ([folders["hybrid"], tmp_path / "o3", "--data", text, "--max-span", "4"], "already"),
         "model path": ([tmp_path / "no-such-folder", tmp_path / "o4", "--data", text], "not found"),
         "no data flag": ([host, tmp_path / "o5"], "--data"),
-        "existing output": ([host, folders["root"], "--data", text], "exists"),
+        "existing output": ([host, tmp_path, "--data", text], "exists"),
+        "output holds the model": ([host, folders["root"], "--data", text], "would replace the source"),
     }
     for name, (args, expected) in cases.items():
         capfd.readouterr()

@@ -1,7 +1,9 @@
-"""`hybrid-hf inspect MODEL (--text FILE | --prompt TEXT) --out DIR [--max-tokens 512] [--layers 0,5,9]`.
+"""`hybrid-hf inspect MODEL (--text FILE | --prompt TEXT) --out DIR [--max-tokens 512] [--layers 0,5,9] [--force]`.
 
 Runs a hybrid model on a text and writes what each hybrid layer predicts (`spans.collect_spans`): three figures
-(`plots.plot_spans`) and `spans.json`, and prints a table per layer.
+(`plots.plot_spans`) and `spans.json`, and prints a table per layer. DIR is written like every output
+(`publishing`): atomically, never over the model, and over an existing non-empty folder only with `--force` and
+only when it holds nothing but an earlier inspection.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 from ..errors import MissingInputError, UsageError
 from ..loading import load_model, load_source_config
 from ..model.configuration_hybrid import HYBRID_PREFIX
-from ..plots import plot_spans
+from ..plots import FIGURES, plot_spans
+from ..publishing import check_output, output_lock, staged_folder, write_errors
 from ..spans import JSON_NAME, check_layers, collect_spans, summary_table, write_json
 from ..tasks import is_encoder
 from . import ArgumentParser
@@ -27,6 +30,9 @@ def build_parser() -> ArgumentParser:
     source.add_argument("--text", type=Path, help="file with the text to run the model on")
     source.add_argument("--prompt", help="the text itself")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs and spans.json (created)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (only an earlier inspection's folder)"
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="keep the first N tokens (default: 512)")
     parser.add_argument(
         "--layers", help="layer indices for the span-along-sequence plot, e.g. 0,5,9 (default: first, middle, last)"
@@ -84,20 +90,25 @@ def load_hybrid(model_path: str, trust_remote_code: bool = False):
     return load_model(model_path, task, config=config, trust_remote_code=trust_remote_code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    plot_layers = _parse_layers(args.layers)
-    text = _read_text(args)
+def is_inspection(folder: Path) -> bool:
+    """Whether `folder` holds an earlier inspection and nothing else (spans.json and the figures)."""
+    names = {path.name for path in folder.iterdir()}
+    return JSON_NAME in names and names <= {JSON_NAME, *FIGURES}
+
+
+def _check_out(args) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out must be a folder, but {args.out} is a file")
+    check_output(
+        args.out, args.force, args.model, replaceable=is_inspection, kind="an earlier inspection (spans.json, figures)"
+    )
 
-    model, tokenizer = load_hybrid(args.model, args.trust_remote_code)
-    limit = args.max_tokens
+
+def inspect_model(model_path: str, text: str, max_tokens: int, layers: list[int] | None, trust_remote_code=False):
+    """The `spans.SpanRecord` of the hybrid model in `model_path` on the first `max_tokens` tokens of `text`."""
+    model, tokenizer = load_hybrid(model_path, trust_remote_code)
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if positions and limit > positions:
-        limit = positions
+    limit = min(max_tokens, positions) if positions else max_tokens
     encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
     input_ids = encoded["input_ids"][:, :limit]
     if input_ids.shape[1] == 0:
@@ -108,16 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     record = collect_spans(model, input_ids, attention_mask)
     ids = input_ids[0][attention_mask[0].bool()] if attention_mask is not None else input_ids[0]
     record.tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
-    if plot_layers is not None:
-        check_layers(record, plot_layers)
+    if layers is not None:
+        check_layers(record, layers)
+    return record
 
-    paths = plot_spans(record, args.out, plot_layers)
-    paths.append(write_json(record, args.out / JSON_NAME))
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    plot_layers = _parse_layers(args.layers)
+    text = _read_text(args)
+    args.out = args.out.expanduser().absolute()
+    _check_out(args)
+    with output_lock(args.out):  # a busy or unwritable --out fails here, before loading
+        _check_out(args)  # again: another run may have written it meanwhile
+        record = inspect_model(args.model, text, args.max_tokens, plot_layers, args.trust_remote_code)
+        with write_errors(args.out), staged_folder(args.out, args.force) as tmp:
+            names = [path.name for path in plot_spans(record, tmp, plot_layers)]
+            names.append(write_json(record, tmp / JSON_NAME).name)
     print(
         f"{record.num_tokens} tokens, {len(record.layers)} hybrid layers, "
         f"{record.num_heads} span{'s' if record.num_heads > 1 else ''} per token"
     )
     print(summary_table(record))
-    for path in paths:
-        print(f"wrote {path}")
+    for name in names:
+        print(f"wrote {args.out / name}")
     return 0

