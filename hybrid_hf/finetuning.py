@@ -28,6 +28,7 @@ does the distribution and only the main process writes the output. The DDP setti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -209,65 +210,28 @@ def check_arguments(**values: Any) -> None:
             raise TypeError(f"unknown argument {name!r}")
 
 
-def finetune(
-    model,
-    output,
-    *,
-    data_files=(),
-    eval_files=(),
-    texts: list[str] | None = None,
-    eval_texts: list[str] | None = None,
-    tokenizer=None,
-    lora: bool = False,
-    lora_r: int = 8,
-    lora_alpha: int | None = None,
-    steps: int = 50,
-    seq_len: int = 256,
-    batch_size: int = 4,
-    lr: float = 1e-4,
-    span_loss_coef: float | None = None,
-    settings: dict[str, Any] | None = None,
-    seed: int = 0,
-    force: bool = False,
-    eval_fraction: float = 0.1,
-    logging_steps: int | None = None,
-    save_steps: int | None = None,
-    resume: bool = False,
-    report_to: str | list[str] = "none",
-    use_cpu: bool | None = None,
-    ddp_find_unused_parameters: bool = False,
-    base_model: str | None = None,
-    base_model_note: str | None = None,
-    hybrid: bool = True,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    quiet: bool = False,
-    distill_from: str | PreTrainedModel | None = None,
-    distill_weight: float = 1.0,
-) -> FinetuneResult:
-    """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
+@dataclass
+class FinetuneArguments:
+    """How `finetune` trains and saves: the arguments of a run, passed as this dataclass or as its fields by keyword.
 
-    Args:
-        model: folder or Hub id of a hybrid or host causal LM, or a loaded (hybrid or host) model with `tokenizer`
-            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place).
-        output: the folder to write; refused if it exists, unless `force` (and even then if it is not a model
-            folder); None: save nothing (the trained model is `result.model`).
+    Attributes:
         data_files, texts: training text (files, or strings); `eval_files`, `eval_texts`: held-out text (default:
             the last `eval_fraction` of the training text).
-        tokenizer: required when `model` is a loaded model.
+        tokenizer: required when the model is a loaded model.
         lora, lora_r, lora_alpha: train LoRA adapters (rank, alpha = 2 r by default) + the hybrid modules; merged
             before saving.
         steps, seq_len, batch_size, lr, seed: `max_steps`, block length, per-process batch, learning rate, seed.
         span_loss_coef: the span penalty weight (kept in the saved config); None keeps the model's.
         settings: hybrid settings for converting a host model (`max_span`, `ramp`...); refused for hybrid models.
+        force: replace an existing output (only a model folder).
         logging_steps: Trainer log interval (default: steps // 10); report_to: Trainer integrations.
         save_steps: write a Trainer checkpoint every `save_steps` steps into the folder `OUTPUT.checkpoints` beside
-            `output` (the last one is kept; the folder is removed once `output` is written).
+            the output (the last one is kept; the folder is removed once the output is written).
         resume: continue from the last checkpoint there (after a crash or a kill) with the same arguments; the
             final weights equal those of an uninterrupted run.
         use_cpu: train on CPU (default: when no accelerator is available; needed for gloo under a launcher).
         ddp_find_unused_parameters: see the module docstring.
-        base_model: the model card's base model, a Hub id or a local folder (default: `model` when it is a name);
+        base_model: the model card's base model, a Hub id or a local folder (default: the model when it is a name);
             base_model_note: how the weights came from it, for the card.
         hybrid: False trains a host model as it is, without converting it (a baseline with the same data, budget
             and LoRA targets); saved without a hybrid model card.
@@ -279,109 +243,95 @@ def finetune(
             (`distillation.DistillationTrainer`), a recovery fine-tune that keeps the teacher's predictions on
             other text while local-only layers adapt.
         distill_weight: weight of that KL term (> 0).
+    """
+
+    data_files: Any = ()
+    eval_files: Any = ()
+    texts: list[str] | None = None
+    eval_texts: list[str] | None = None
+    tokenizer: Any = None
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int | None = None
+    steps: int = 50
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 1e-4
+    span_loss_coef: float | None = None
+    settings: dict[str, Any] | None = None
+    seed: int = 0
+    force: bool = False
+    eval_fraction: float = 0.1
+    logging_steps: int | None = None
+    save_steps: int | None = None
+    resume: bool = False
+    report_to: str | list[str] = "none"
+    use_cpu: bool | None = None
+    ddp_find_unused_parameters: bool = False
+    base_model: str | None = None
+    base_model_note: str | None = None
+    hybrid: bool = True
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    quiet: bool = False
+    distill_from: str | PreTrainedModel | None = None
+    distill_weight: float = 1.0
+
+
+def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs: Any) -> FinetuneResult:
+    """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
+
+    Args:
+        model: folder or Hub id of a hybrid or host causal LM, or a loaded (hybrid or host) model with `tokenizer`
+            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place).
+        output: the folder to write; refused if it exists, unless `force` (and even then if it is not a model
+            folder); None: save nothing (the trained model is `result.model`).
+        arguments, **kwargs: the run's `FinetuneArguments`, and fields of it by keyword (on top of `arguments`).
 
     Raises:
         ValueError, OSError: bad input (one-line messages); ValueError also when the loss becomes NaN or infinite
             (the step, the loss and the likely cause are named; nothing is written).
     """
     from accelerate import PartialState
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import set_seed
 
-    from .distributed import gathered_state_dict, shard_on_cpu, sharding, unsharded_copy
+    from .distributed import shard_on_cpu, sharding
 
     started = time.perf_counter()
-    settings = {key: value for key, value in (settings or {}).items() if value is not None}
-    check_arguments(
-        steps=steps, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
-        logging_steps=logging_steps, save_steps=save_steps, seed=seed, lr=lr, eval_fraction=eval_fraction,
-        span_loss_coef=span_loss_coef,
-    )  # fmt: skip
-    weight_ok = isinstance(distill_weight, (int, float)) and not isinstance(distill_weight, bool)
-    if distill_from is not None and not (weight_ok and 0 < distill_weight < 1e6):
-        raise UsageError(f"distill-weight must be a number in (0, 1e6), got {distill_weight!r}")
-    output = Path(output).expanduser().absolute() if output is not None else None
-    if output is None and (save_steps is not None or resume):
-        raise UsageError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
-    sources = [model.config._name_or_path if isinstance(model, PreTrainedModel) else model]
-    sources.append(distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from)
-    if output is not None:
-        check_output(output, force, *sources)
-
-    train_texts = list(texts or []) + read_texts(data_files, "data")
-    held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
-    if not any(text.strip() for text in train_texts):
-        raise UsageError(
-            "the training data is empty (no text)" if train_texts or data_files else "no training data given"
-        )
-    if (eval_files or eval_texts) and not any(text.strip() for text in held_out):
-        raise UsageError("the eval data is empty (no text)")
-    # What a resumed run must share with the interrupted one for the same result.
-    run = {
-        "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
-        "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
-        "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed, "lora": lora,
-        "lora_r": lora_r, "lora_alpha": lora_alpha, "span_loss_coef": span_loss_coef, "settings": settings,
-        "hybrid": hybrid, "eval_fraction": eval_fraction,
-    }  # fmt: skip
-    if distill_from is not None:
-        teacher_name = distill_from.config._name_or_path if isinstance(distill_from, PreTrainedModel) else distill_from
-        run.update(distill_from=path_or_name(str(teacher_name)), distill_weight=distill_weight)
-    checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
-    resume_from = resume_point(checkpoints, run, resume) if checkpoints is not None else None
+    a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
+    settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
+    output, sources, checkpoints = _check_run(model, output, a)
+    train_texts, held_out = _texts(a.texts, a.data_files, a.eval_texts, a.eval_files)
+    run = _run_record(model, a, settings, train_texts, held_out)
+    resume_from = resume_point(checkpoints, run, a.resume) if checkpoints is not None else None
+    save_steps = a.save_steps
     if resume_from is not None and save_steps is None:
         save_steps = json.loads((checkpoints / RUN_FILE).read_text(encoding="utf-8")).get("save_steps")
 
-    use_cpu = _default_use_cpu() if use_cpu is None else use_cpu
+    use_cpu = _default_use_cpu() if a.use_cpu is None else a.use_cpu
     state = PartialState(cpu=use_cpu)
-    # Under `accelerate launch` with FSDP on the CPU: shard there too (the Trainer then keeps that state).
-    configured = use_cpu and shard_on_cpu()
     with contextlib.ExitStack() as stack:
         if output is not None and state.is_main_process:
             stack.enter_context(output_lock(output))  # a busy or unwritable output fails here, before loading
-            check_output(output, force, *sources)  # again: another run may have written it meanwhile
-        set_seed(seed)
+            check_output(output, a.force, *sources)  # again: another run may have written it meanwhile
+        set_seed(a.seed)
         with state.main_process_first():  # one process fills the caches (remote code, hub files) at a time
-            if isinstance(model, PreTrainedModel):
-                if tokenizer is None:
-                    raise UsageError("a loaded model needs its tokenizer")
-                base_model = base_model or model.config._name_or_path or None
-                model, converted = prepare_model(model, settings, span_loss_coef, hybrid)
-            else:
-                name = str(model)
-                model, tokenizer, converted = load_model(
-                    name, settings, span_loss_coef, hybrid=hybrid, seq_len=seq_len,
-                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                )  # fmt: skip
-                base_model = base_model or name
-            _check_positions(model.config, seq_len)
-            _check_finite(model, base_model)
-            if held_out:
-                train_part, eval_part = train_texts, held_out
-            else:
-                head, tail = split_tail(train_texts, eval_fraction)
-                train_part, eval_part = [head], [tail]
-            try:
-                train_dataset = text_dataset(tokenizer, train_part, seq_len)
-            except ValueError as error:
-                raise UsageError(f"training data: {error}") from None
-            try:
-                eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
-            except ValueError as error:
-                hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
-                raise UsageError(f"eval data{hint}: {error}") from None
-        train_tokens = sum(len(ids) for ids in train_dataset["input_ids"])
-        eval_tokens = sum(len(ids) for ids in eval_dataset["input_ids"])
+            model, tokenizer, converted, base_model = _load(
+                model, a.tokenizer, settings, a.span_loss_coef, a.hybrid, a.seq_len, a.base_model,
+                a.trust_remote_code, a.allow_pickle,
+            )  # fmt: skip
+            train_dataset, eval_dataset = _datasets(tokenizer, train_texts, held_out, a.eval_fraction, a.seq_len)
 
         model.to(state.device)
         bars = state.is_main_process  # progress bars on the main process only, like the Trainer's
         ppl_before = perplexity(
-            model, eval_dataset, batch_size, progress="perplexity before training" if bars else None
+            model, eval_dataset, a.batch_size, progress="perplexity before training" if bars else None
         )
         use_cache = getattr(model.config, "use_cache", True)  # the Trainer turns the KV cache off for training
-        lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_r
-        if lora:
-            set_seed(seed)
-            model = get_lora_model(model, r=lora_r, alpha=lora_alpha)
+        lora_alpha = a.lora_alpha if a.lora_alpha is not None else 2 * a.lora_r
+        if a.lora:
+            set_seed(a.seed)
+            model = get_lora_model(model, r=a.lora_r, alpha=lora_alpha)
 
         if save_steps is not None:
             trainer_dir = checkpoints
@@ -391,57 +341,28 @@ def finetune(
                     (checkpoints / RUN_FILE).write_text(json.dumps({**run, "save_steps": save_steps}, indent=1) + "\n")
         else:
             trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
-        args = TrainingArguments(
-            output_dir=str(trainer_dir),
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=lr,
-            logging_steps=logging_steps or max(1, steps // 10),
-            logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
-            save_strategy="steps" if save_steps is not None else "no",
-            save_steps=save_steps or 500,
-            save_total_limit=1,
-            eval_strategy="no",
-            report_to=report_to,
-            seed=seed,
-            data_seed=seed,
-            use_cpu=use_cpu,
-            ddp_find_unused_parameters=ddp_find_unused_parameters,
-            average_tokens_across_devices=False,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            accelerator_config={"use_configured_state": True} if configured else None,
-        )
-        trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
-        if distill_from is None:
-            trainer = Trainer(**trainer_kwargs)
-        else:
-            from .distillation import DistillationTrainer
-
-            teacher = distill_from
-            if not isinstance(teacher, PreTrainedModel):
-                teacher = load_source(str(teacher), "causal_lm", tokenizer_required=False)[0]
-            trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher, distill_weight=distill_weight)
-        add_span_logging(trainer)
+        args = _training_arguments(
+            trainer_dir, a, save_steps=save_steps, use_cpu=use_cpu,
+            configured=use_cpu and shard_on_cpu(),  # under `accelerate launch` with FSDP on the CPU: shard there too
+        )  # fmt: skip
+        trainer = _trainer(model, args, train_dataset, a.distill_from, a.distill_weight)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
         with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if guard.step is not None:
             raise UsageError(
-                f"training diverged at step {guard.step}: the loss is {guard.loss}; the learning rate (lr {lr:g}) "
+                f"training diverged at step {guard.step}: the loss is {guard.loss}; the learning rate (lr {a.lr:g}) "
                 "is likely too high, try a lower one; nothing was written"
             )
         trained = trainer.model
-        if lora and sharding(trainer) is None:  # sharded adapters are merged in the unsharded copy that is saved
+        if a.lora and sharding(trainer) is None:  # sharded adapters are merged in the unsharded copy that is saved
             trained = trained.merge_and_unload()
         trained.eval()
         trained.config.use_cache = use_cache
         ppl_after = perplexity(
-            trained, eval_dataset, batch_size, progress="perplexity after training" if bars else None
+            trained, eval_dataset, a.batch_size, progress="perplexity after training" if bars else None
         )
-        num_processes = trainer.args.world_size
         result = FinetuneResult(
             output=output,
             perplexity_before=ppl_before,
@@ -449,64 +370,231 @@ def finetune(
             steps=trainer.state.global_step,
             wall_time_s=0.0,
             log_history=list(trainer.state.log_history),
-            train_tokens=train_tokens,
-            eval_tokens=eval_tokens,
+            train_tokens=sum(len(ids) for ids in train_dataset["input_ids"]),
+            eval_tokens=sum(len(ids) for ids in eval_dataset["input_ids"]),
             converted=converted,
-            lora=lora,
-            num_processes=num_processes,
+            lora=a.lora,
+            num_processes=trainer.args.world_size,
             sharding=sharding(trainer),
             model=trained,
         )
-
-        to_save = trained
-        if output is not None and result.sharding is not None:  # every process takes part in gathering the weights
-            state_dict = gathered_state_dict(trainer, trained)
-            to_save = unsharded_copy(trained, state_dict) if trainer.is_world_process_zero() else None
-        if output is not None and trainer.is_world_process_zero():
-            card = None
-            if hybrid:
-                summary: dict[str, Any] = {
-                    "converted from the host model here": converted,
-                    "training text": ", ".join(Path(f).name for f in data_files) or f"{len(texts or [])} text(s)",
-                    "held-out text": ", ".join(Path(f).name for f in eval_files)
-                    or (
-                        f"{len(eval_texts)} text(s)"
-                        if eval_texts
-                        else f"last {eval_fraction:.0%} of the training text"
-                    ),
-                    "training tokens": train_tokens,
-                    "held-out tokens": eval_tokens,
-                    "steps": result.steps,
-                    "sequence length": seq_len,
-                    "batch size (per process)": batch_size,
-                    "processes": num_processes if result.sharding is None else f"{num_processes} ({result.sharding})",
-                    "learning rate": lr,
-                    "method": (f"LoRA r={lora_r} alpha={lora_alpha} + hybrid modules, merged" if lora else "full "
-                    "fine-tuning") + (f", distilled from {teacher_name} (weight {distill_weight:g})"
-                    if distill_from is not None else ""),
-                    "perplexity before (held-out, LM loss only)": ppl_before,
-                    "perplexity after": ppl_after,
-                }
-                if result.final_span is not None:
-                    summary["mean span at the last log (tokens)"] = result.final_span
-                summary["wall time (s)"] = round(time.perf_counter() - started, 1)
-                card = dict(
-                    base_model=base_model,
-                    base_model_note=base_model_note,
-                    settings={key: getattr(trained.config, key) for key in SETTINGS if hasattr(trained.config, key)},
-                    training_summary=summary,
-                    model_id=output.name,
-                )
-            save_model(output, to_save, tokenizer, force=force, card=card)
-            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+        card = _card(result, a, base_model, lora_alpha, started) if a.hybrid and output is not None else None
+        _save(trainer, result, tokenizer, card, a.force, checkpoints)
         state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
-    if not quiet and state.is_main_process:
-        span = f", mean span {result.final_span:.2f} tokens" if result.final_span is not None else ""
-        print(
-            f"perplexity {ppl_before:.3f} -> {ppl_after:.3f} on {eval_tokens} held-out tokens after {result.steps} "
-            f"steps on {num_processes} process(es){f' ({result.sharding})' if result.sharding else ''}{span}; "
-            f"{result.wall_time_s:.1f} s"
-            + (f"; saved to {output}" if output is not None else "")
-        )
+    if not a.quiet and state.is_main_process:
+        _print_result(result)
     return result
+
+
+def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, Path | None]:
+    """`(output, the models it must not replace, the checkpoints folder)`, after checking the arguments."""
+    check_arguments(
+        steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+        logging_steps=a.logging_steps, save_steps=a.save_steps, seed=a.seed, lr=a.lr, eval_fraction=a.eval_fraction,
+        span_loss_coef=a.span_loss_coef,
+    )  # fmt: skip
+    weight_ok = isinstance(a.distill_weight, (int, float)) and not isinstance(a.distill_weight, bool)
+    if a.distill_from is not None and not (weight_ok and 0 < a.distill_weight < 1e6):
+        raise UsageError(f"distill-weight must be a number in (0, 1e6), got {a.distill_weight!r}")
+    output = Path(output).expanduser().absolute() if output is not None else None
+    if output is None and (a.save_steps is not None or a.resume):
+        raise UsageError("save-steps and resume need an output folder (the checkpoints are kept beside it)")
+    sources = [_model_name(model), _model_name(a.distill_from)]
+    if output is not None:
+        check_output(output, a.force, *sources)
+    checkpoints = output.with_name(f"{output.name}{CHECKPOINTS_SUFFIX}") if output is not None else None
+    return output, sources, checkpoints
+
+
+def _run_record(model, a: FinetuneArguments, settings: dict, train_texts: list[str], held_out: list[str]) -> dict:
+    """What a resumed run must share with the interrupted one for the same result."""
+    run = {
+        "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
+        "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
+        "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+        "lora": a.lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "span_loss_coef": a.span_loss_coef,
+        "settings": settings, "hybrid": a.hybrid, "eval_fraction": a.eval_fraction,
+    }  # fmt: skip
+    if a.distill_from is not None:
+        run.update(distill_from=path_or_name(str(_model_name(a.distill_from))), distill_weight=a.distill_weight)
+    return run
+
+
+def _card(result: FinetuneResult, a: FinetuneArguments, base_model, lora_alpha: int, started: float) -> dict:
+    """The arguments of `cards.write_model_card` for the trained hybrid model."""
+    method = f"LoRA r={a.lora_r} alpha={lora_alpha} + hybrid modules, merged" if a.lora else "full fine-tuning"
+    if a.distill_from is not None:
+        method += f", distilled from {_model_name(a.distill_from)} (weight {a.distill_weight:g})"
+    config = result.model.config
+    return dict(
+        base_model=base_model,
+        base_model_note=a.base_model_note,
+        settings={key: getattr(config, key) for key in SETTINGS if hasattr(config, key)},
+        training_summary=_training_summary(result, a, method, started),
+        model_id=result.output.name,
+    )
+
+
+def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: bool, checkpoints) -> None:
+    """Write the trained model to `result.output` from the main process (sharded weights gathered by every process
+    first), then remove the checkpoints: the run is complete, nothing is left to resume."""
+    from .distributed import gathered_state_dict, unsharded_copy
+
+    if result.output is None:
+        return
+    to_save = result.model
+    if result.sharding is not None:  # every process takes part in gathering the weights
+        state_dict = gathered_state_dict(trainer, to_save)
+        to_save = unsharded_copy(to_save, state_dict) if trainer.is_world_process_zero() else None
+    if trainer.is_world_process_zero():
+        save_model(result.output, to_save, tokenizer, force=force, card=card)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def _model_name(model: str | PreTrainedModel | None) -> str | None:
+    """A model's name: the path or Hub id it was loaded from, for a loaded model."""
+    return model.config._name_or_path if isinstance(model, PreTrainedModel) else model
+
+
+def _texts(texts, data_files, eval_texts, eval_files) -> tuple[list[str], list[str]]:
+    """`(training texts, held-out texts)` from the strings and the files; refused when there is no training text,
+    or held-out text was given and is empty."""
+    train_texts = list(texts or []) + read_texts(data_files, "data")
+    held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
+    if not any(text.strip() for text in train_texts):
+        raise UsageError(
+            "the training data is empty (no text)" if train_texts or data_files else "no training data given"
+        )
+    if (eval_files or eval_texts) and not any(text.strip() for text in held_out):
+        raise UsageError("the eval data is empty (no text)")
+    return train_texts, held_out
+
+
+def _load(model, tokenizer, settings, span_loss_coef, hybrid, seq_len, base_model, trust_remote_code, allow_pickle):
+    """`(model, tokenizer, converted, base_model)`: the model to train, loaded (or `prepare_model` of a loaded one),
+    its positions checked against `seq_len` and its weights finite."""
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise UsageError("a loaded model needs its tokenizer")
+        base_model = base_model or model.config._name_or_path or None
+        model, converted = prepare_model(model, settings, span_loss_coef, hybrid)
+    else:
+        name = str(model)
+        model, tokenizer, converted = load_model(
+            name, settings, span_loss_coef, hybrid=hybrid, seq_len=seq_len, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )  # fmt: skip
+        base_model = base_model or name
+    _check_positions(model.config, seq_len)
+    _check_finite(model, base_model)
+    return model, tokenizer, converted, base_model
+
+
+def _datasets(tokenizer, train_texts: list[str], held_out: list[str], eval_fraction: float, seq_len: int):
+    """`(training dataset, held-out dataset)` in blocks of `seq_len` tokens; without held-out text, the last
+    `eval_fraction` of the training text is held out."""
+    if held_out:
+        train_part, eval_part = train_texts, held_out
+    else:
+        head, tail = split_tail(train_texts, eval_fraction)
+        train_part, eval_part = [head], [tail]
+    try:
+        train_dataset = text_dataset(tokenizer, train_part, seq_len)
+    except ValueError as error:
+        raise UsageError(f"training data: {error}") from None
+    try:
+        eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
+    except ValueError as error:
+        hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
+        raise UsageError(f"eval data{hint}: {error}") from None
+    return train_dataset, eval_dataset
+
+
+def _training_arguments(
+    trainer_dir: Path, a: FinetuneArguments, *, save_steps: int | None, use_cpu: bool, configured: bool
+):
+    """The run's `TrainingArguments` (see the module docstring for the DDP settings); `configured`: use the state
+    that `accelerate launch` configured (FSDP on the CPU)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(trainer_dir),
+        max_steps=a.steps,
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=a.lr,
+        logging_steps=a.logging_steps or max(1, a.steps // 10),
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
+        save_strategy="steps" if save_steps is not None else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to=a.report_to,
+        seed=a.seed,
+        data_seed=a.seed,
+        use_cpu=use_cpu,
+        ddp_find_unused_parameters=a.ddp_find_unused_parameters,
+        average_tokens_across_devices=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        accelerator_config={"use_configured_state": True} if configured else None,
+    )
+
+
+def _trainer(model, args, train_dataset, distill_from, distill_weight: float):
+    """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) that logs the spans."""
+    from transformers import Trainer, default_data_collator
+
+    trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
+    if distill_from is None:
+        trainer = Trainer(**trainer_kwargs)
+    else:
+        from .distillation import DistillationTrainer
+
+        teacher = distill_from
+        if not isinstance(teacher, PreTrainedModel):
+            teacher = load_source(str(teacher), "causal_lm", tokenizer_required=False)[0]
+        trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher, distill_weight=distill_weight)
+    add_span_logging(trainer)
+    return trainer
+
+
+def _training_summary(result: FinetuneResult, a: FinetuneArguments, method: str, started: float) -> dict[str, Any]:
+    """The model card's training summary of a finished run."""
+    if a.eval_files:
+        held_out = ", ".join(Path(f).name for f in a.eval_files)
+    else:
+        held_out = (
+            f"{len(a.eval_texts)} text(s)" if a.eval_texts else f"last {a.eval_fraction:.0%} of the training text"
+        )
+    processes = result.num_processes
+    summary: dict[str, Any] = {
+        "converted from the host model here": result.converted,
+        "training text": ", ".join(Path(f).name for f in a.data_files) or f"{len(a.texts or [])} text(s)",
+        "held-out text": held_out,
+        "training tokens": result.train_tokens,
+        "held-out tokens": result.eval_tokens,
+        "steps": result.steps,
+        "sequence length": a.seq_len,
+        "batch size (per process)": a.batch_size,
+        "processes": processes if result.sharding is None else f"{processes} ({result.sharding})",
+        "learning rate": a.lr,
+        "method": method,
+        "perplexity before (held-out, LM loss only)": result.perplexity_before,
+        "perplexity after": result.perplexity_after,
+    }
+    if result.final_span is not None:
+        summary["mean span at the last log (tokens)"] = result.final_span
+    summary["wall time (s)"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _print_result(result: FinetuneResult) -> None:
+    span = f", mean span {result.final_span:.2f} tokens" if result.final_span is not None else ""
+    sharded = f" ({result.sharding})" if result.sharding else ""
+    print(
+        f"perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f} on {result.eval_tokens} held-out "
+        f"tokens after {result.steps} steps on {result.num_processes} process(es){sharded}{span}; "
+        f"{result.wall_time_s:.1f} s" + (f"; saved to {result.output}" if result.output is not None else "")
+    )
