@@ -212,25 +212,12 @@ def convert_checkpoint(
         if calibration_text is not None:
             if tokenizer is None:
                 raise UsageError(f"--local-layers auto needs the source's tokenizer, and {source!r} has none")
-            ids = calibration_ids(calibration_text, tokenizer, calibration_tokens)
-            logger.info("Scoring %d layers on %d calibration tokens", len(self_attention_modules(model)), ids.shape[1])
-            scores = layer_scores(model, ids, **{k: v for k, v in settings.items() if k != "local_layers"})
-            settings.update(local_layers=choose_local_layers(scores, local_fraction), layer_scores=scores)
+            settings.update(_calibrated(model, calibration_ids(calibration_text, tokenizer, calibration_tokens),
+                                        settings, local_fraction))  # fmt: skip
         hybrid = convert(model, **settings)
         logger.info("Converted to %s", type(hybrid).__name__)
         hybrid.eval()
-
-        max_difference, tokens = None, 0
-        if verify:
-            batch = verification_batch(config, tokenizer)
-            tokens = int(batch["attention_mask"].sum())
-            max_difference = max_output_difference(model, hybrid, batch)
-            logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
-            if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.local_layers:  # also catches nan
-                raise VerificationError(
-                    f"the converted model's outputs differ from the source's by {max_difference:.3g} "
-                    f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
-                )
+        max_difference, tokens = _verify(model, hybrid, config, tokenizer) if verify else (None, 0)
 
         host_parameters, hybrid_parameters = model.num_parameters(), hybrid.num_parameters()
         report = ConversionReport(
@@ -256,6 +243,28 @@ def convert_checkpoint(
             save_model(output, hybrid, tokenizer, force, card=report.model_card(hybrid.config))
     logger.info("Done in %.1f s", time.perf_counter() - start)
     return report
+
+
+def _calibrated(model, ids: torch.Tensor, settings: dict, fraction: float) -> dict:
+    """`local_layers` (the `fraction` of the layers of lowest `calibration.layer_scores` on `ids`) and the scores."""
+    logger.info("Scoring %d layers on %d calibration tokens", len(self_attention_modules(model)), ids.shape[1])
+    scores = layer_scores(model, ids, **{k: v for k, v in settings.items() if k != "local_layers"})
+    return dict(local_layers=choose_local_layers(scores, fraction), layer_scores=scores)
+
+
+def _verify(model, hybrid, config, tokenizer) -> tuple[float, int]:
+    """`(max |difference|, tokens)` of the outputs of the host and the hybrid model on `verification_batch`; a
+    `VerificationError` past `VERIFY_TOLERANCE` (not with local-only layers, which change the outputs)."""
+    batch = verification_batch(config, tokenizer)
+    tokens = int(batch["attention_mask"].sum())
+    max_difference = max_output_difference(model, hybrid, batch)
+    logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
+    if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.local_layers:  # also catches nan
+        raise VerificationError(
+            f"the converted model's outputs differ from the source's by {max_difference:.3g} "
+            f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
+        )
+    return max_difference, tokens
 
 
 def _calibration_text(settings: dict, calibration, fraction: float, tokens: int) -> str | None:
