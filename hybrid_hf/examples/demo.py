@@ -219,7 +219,7 @@ def run(args) -> Path:
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
-    from ..data import perplexity, text_dataset
+    from ..data import perplexity
     from ..loading import load_model, source_location
     from ..plots import plot_spans
     from ..publishing import check_source, publish
@@ -245,14 +245,8 @@ def run(args) -> Path:
     train_texts, held_out_text, text_description = _texts(args)
     host, tokenizer = load_model(source, "causal_lm")
     held_out_name = "held-out text" if args.text else f"{args.held_out} (held-out play)"
-    texts = {held_out_name: held_out_text}
     second = _second_text(args)
-    if second is not None:
-        texts[second[0]] = second[1]
-    eval_sets = {}
-    for name, text in texts.items():
-        dataset = text_dataset(tokenizer, [text], args.seq_len)
-        eval_sets[name] = dataset.select(range(min(len(dataset), max(1, args.eval_tokens // args.seq_len))))
+    eval_sets = _eval_sets(args, tokenizer, {held_out_name: held_out_text, **dict([second] if second else [])})
     eval_dataset = eval_sets[held_out_name]
 
     def held_out_perplexities(model, what: str) -> dict[str, float]:
@@ -316,40 +310,69 @@ def run(args) -> Path:
             print("[5/6] timing skipped (--timing-tokens 0)")
 
         print("[6/6] writing the report")
-        public_args = {
-            **vars(args),
-            "model": args.model and _public_name(args.model),
-            "text": args.text and [Path(name).name for name in args.text],
-            "eval_text": args.eval_text and Path(args.eval_text).name,
-            "second_text": second and second[0],
-        }
-        report = {
-            "model": f"`{_public_name(args.model)}`" if args.model else DEMO_MODEL,
-            "text": text_description,
-            "seeds": seeds,
-            "conversion": {"max_logit_difference": max_difference},
-            "ab": {
-                name: {
-                    "tokens": len(eval_sets[name]) * args.seq_len,
-                    "original": ppl_original[name],
-                    "converted": ppl_converted[name],
-                    **entry,
-                }
-                for name, entry in ab.report().items()
-            },
-            "spans": {"mean_learned": float(record.mean_span_per_head().mean()), "initial": 0.5 * args.max_span},
-            "timing": timing,
-            "settings": {**settings, **{k: v for k, v in public_args.items() if k not in ("force", "out")}},
-            "wall_time_min": (time.perf_counter() - started) / 60,
-            "threads": torch.get_num_threads(),
-            "device": "CUDA" if torch.cuda.is_available() else "CPU",
-        }
+        report = _report(
+            args, text_description=text_description, seeds=seeds, max_difference=max_difference,
+            eval_sets=eval_sets, ppl_original=ppl_original, ppl_converted=ppl_converted, ab=ab, record=record,
+            timing=timing, settings=settings, second=second, started=started,
+        )  # fmt: skip
         text = markdown(report, [p.name for p in plots], prompt, samples)
         (folder / "report.md").write_text(text)
         (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         publish(folder, out, force=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _print_results(report, out)
+    return out
+
+
+def _eval_sets(args, tokenizer, texts: dict[str, str]) -> dict:
+    """The held-out datasets by name: the first `args.eval_tokens` tokens of each text, in blocks of `seq_len`."""
+    from ..data import text_dataset
+
+    eval_sets = {}
+    for name, text in texts.items():
+        dataset = text_dataset(tokenizer, [text], args.seq_len)
+        eval_sets[name] = dataset.select(range(min(len(dataset), max(1, args.eval_tokens // args.seq_len))))
+    return eval_sets
+
+
+def _report(
+    args, *, text_description, seeds, max_difference, eval_sets, ppl_original, ppl_converted, ab, record, timing,
+    settings, second, started,
+) -> dict:  # fmt: skip
+    """The report's numbers and settings (`report.json`, and `markdown`'s input)."""
+    public_args = {
+        **vars(args),
+        "model": args.model and _public_name(args.model),
+        "text": args.text and [Path(name).name for name in args.text],
+        "eval_text": args.eval_text and Path(args.eval_text).name,
+        "second_text": second and second[0],
+    }
+    return {
+        "model": f"`{_public_name(args.model)}`" if args.model else DEMO_MODEL,
+        "text": text_description,
+        "seeds": seeds,
+        "conversion": {"max_logit_difference": max_difference},
+        "ab": {
+            name: {
+                "tokens": len(eval_sets[name]) * args.seq_len,
+                "original": ppl_original[name],
+                "converted": ppl_converted[name],
+                **entry,
+            }
+            for name, entry in ab.report().items()
+        },
+        "spans": {"mean_learned": float(record.mean_span_per_head().mean()), "initial": 0.5 * args.max_span},
+        "timing": timing,
+        "settings": {**settings, **{k: v for k, v in public_args.items() if k not in ("force", "out")}},
+        "wall_time_min": (time.perf_counter() - started) / 60,
+        "threads": torch.get_num_threads(),
+        "device": "CUDA" if torch.cuda.is_available() else "CPU",
+    }
+
+
+def _print_results(report: dict, out: Path) -> None:
+    """The A/B verdict per held-out text and where the report and the model are."""
     for name, entry in report["ab"].items():
         difference = entry["summary"]["difference"]
         print(
@@ -359,7 +382,6 @@ def run(args) -> Path:
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
     print(f"Done in {report['wall_time_min']:.1f} min. Report: {shown / 'report.md'} (numbers: report.json)")
     print(f"Model folder (Hub-ready, loads with trust_remote_code=True): {shown}")
-    return out
 
 
 def _timing(hybrid, original, tokenizer, text: str, tokens: int, repeats: int = 3) -> dict:
