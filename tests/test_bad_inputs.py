@@ -457,6 +457,13 @@ COMMAND_CASES = [
 ]  # fmt: skip
 
 SOURCE = "would replace the source"
+
+
+def _resumed(checkpoints: str, fragments: list[str]) -> tuple[list[str], list[str]]:
+    """A `finetune --resume` row into the output whose checkpoints are the world's `checkpoints`."""
+    return ["{host}", "{" + checkpoints + "}", *FINETUNE_TEXT, "--resume"], fragments
+
+
 TRUST_OUTPUT = {
     ("finetune", "output is the model"): (["{hybrid}", "{hybrid}", *FINETUNE_TEXT, "--force"], [SOURCE, "hybrid"]),
     ("finetune", "output is the model, spelled relative"): (
@@ -496,37 +503,29 @@ TRUST_OUTPUT = {
         ["span-loss-coef", "at most 1000"],
     ),
     ("demo", "span loss coef 3.4e38"): (["--span-loss-coef", "3.4e38"], ["span-loss-coef", "at most 1000"]),
-    ("finetune", "resume without optimizer.pt"): (
-        ["{host}", "{resume_no_optimizer}", *FINETUNE_TEXT, "--resume"],
-        ["checkpoint-2", "optimizer.pt", "is missing", "start over"],
+    ("finetune", "resume without optimizer.pt"): _resumed(
+        "resume_no_optimizer", ["checkpoint-2", "optimizer.pt", "is missing", "start over"]
     ),
-    ("finetune", "resume from truncated weights"): (
-        ["{host}", "{resume_truncated_weights}", *FINETUNE_TEXT, "--resume"],
-        ["model.safetensors", "damaged or truncated"],
+    ("finetune", "resume from truncated weights"): _resumed(
+        "resume_truncated_weights", ["model.safetensors", "damaged or truncated"]
     ),
-    ("finetune", "resume, trainer_state.json not JSON"): (
-        ["{host}", "{resume_state_not_json}", *FINETUNE_TEXT, "--resume"],
-        ["trainer_state.json", "not JSON"],
+    ("finetune", "resume, trainer_state.json not JSON"): _resumed(
+        "resume_state_not_json", ["trainer_state.json", "not JSON"]
     ),
-    ("finetune", "resume, finetune_run.json a list"): (
-        ["{host}", "{resume_run_a_list}", *FINETUNE_TEXT, "--resume"],
-        ["finetune_run.json", "not a JSON object"],
+    ("finetune", "resume, finetune_run.json a list"): _resumed(
+        "resume_run_a_list", ["finetune_run.json", "not a JSON object"]
     ),
-    ("finetune", "resume, optimizer.pt a link to a system file"): (
-        ["{host}", "{resume_optimizer_link}", *FINETUNE_TEXT, "--resume"],
-        ["optimizer.pt", "is a link"],
+    ("finetune", "resume, optimizer.pt a link to a system file"): _resumed(
+        "resume_optimizer_link", ["optimizer.pt", "is a link"]
     ),
-    ("finetune", "resume from NaN weights"): (
-        ["{host}", "{resume_nan_weights}", *FINETUNE_TEXT, "--resume"],
-        ["model.safetensors", "NaN or infinite", "mix"],
+    ("finetune", "resume from NaN weights"): _resumed(
+        "resume_nan_weights", ["model.safetensors", "NaN or infinite", "mix"]
     ),
-    ("finetune", "resume from an infinite optimizer state"): (
-        ["{host}", "{resume_inf_optimizer}", *FINETUNE_TEXT, "--resume"],
-        ["optimizer.pt", "NaN or infinite", "exp_avg"],
+    ("finetune", "resume from an infinite optimizer state"): _resumed(
+        "resume_inf_optimizer", ["optimizer.pt", "NaN or infinite", "exp_avg"]
     ),
-    ("finetune", "resume, optimizer.pt a pickle with a payload"): (
-        ["{host}", "{resume_optimizer_payload}", *FINETUNE_TEXT, "--resume"],
-        ["optimizer.pt", "not loaded"],
+    ("finetune", "resume, optimizer.pt a pickle with a payload"): _resumed(
+        "resume_optimizer_payload", ["optimizer.pt", "not loaded"]
     ),
 }
 TRUST_OUTPUT_CASES = [
