@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 
 from hybrid_hf import commands
 from hybrid_hf.benchmarks import bench, costs
-from hybrid_hf.benchmarks.decoding import StepWindow, _prefill, decoding_rates, greedy
+from hybrid_hf.benchmarks.decoding import StepWindow, decoding_rates, greedy, prefill
 from hybrid_hf.benchmarks.harness import BenchContext
 
 
@@ -148,7 +148,7 @@ def test_prefilled_decoding_starts_from_a_copy_of_the_prompts_cache():
     prompt = torch.randint(4, 90, (1, 30), generator=torch.Generator().manual_seed(0))
     for model in (tiny_llama(), local_model(layers=3, local=(0, 2))):
         _, expected = greedy(model, prompt, 12, StepWindow(1))
-        ids, cache = _prefill(model, prompt)
+        ids, cache = prefill(model, prompt)
         held = cache.get_seq_length()
         _, tokens = greedy(model, ids, 11, StepWindow(1), cache)
         assert torch.equal(tokens, expected)

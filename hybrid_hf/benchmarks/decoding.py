@@ -5,9 +5,9 @@ noisy numbers: at a 16K-token prompt the prompt takes seconds and 16 steps a fra
 can even come out negative. Here a logits processor, which `generate` calls once per new token, marks when the
 prompt and a few warm-up steps are done; the steps from there to the end of the call are the ones timed.
 
-At long context even one prompt per call is too slow to repeat: `decoding_rates(..., prefilled=True)` runs each
-model's prompt once, and every timed call starts from a copy of that cache, with the prompt's greedy next token as
-its only new input.
+At long context even one prompt per call is too slow to repeat: with `decoding_rates(..., prefilled=...)` (each
+model's `prefill` of the prompt, run once) every timed call starts from a copy of that cache, with the prompt's greedy
+next token as its only new input.
 """
 
 from __future__ import annotations
@@ -66,21 +66,21 @@ def decoding_rates(
     new_tokens: int,
     warmup: int = 2,
     repeats: int | None = None,
-    prefilled: bool = False,
+    prefilled: dict[str, tuple[torch.Tensor, object]] | None = None,
 ) -> tuple[dict[str, Measurement], dict[str, float]]:
     """Greedy decoding of `new_tokens` tokens after `prompt` by each model, side by side (`ctx.compare`).
 
     Returns the whole calls' measurements (time, peak memory) and each model's decoding rate in tokens/s: the
     `new_tokens - 1 - warmup` forwards after the prompt's and `warmup` more steps, timed inside the same calls
-    (median over the timed calls; the warm-up call's window is left out). With `prefilled`, each model runs the
-    prompt once, outside the timed calls, which then decode after `prompt` plus its greedy next token from a copy of
-    that cache.
+    (median over the timed calls; the warm-up call's window is left out). With `prefilled` (each model's
+    `prefill(model, prompt)`), the timed calls decode after `prompt` plus its greedy next token from a copy of that
+    cache.
     """
     timed = new_tokens - 1 - warmup
     if timed < 1:
         raise ValueError(f"`new_tokens` must be at least warmup + 2 = {warmup + 2}, got {new_tokens}")
     windows: dict[str, list[float]] = {name: [] for name in models}
-    starts = {name: _prefill(model, prompt) if prefilled else (prompt, None) for name, model in models.items()}
+    starts = prefilled or {name: (prompt, None) for name in models}
 
     def decode(name: str, model: torch.nn.Module) -> Callable[[], None]:
         ids, cache = starts[name]
@@ -93,7 +93,7 @@ def decoding_rates(
     return measured, rates
 
 
-def _prefill(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, object]:
+def prefill(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, object]:
     """`(prompt + its greedy next token, the cache of the prompt)`."""
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)

@@ -27,7 +27,7 @@ import torch
 
 from ..calibration import choose_local_layers, layer_scores
 from ..conversion import convert
-from .decoding import decoding_rates
+from .decoding import decoding_rates, prefill
 from .harness import BenchContext, Measurement, _no_grad, make_row
 
 #: the local-only layers' window: 512 keys (max_span + ramp) and 4 sinks (`--quick`: 32 keys)
@@ -112,19 +112,17 @@ def bench_long(ctx: BenchContext) -> list[dict]:
         rows.append(make_row("long", name, n, mode, measurement, ratios=ratios, note=note, impl=name,
                              local_layers=local, **extra))  # fmt: skip
 
-    prefill = {name: _no_grad(lambda m=m: m(input_ids=prompt, logits_to_keep=1)) for name, m in models.items()}
-    measured = ctx.compare(prefill)
-    held = {}
-    for name, model in models.items():
-        with torch.no_grad():
-            held[name] = cache_bytes(model(input_ids=prompt, logits_to_keep=1).past_key_values)
+    prompts = {name: _no_grad(lambda m=m: m(input_ids=prompt, logits_to_keep=1)) for name, m in models.items()}
+    measured = ctx.compare(prompts)
+    starts = {name: prefill(model, prompt) for name, model in models.items()}  # for the decoding too
+    held = {name: cache_bytes(cache) for name, (_, cache) in starts.items()}
     for name in models:
         ratios = {"time converted/original": measured[name].median_ms / measured["original"].median_ms,
                   "cache converted/original": held[name] / held["original"]}  # fmt: skip
         add(name, "prefill (forward with cache, no grad)", measured[name], ratios,
             f"cache {held[name] / 2**20:.1f} MiB", cache_bytes=held[name])  # fmt: skip
 
-    measured, rate = decoding_rates(ctx, models, prompt, new_tokens=6 if ctx.quick else 32, prefilled=True)
+    measured, rate = decoding_rates(ctx, models, prompt, new_tokens=6 if ctx.quick else 32, prefilled=starts)
     for name in models:
         add(name, "greedy decoding after the prompt", measured[name],
             {"tokens/s converted/original": rate[name] / rate["original"]}, f"{rate[name]:.2f} tokens/s",
