@@ -15,16 +15,16 @@ from transformers.models import auto
 from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
 from .model.modeling_hybrid import (
     AUTO_CLASSES,
+    NEW_PARAMETER_MODULES as NEW_PARAMETER_MODULES,  # re-exported
     HybridModelMixin,
     UnsupportedHostError,
     attention_specs,
     auto_class_name,
     hybrid_layers,
     hybrid_model_class,
+    is_new_parameter,
     reset_hybrid_parameters,
 )
-
-NEW_PARAMETER_MODULES = ("span_predictor", "mix")
 
 # Config entries that describe a saved file rather than the model.
 _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architectures", "_name_or_path")
@@ -128,7 +128,7 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     for name, buffer in model.named_buffers():  # as the host keeps them: rotary tables stay float32 in a bf16 model
         hybrid.get_buffer(name).data = buffer.detach().clone()
     missing, unexpected = hybrid.load_state_dict(model.state_dict(), strict=False)
-    not_new = [key for key in missing if not any(f".{name}." in key for name in NEW_PARAMETER_MODULES)]
+    not_new = [key for key in missing if not is_new_parameter(key)]
     if unexpected or not_new:
         raise RuntimeError(f"conversion left host weights unmatched: missing {not_new}, unexpected {unexpected}")
     hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)

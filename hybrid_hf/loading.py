@@ -22,6 +22,7 @@ import torch
 from .conversion import register_model_type
 from .errors import MissingInputError, UsageError, first_line, validation_message
 from .model.configuration_hybrid import HYBRID_PREFIX
+from .model.modeling_hybrid import CheckpointMismatchError, load_report_problem
 from .tasks import TASK_TABLE, choose_task, model_classes
 
 logger = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ def check_weights(source: str, allow_pickle: bool) -> None:
 def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs):
     """`model_class.from_pretrained(source, **kwargs)` (in float32 unless `dtype` is given), in eval mode, checked:
     one-line `UsageError`s for pickled weights (unless `allow_pickle`), damaged or truncated files, weights whose
-    shapes do not match the config (e.g. `vocab_size`), weights with NaN or inf, and pickles that hold more than
-    tensors (never run: `torch.load(weights_only=True)`)."""
+    shapes do not match the config (e.g. `vocab_size`), weights missing from the checkpoint or stored beyond the model
+    (`load_report_problem`: nothing is left random), weights with NaN or inf, and pickles that hold more than tensors
+    (never run: `torch.load(weights_only=True)`)."""
     from safetensors import SafetensorError
 
     check_weights(source, allow_pickle)
@@ -201,6 +203,8 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
                 output_loading_info=True,
                 **{"dtype": torch.float32, **kwargs},
             )
+    except CheckpointMismatchError as error:  # a hybrid class's own check
+        raise UsageError(first_line(error)) from None
     except SafetensorError as error:
         raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
     except pickle.UnpicklingError as error:
@@ -216,12 +220,9 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
                 "loaded with --allow-pickle (allow_pickle=True)"
             ) from error
         raise UsageError(f"could not load the weights of {source!r}: {first_line(error)}") from error
-    if info["mismatched_keys"]:
-        name, stored, expected = sorted(info["mismatched_keys"])[0]
-        raise UsageError(
-            f"the weights of {source!r} do not match its config.json: {name} is {list(stored)} in the weights but "
-            f"{list(expected)} by the config (check vocab_size and the other sizes)"
-        )
+    problem = load_report_problem(model, info)
+    if problem is not None:
+        raise UsageError(f"the weights of {source!r} {problem}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UsageError(

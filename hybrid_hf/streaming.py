@@ -37,7 +37,7 @@ from .cards import write_model_card
 from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from, register_hybrid_class
 from .errors import UsageError
 from .loading import load_tokenizer, load_weights, source_location
-from .model.modeling_hybrid import hybrid_layers, reset_hybrid_parameters, self_attention_modules
+from .model.modeling_hybrid import hybrid_layers, is_new_parameter, reset_hybrid_parameters, self_attention_modules
 from .publishing import save_tokenizer, staged_folder
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
@@ -264,7 +264,7 @@ def plan(source: Path, host_config, host_class, settings: dict) -> dict:
     with torch.device("meta"):
         hybrid = register_hybrid_class(host_class)(hybrid_config_from(host_config, **settings))
     expected = hybrid.state_dict()
-    new = [name for name in expected if any(f".{module}." in name for module in NEW_PARAMETER_MODULES)]
+    new = [name for name in expected if is_new_parameter(name)]
     tied = set(getattr(hybrid, "all_tied_weights_keys", None) or {})
     stored, wanted = set(weight_map), set(expected) - set(new)
     if stored - wanted or wanted - stored - tied:

@@ -65,8 +65,16 @@ AUTO_CLASSES = {
 }
 
 
+#: the submodules of a hybrid attention module that hold its own parameters (all else is the host's)
+NEW_PARAMETER_MODULES = ("span_predictor", "mix")
+
+
 class UnsupportedHostError(ValueError):
     """The host model cannot be made hybrid (the message says why)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors are not those of the model that loads it: loading would leave weights random."""
 
 
 class HybridForwardState:
@@ -598,21 +606,92 @@ class HybridModelMixin:
         self.config._attn_implementation = HYBRID_ATTENTION
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid."""
+        """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid. A choice
+        transformers refuses (e.g. flash-attn not installed) raises and leaves the model as it was."""
         if attn_implementation != HYBRID_ATTENTION:
-            self.config._attn_implementation = self.config.global_attn_implementation
-            super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            self.config._attn_implementation_internal = self.config.global_attn_implementation
+            try:
+                super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            finally:
+                self._use_hybrid_attention()
         self._use_hybrid_attention()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that would leave any weight random.
+
+        Raises `CheckpointMismatchError` (a `ValueError`) naming the tensors the checkpoint lacks or holds beyond the
+        model (`load_report_problem`): only a host checkpoint (one saved from a host class) may lack the hybrid
+        layers' new parameters, which then take their conversion-time values.
+        """
+        report = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problem = load_report_problem(model, info)
+        if problem is not None:
+            raise CheckpointMismatchError(f"the weights of {str(pretrained_model_name_or_path)!r} {problem}")
+        return (model, info) if report else model
 
     def initialize_weights(self) -> None:
         """The host's initialisation, then the conversion-time values of the hybrid parameters.
 
-        `from_pretrained` calls this after loading, for the weights missing from the checkpoint; parameters that
-        were loaded keep their values.
+        `from_pretrained` calls this after loading, for the weights missing from the checkpoint (parameters that
+        were loaded keep their values), and then refuses the checkpoint unless only a host checkpoint's missing
+        hybrid parameters were set (see `from_pretrained`).
         """
         super().initialize_weights()
         for module in hybrid_layers(self):
             reset_hybrid_parameters(module)
+
+
+def is_new_parameter(name: str) -> bool:
+    """Whether the parameter `name` belongs to a hybrid layer's own modules (`NEW_PARAMETER_MODULES`)."""
+    return any(f".{module}." in f".{name}" for module in NEW_PARAMETER_MODULES)
+
+
+def _listed(names: set[str], limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _head_keys(model: PreTrainedModel, keys: set[str]) -> set[str]:
+    """The keys of `keys` outside the base model of a task model (its head); none for a base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", model) is model:
+        return set()
+    return {key for key in keys if not key.startswith(f"{prefix}.")}
+
+
+def load_report_problem(model: PreTrainedModel, info: dict) -> str | None:
+    """What the load report of `from_pretrained(..., output_loading_info=True)` shows would leave a weight of `model`
+    random or a stored tensor unused, as the end of a sentence naming the tensors; None when nothing would.
+
+    Two gaps are allowed: a checkpoint saved from another class of the family (its `config.architectures`) may lack
+    the task head of `model` and hold its own; a host checkpoint (not saved from a `Hybrid*` class, and holding no
+    hybrid parameter) lacks the hybrid layers' new parameters, which take their conversion-time values.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        return (
+            f"do not match its config.json: {name} is {list(stored)} in the weights but {list(expected)} by the "
+            "config (check vocab_size and the other sizes)"
+        )
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    architectures = list(getattr(model.config, "architectures", None) or [])
+    stored_class = architectures[0].removeprefix("Hybrid") if architectures else None
+    if stored_class != type(model).__name__.removeprefix("Hybrid"):  # another task: its head is not this one's
+        missing -= _head_keys(model, missing)
+        unexpected -= _head_keys(model, unexpected)
+    new = {key for key in missing if is_new_parameter(key)}
+    all_new = {name for name, _ in model.named_parameters() if is_new_parameter(name)}
+    host_checkpoint = not any(name.startswith("Hybrid") for name in architectures) and new == all_new
+    if host_checkpoint and not any(is_new_parameter(key) for key in unexpected):
+        missing -= new
+    if not missing and not unexpected:
+        return None
+    lacks = f"lack {len(missing)} tensor(s) of {type(model).__name__} ({_listed(missing)})" if missing else ""
+    extra = f"hold {len(unexpected)} tensor(s) it does not have ({_listed(unexpected)})" if unexpected else ""
+    return f"{lacks}{', and ' if lacks and extra else ''}{extra}; loading never leaves a weight random"
 
 
 def _hybrid_forward(host_forward):
