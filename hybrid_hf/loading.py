@@ -155,9 +155,30 @@ def load_source_config(source: str, trust_remote_code: bool = False):
     return config
 
 
+def read_weight_map(index: Path, source: str) -> dict[str, str]:
+    """`{tensor name: shard file name}` of a sharded checkpoint's index file (`model.safetensors.index.json` or
+    `pytorch_model.bin.index.json`), checked: a non-empty `weight_map` whose shards are plain file names in the
+    index's folder, with the suffix of its format (`.safetensors` or `.bin`). One-line `UsageError` otherwise."""
+    suffix = ".safetensors" if index.name == _SAFETENSORS_FILES[1] else ".bin"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"source {source!r} has an unreadable {index.name}: its `weight_map` lists no tensors")
+    for shard in set(weight_map.values()):
+        plain = isinstance(shard, str) and shard not in ("", ".", "..") and Path(shard).name == shard
+        if not plain or "\\" in shard or not shard.endswith(suffix):
+            raise UsageError(
+                f"source {source!r} has an invalid {index.name}: shard {shard!r} must be a plain file name in the "
+                f"folder ending in {suffix}"
+            )
+    return weight_map
+
+
 def check_weights(source: str, allow_pickle: bool) -> None:
-    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; every shard an
-    index lists is there."""
+    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; an index lists
+    shards that are plain file names of its format (`read_weight_map`), all of them there."""
     path = Path(source).expanduser()
     if not path.is_dir():
         return  # a hub id: `from_pretrained(use_safetensors=...)` decides, see `load_weights`
@@ -173,10 +194,7 @@ def check_weights(source: str, allow_pickle: bool) -> None:
     else:
         raise MissingInputError(f"source {source!r} has no weights (model.safetensors or pytorch_model.bin)")
     if index.is_file() and not (path / _SAFETENSORS_FILES[0]).is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UsageError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+        shards = sorted(set(read_weight_map(index, source).values()))
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise MissingInputError(
@@ -205,6 +223,8 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
             )
     except CheckpointMismatchError as error:  # a hybrid class's own check
         raise UsageError(first_line(error)) from None
+    except ValueError as error:  # a config the model cannot be built from (e.g. an attention implementation)
+        raise UsageError(f"could not load {source!r}: {first_line(error)}") from None
     except SafetensorError as error:
         raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
     except pickle.UnpicklingError as error:
