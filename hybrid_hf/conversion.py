@@ -42,7 +42,8 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
     config = hybrid_config_class(type(host_config))(**{**fields, **settings})
-    config.global_attn_implementation = host_config._attn_implementation
+    if settings.get("global_attn_implementation") is None:  # the host's own, unless one is asked for
+        config.global_attn_implementation = host_config._attn_implementation
     return config
 
 

@@ -81,6 +81,7 @@ class HybridSettings(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0 (a number of tokens), got {value!r}")
+        check_attention_implementation(self.global_attn_implementation)
         kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
         positions = getattr(self, "max_position_embeddings", None)
@@ -141,6 +142,24 @@ def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     cls = type(name, (host, HybridSettings), attributes)
     cls.register_for_auto_class()
     return cls
+
+
+def attention_implementations() -> list[str]:
+    """The names `global_attn_implementation` accepts: `"eager"` and transformers' registered attention functions
+    (a hub kernel, `"org/repo"`, is also accepted: transformers loads it)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *(name for name in ALL_ATTENTION_FUNCTIONS.valid_keys() if name != HYBRID_ATTENTION)]
+
+
+def check_attention_implementation(name: str | None) -> None:
+    """`ValueError` naming `global_attn_implementation` unless `name` is None or an implementation transformers
+    knows (whether its package is installed is checked when a model is built)."""
+    if name is None or (isinstance(name, str) and "/" in name):
+        return
+    known = attention_implementations()
+    if name not in known:
+        raise ValueError(f"`global_attn_implementation` must be one of {', '.join(known)}, got {name!r}")
 
 
 def host_class(name: str, base: type) -> type | None:

@@ -42,7 +42,13 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.auto import modeling_auto
 
-from .configuration_hybrid import HYBRID_ATTENTION, host_class, hybrid_config_class
+from .configuration_hybrid import (
+    HYBRID_ATTENTION,
+    attention_implementations,
+    check_attention_implementation,
+    host_class,
+    hybrid_config_class,
+)
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -589,9 +595,17 @@ class HybridModelMixin:
     def __init__(self, config, *args, **kwargs):
         requested = config._attn_implementation  # before transformers resolves it
         if requested not in (None, HYBRID_ATTENTION):
+            check_attention_implementation(requested)
             config.global_attn_implementation = requested
-        config._attn_implementation = config.global_attn_implementation
-        super().__init__(config, *args, **kwargs)
+        config._attn_implementation_internal = config.global_attn_implementation
+        try:
+            super().__init__(config, *args, **kwargs)
+        except ImportError as error:  # transformers' check: e.g. flash_attention_2 without the flash-attn package
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"`global_attn_implementation` {config.global_attn_implementation!r} cannot be used here ({reason}); "
+                f"choose one of {', '.join(attention_implementations())} whose package is installed"
+            ) from error
         self._use_hybrid_attention()
         modules = self_attention_modules(self)
         self._hybrid_decoder = all(getattr(module, "is_causal", True) for module in modules)
