@@ -100,6 +100,22 @@ class HybridSettings(PreTrainedConfig):
             setattr(self, name, sorted(indices))
 
     @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value) -> None:
+        """Once a hybrid model dispatches to `"hybrid"`, a write of another implementation
+        (`model.config._attn_implementation = "eager"`, as older code and transformers' tests do) chooses the global
+        branch's: the model stays hybrid."""
+        active = getattr(self, "_attn_implementation_internal", None) == HYBRID_ATTENTION
+        if active and isinstance(value, str) and value != HYBRID_ATTENTION:
+            check_attention_implementation(value)
+            self.global_attn_implementation = value
+            return
+        PreTrainedConfig._attn_implementation.fset(self, value)
+
+    @property
     def output_attentions(self) -> bool:
         return self._output_attentions
 
