@@ -47,6 +47,15 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     return config
 
 
+def _refuse_adapters(model: torch.nn.Module) -> None:
+    """`ValueError` for a PEFT model or a model with PEFT's adapter layers injected: convert the plain model."""
+    if any(type(module).__module__.split(".")[0] == "peft" for module in model.modules()):
+        raise ValueError(
+            f"convert takes a plain transformers model, got {type(model).__name__} with PEFT adapters: merge them "
+            "first (`model = model.merge_and_unload()`) or unwrap it (`model.get_base_model()`, adapters left out)"
+        )
+
+
 def check_host_class(host_class: type[PreTrainedModel]) -> None:
     """Refuse, before any weight is loaded, a host class whose hybrid form cannot work (`UnsupportedHostError`, a
     `ValueError`, saying why). The conversion itself checks the rest with a two-token forward."""
@@ -115,11 +124,12 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
         The hybrid model, on the input's device and dtype, in the input's train/eval mode.
 
     Raises:
-        ValueError: for invalid settings, an already hybrid model, or a host that cannot be made hybrid (the
-            message says why).
+        ValueError: for invalid settings, an already hybrid model, a model with PEFT adapters (merge or unwrap it
+            first), or a host that cannot be made hybrid (the message says why).
     """
     if isinstance(model, HybridModelMixin):
         raise ValueError(f"the model is already hybrid (model_type {model.config.model_type!r})")
+    _refuse_adapters(model)
     check_host_class(type(model))
     config = hybrid_config_from(model.config, **settings)
     hybrid_cls = register_hybrid_class(type(model))

@@ -98,6 +98,11 @@ class HybridSettings(PreTrainedConfig):
             if bad or len(set(indices)) != len(indices):
                 raise ValueError(f"`{name}` must be distinct layer indices in [0, {layers}), got {indices!r}")
             setattr(self, name, sorted(indices))
+        if self.hybrid_layers is not None and not self.hybrid_layers and not self.local_layers:
+            raise ValueError(
+                "`hybrid_layers` is an empty list and there are no `local_layers`: no layer would be hybrid; list at "
+                "least one layer index, or give None for all layers"
+            )
 
     @property
     def _attn_implementation(self):
