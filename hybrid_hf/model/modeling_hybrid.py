@@ -31,7 +31,7 @@ import sys
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 from transformers.masking_utils import (
@@ -842,7 +842,9 @@ def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
         "__module__": __name__,
         "__qualname__": name,
     }
-    cls = type(name, (HybridModelMixin, host), attributes)
+    # transformers tells generative classes by `GenerationMixin` among their direct bases: keep the host's.
+    bases = (HybridModelMixin, host, GenerationMixin) if GenerationMixin in host.__bases__ else (HybridModelMixin, host)
+    cls = type(name, bases, attributes)
     if auto_name is not None:
         cls.register_for_auto_class(auto_name)
     # Task heads such as `LlamaForSequenceClassification` build their base model with `AutoModel.from_config`.
