@@ -33,7 +33,14 @@ import transformers
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    EncoderDecoderCache,
+    StaticLayer,
+)
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
@@ -734,7 +741,9 @@ def _hybrid_forward(host_forward):
         checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
         takes_cache = cache_name in signature.parameters
         if cache is None and use_cache and takes_cache and self._hybrid_decoder and not checkpointing:
-            cache = bound.arguments[cache_name] = DynamicCache(config=self.config)  # as the host would make one
+            cache = bound.arguments[cache_name] = _new_cache(self.config, arguments)
+        if isinstance(cache, EncoderDecoderCache):  # the hybrid layers are self-attention layers
+            cache = cache.self_attention_cache
         check_cache(cache)
         state = HybridForwardState(
             self.config,
@@ -768,6 +777,15 @@ def _hybrid_forward(host_forward):
         return outputs
 
     return forward
+
+
+def _new_cache(config: PreTrainedConfig, arguments: dict) -> Cache:
+    """The cache the host would make: a `DynamicCache`, inside an `EncoderDecoderCache` when its layers also attend
+    to an encoder's output (cross-attention)."""
+    cross = arguments.get("encoder_hidden_states") is not None or getattr(config, "add_cross_attention", False)
+    if cross or getattr(config, "is_encoder_decoder", False):
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    return DynamicCache(config=config)
 
 
 def _sink_mask(state: HybridForwardState, arguments: dict) -> torch.Tensor | None:
