@@ -7,19 +7,18 @@ import copy
 import difflib
 
 import torch
-import transformers
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
 
 from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
 from .model.modeling_hybrid import (
-    AUTO_CLASSES,
     NEW_PARAMETER_MODULES as NEW_PARAMETER_MODULES,  # re-exported
+)
+from .model.modeling_hybrid import (
     HybridModelMixin,
     UnsupportedHostError,
     attention_specs,
-    auto_class_name,
     hybrid_layers,
     hybrid_model_class,
     is_new_parameter,
@@ -67,26 +66,51 @@ def check_host_class(host_class: type[PreTrainedModel]) -> None:
 
 def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """The hybrid class of `host_class`, registered with `AutoConfig` and its Auto model class in this process."""
-    cls = hybrid_model_class(host_class)
-    AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
-    auto_name = auto_class_name(host_class)
-    if auto_name is not None:
-        getattr(auto, auto_name).register(cls.config_class, cls, exist_ok=True)
-    return cls
+    return hybrid_model_class(host_class)
 
 
 def register_model_type(model_type: str) -> None:
     """Register the hybrid classes of a host or hybrid `model_type` (`"llama"`, `"hybrid_llama"`) for every Auto
     class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
-    code. `ValueError` if transformers does not know the type."""
+    code. `ValueError` if transformers does not know the type. (Importing hybrid_hf makes `AutoConfig` do this for
+    every `hybrid_*` type it is asked for; see `_HybridModelTypes`.)"""
     host_type = model_type.removeprefix(HYBRID_PREFIX)
-    if host_type not in auto.CONFIG_MAPPING:
+    if host_type not in auto.configuration_auto.CONFIG_MAPPING_NAMES:
         raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
-    for table in AUTO_CLASSES.values():
-        name = getattr(auto.modeling_auto, table).get(host_type)
-        host_class = getattr(transformers, name, None) if isinstance(name, str) else None
-        if isinstance(host_class, type):
-            register_hybrid_class(host_class)
+    hybrid_config_class(auto.CONFIG_MAPPING[host_type])
+
+
+def _is_hybrid_type(model_type) -> bool:
+    """Whether `model_type` is `hybrid_<a model type of the installed transformers>`."""
+    return (
+        isinstance(model_type, str)
+        and model_type.startswith(HYBRID_PREFIX)
+        and model_type.removeprefix(HYBRID_PREFIX) in auto.configuration_auto.CONFIG_MAPPING_NAMES
+    )
+
+
+class _HybridModelTypes(dict):
+    """The model types registered with `AutoConfig` (transformers keeps them in `CONFIG_MAPPING._extra_content`),
+    answering for every `hybrid_<host>` type too: its classes are made and registered on first lookup, so a saved
+    hybrid folder loads with the Auto classes, without its shipped code, once hybrid_hf is imported."""
+
+    def __contains__(self, model_type) -> bool:
+        return super().__contains__(model_type) or _is_hybrid_type(model_type)
+
+    def __missing__(self, model_type):
+        if not _is_hybrid_type(model_type):
+            raise KeyError(model_type)
+        register_model_type(model_type)
+        return super().__getitem__(model_type)
+
+
+def _answer_for_hybrid_types() -> None:
+    registered = getattr(auto.CONFIG_MAPPING, "_extra_content", None)
+    if isinstance(registered, dict) and not isinstance(registered, _HybridModelTypes):
+        auto.CONFIG_MAPPING._extra_content = _HybridModelTypes(registered)
+
+
+_answer_for_hybrid_types()
 
 
 def _probe(hybrid: PreTrainedModel) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -176,6 +177,104 @@ def read_weight_map(index: Path, source: str) -> dict[str, str]:
     return weight_map
 
 
+def _with_layers(config, layers: int):
+    """A copy of `config` with `layers` layers (lists of one entry per layer cut to them), every layer hybrid."""
+    total = config.num_hidden_layers
+    copy = config.__class__.from_dict(config.to_dict())
+    for name, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and name not in ("hybrid_layers", "local_layers"):
+            setattr(copy, name, value[:layers])
+    copy.num_hidden_layers = layers
+    if getattr(copy, "hybrid_layers", None) is not None or getattr(copy, "local_layers", None):
+        copy.hybrid_layers, copy.local_layers, copy.layer_scores = None, None, None  # a hybrid layer costs the most
+    return copy
+
+
+def parameter_count(config, model_class) -> int:
+    """The parameters of `model_class` built from `config`, counted without allocating any: models of one and of two
+    layers are built on the meta device, and the cost of a layer is extrapolated to `num_hidden_layers` (a whole
+    model on the meta device takes seconds per thousand layers). `model_class`: an Auto class or a model class."""
+    counts = []
+    for layers in (1, 2):
+        with torch.device("meta"):
+            piece = _with_layers(config, layers)
+            model = model_class.from_config(piece) if hasattr(model_class, "_model_mapping") else model_class(piece)
+        counts.append(sum(parameter.numel() for parameter in model.parameters()))
+    return counts[0] + (counts[1] - counts[0]) * (config.num_hidden_layers - 1)
+
+
+def _largest_field(config, model_class) -> tuple[str, object] | None:
+    """The size field of `config` (an integer above the family's default) whose default value shrinks the model
+    most, with its value; None when no field is above its default."""
+    defaults = type(config)().to_dict()
+    candidates = [
+        (name, value)
+        for name, value in config.to_dict().items()
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(defaults.get(name), int)
+        and value > defaults[name]
+    ]
+    shrunk = []
+    for name, value in candidates:
+        smaller = config.__class__.from_dict({**config.to_dict(), name: defaults[name]})
+        try:
+            shrunk.append((parameter_count(smaller, model_class), name, value))
+        except Exception:  # noqa: BLE001 - a field the model cannot be built without; not the one to blame
+            continue
+    return min(shrunk)[1:] if shrunk else None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (`MemAvailable` plus free swap); None where unknown."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def stored_parameter_count(source: str) -> int | None:
+    """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
+    sources (a hub id, pickled weights)."""
+    from safetensors import safe_open
+
+    path = Path(source).expanduser()
+    if (path / _SAFETENSORS_FILES[0]).is_file():
+        shards = [_SAFETENSORS_FILES[0]]
+    elif (path / _SAFETENSORS_FILES[1]).is_file():
+        shards = sorted(set(read_weight_map(path / _SAFETENSORS_FILES[1], source).values()))
+    else:
+        return None
+    total = 0
+    for shard in shards:
+        with safe_open(str(path / shard), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
+
+
+def check_size(config, model_class, source: str, stored: int | None, memory: int | None, dtype=torch.float32):
+    """Refuse, before anything is allocated, a config that describes far more parameters than its weights hold
+    (`stored`; a new task head is allowed for), or more than fit in `memory` bytes in `dtype`: a one-line
+    `UsageError` naming the config field to check. A config that cannot be built even on the meta device is left to
+    the loader's own errors."""
+    try:
+        count = parameter_count(config, model_class)
+    except Exception:  # noqa: BLE001 - the estimate is a guard, not a second loader
+        return
+    size = count * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+    if stored is not None and count > 2 * stored + 2**20:
+        problem = f"its config.json describes {count:,} parameters but its weights hold {stored:,}"
+    elif memory is not None and size > memory:
+        problem = (
+            f"its config.json describes {count:,} parameters, {size / 2**30:,.1f} GiB, beyond the "
+            f"{memory / 2**30:,.1f} GiB of memory available"
+        )
+    else:
+        return
+    field = _largest_field(config, model_class)
+    check = f"; check `{field[0]}` ({field[1]})" if field else ""
+    raise UsageError(f"source {source!r} is refused before loading: {problem}{check}")
+
+
 def check_weights(source: str, allow_pickle: bool) -> None:
     """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; an index lists
     shards that are plain file names of its format (`read_weight_map`), all of them there."""
@@ -299,6 +398,9 @@ def load_model(
     source = os.fspath(source)
     config = config if config is not None else load_source_config(source, trust_remote_code)
     auto_class = getattr(transformers, TASK_TABLE[choose_task(config, task)].auto_class)
+    check_weights(source, allow_pickle)
+    stored = stored_parameter_count(source)
+    check_size(config, auto_class, source, stored, available_memory(), kwargs.get("dtype", torch.float32))
     model = load_weights(auto_class, source, allow_pickle, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer = load_tokenizer(source, tokenizer_required, trust_remote_code)
     return model, tokenizer

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from .cards import write_model_card
 from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from, register_hybrid_class
 from .errors import UsageError
-from .loading import load_tokenizer, load_weights, read_weight_map, source_location
+from .loading import check_size, load_tokenizer, load_weights, read_weight_map, source_location
 from .model.modeling_hybrid import hybrid_layers, is_new_parameter, reset_hybrid_parameters, self_attention_modules
 from .publishing import save_tokenizer, staged_folder
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
@@ -261,6 +261,8 @@ def plan(source: Path, host_config, host_class, settings: dict) -> dict:
 
     weight_map = source_weight_map(source)
     layouts = _layouts(source, weight_map)
+    stored = sum(math.prod(shape) for _, shape in layouts.values())
+    check_size(host_config, host_class, str(source), stored, memory=None)
     with torch.device("meta"):
         hybrid = register_hybrid_class(host_class)(hybrid_config_from(host_config, **settings))
     expected = hybrid.state_dict()

@@ -148,9 +148,7 @@ class HybridSettings(PreTrainedConfig):
 
 
 @functools.cache
-def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
-    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`; `model_type` is
-    `hybrid_<host>`."""
+def _config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     name = f"Hybrid{host.__name__}"
     doc = f"`{host.__name__}` with hybrid attention: the host's fields plus those of `HybridSettings`."
     attributes = {
@@ -162,6 +160,17 @@ def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     # The host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation.
     cls = type(name, (host, HybridSettings), attributes)
     cls.register_for_auto_class()
+    return cls
+
+
+def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`; `model_type` is
+    `hybrid_<host>`. Made on first use, and registered then with `AutoConfig`, and the hybrid classes of its family
+    with the Auto classes (`modeling_hybrid.register_hybrid_family`)."""
+    from .modeling_hybrid import register_hybrid_family  # it imports this module
+
+    cls = _config_class(host)
+    register_hybrid_family(cls)
     return cls
 
 

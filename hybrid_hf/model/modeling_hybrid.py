@@ -31,7 +31,7 @@ import sys
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import (
     Cache,
@@ -48,13 +48,15 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_hybrid import (
     HYBRID_ATTENTION,
+    HYBRID_PREFIX,
+    _config_class,
     attention_implementations,
     check_attention_implementation,
     host_class,
-    hybrid_config_class,
 )
 from .hybrid_attention import (
     SpanPredictor,
@@ -847,9 +849,8 @@ def auto_class_name(host: type) -> str | None:
 
 
 @functools.cache
-def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """`Hybrid<Host>`: the host model class with hybrid attention, its config class `Hybrid<HostConfig>`."""
-    config_class = hybrid_config_class(host.config_class)
+def _model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    config_class = _config_class(host.config_class)
     auto_name = auto_class_name(host)
     name = f"Hybrid{host.__name__}"
     attributes = {
@@ -861,16 +862,40 @@ def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
         "__qualname__": name,
     }
     # transformers tells generative classes by `GenerationMixin` among their direct bases: keep the host's.
-    bases = (HybridModelMixin, host, GenerationMixin) if GenerationMixin in host.__bases__ else (HybridModelMixin, host)
+    bases = (HybridModelMixin, host) + ((GenerationMixin,) if GenerationMixin in host.__bases__ else ())
     cls = type(name, bases, attributes)
     if auto_name is not None:
-        cls.register_for_auto_class(auto_name)
-    # Task heads such as `LlamaForSequenceClassification` build their base model with `AutoModel.from_config`.
-    base_name = modeling_auto.MODEL_MAPPING_NAMES.get(host.config_class.model_type)
-    base = getattr(transformers, base_name, None) if isinstance(base_name, str) else None
-    if isinstance(base, type) and issubclass(base, PreTrainedModel):
-        AutoModel.register(config_class, cls if base is host else hybrid_model_class(base), exist_ok=True)
+        cls.register_for_auto_class(auto_name)  # the `auto_map` a saved checkpoint gets
     return cls
+
+
+def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`Hybrid<Host>`: the host model class with hybrid attention, its config class `Hybrid<HostConfig>`. Made on
+    first use, and registered then, with the rest of its family, with the Auto classes (`register_hybrid_family`)."""
+    cls = _model_class(host)
+    register_hybrid_family(cls.config_class)
+    return cls
+
+
+_REGISTERED_FAMILIES: set[type] = set()
+
+
+def register_hybrid_family(config_class: type[PreTrainedConfig]) -> None:
+    """Register a hybrid config class with `AutoConfig`, and the hybrid class of each host class its family has in
+    `AUTO_CLASSES` with that Auto class (task heads build their base model with `AutoModel.from_config`), in this
+    process. A checkpoint's own code (a `transformers_modules` class) does not replace a type registered before."""
+    if config_class in _REGISTERED_FAMILIES:
+        return
+    _REGISTERED_FAMILIES.add(config_class)
+    shipped = config_class.__module__.startswith("transformers_modules")
+    if not (shipped and config_class.model_type in CONFIG_MAPPING):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    host_type = config_class.model_type.removeprefix(HYBRID_PREFIX)
+    for auto_name, table in AUTO_CLASSES.items():
+        host_name = getattr(modeling_auto, table).get(host_type)
+        host = getattr(transformers, host_name, None) if isinstance(host_name, str) else None
+        if isinstance(host, type) and issubclass(host, PreTrainedModel) and host.config_class in config_class.__mro__:
+            getattr(transformers, auto_name).register(config_class, _model_class(host), exist_ok=True)
 
 
 def __getattr__(name: str):
