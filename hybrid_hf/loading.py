@@ -101,7 +101,10 @@ def _check_config_file(config_file: Path, source: str) -> None:
     except (ValueError, AttributeError) as error:
         raise UsageError(f"source {source!r} has an unreadable config.json: {first_line(error)}") from error
     if isinstance(model_type, str) and model_type.startswith(HYBRID_PREFIX):
-        register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+        try:
+            register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+        except ValueError as error:
+            raise UsageError(f"source {source!r} has an unknown model_type in config.json: {error}") from None
     elif isinstance(model_type, str):
         model_classes(model_type)  # UsageError when transformers has no class for it
     for name in _CONFIG_SIZES:
