@@ -238,7 +238,7 @@ def available_memory() -> int | None:
 def stored_parameter_count(source: str) -> int | None:
     """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
     sources (a hub id, pickled weights)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(source).expanduser()
     if (path / _SAFETENSORS_FILES[0]).is_file():
@@ -249,8 +249,11 @@ def stored_parameter_count(source: str) -> int | None:
         return None
     total = 0
     for shard in shards:
-        with safe_open(str(path / shard), framework="pt") as handle:
-            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        try:
+            with safe_open(str(path / shard), framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        except SafetensorError as error:
+            raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
     return total
 
 
