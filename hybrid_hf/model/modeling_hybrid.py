@@ -23,6 +23,7 @@ This file travels with saved checkpoints (`trust_remote_code`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -676,12 +677,18 @@ def _listed(names: set[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _head_keys(model: PreTrainedModel, keys: set[str]) -> set[str]:
-    """The keys of `keys` outside the base model of a task model (its head); none for a base model."""
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix or getattr(model, "base_model", model) is model:
-        return set()
-    return {key for key in keys if not key.startswith(f"{prefix}.")}
+def _other_task_keys(model: PreTrainedModel, stored_class: str | None, keys: set[str], stored: bool) -> set[str]:
+    """The keys of `keys` that a checkpoint saved from the family's class `stored_class` (another task) does not
+    share with `model`: its own head's when `stored`, else the parts of `model` it does not have (a new head, a
+    pooler). Compared without the base model's prefix; without the class at hand, every key outside the base model."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    host = getattr(transformers, stored_class, None) if stored_class else None
+    if not (isinstance(host, type) and issubclass(host, PreTrainedModel)):
+        return {key for key in keys if not key.startswith(prefix)} if model.base_model is not model else set()
+    with torch.device("meta"):
+        other = host(copy.deepcopy(model.config))
+    own = {key.removeprefix(prefix) for key in (other.state_dict() if not stored else model.state_dict())}
+    return {key for key in keys if key.removeprefix(prefix) not in own}
 
 
 def load_report_problem(model: PreTrainedModel, info: dict) -> str | None:
@@ -702,9 +709,9 @@ def load_report_problem(model: PreTrainedModel, info: dict) -> str | None:
     missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
     architectures = list(getattr(model.config, "architectures", None) or [])
     stored_class = architectures[0].removeprefix("Hybrid") if architectures else None
-    if stored_class != type(model).__name__.removeprefix("Hybrid"):  # another task: its head is not this one's
-        missing -= _head_keys(model, missing)
-        unexpected -= _head_keys(model, unexpected)
+    if stored_class != type(model).__name__.removeprefix("Hybrid") and (missing or unexpected):  # another task
+        missing -= _other_task_keys(model, stored_class, missing, stored=False)
+        unexpected -= _other_task_keys(model, stored_class, unexpected, stored=True)
     new = {key for key in missing if is_new_parameter(key)}
     all_new = {name for name, _ in model.named_parameters() if is_new_parameter(name)}
     host_checkpoint = not any(name.startswith("Hybrid") for name in architectures) and new == all_new
