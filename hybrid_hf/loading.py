@@ -209,21 +209,21 @@ def parameter_count(config, model_class) -> int:
 def _largest_field(config, model_class) -> tuple[str, object] | None:
     """The size field of `config` (an integer above the family's default) whose default value shrinks the model
     most, with its value; None when no field is above its default."""
-    defaults = type(config)().to_dict()
-    candidates = [
-        (name, value)
-        for name, value in config.to_dict().items()
-        if isinstance(value, int) and not isinstance(value, bool) and isinstance(defaults.get(name), int)
-        and value > defaults[name]
-    ]
+    fields = config.to_dict()
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:  # noqa: BLE001 - a family without defaults for every field: no field to blame
+        return None
     shrunk = []
-    for name, value in candidates:
-        smaller = config.__class__.from_dict({**config.to_dict(), name: defaults[name]})
+    for name, value in fields.items():
+        default = defaults.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not isinstance(default, int) or value <= default:
+            continue
         try:
-            shrunk.append((parameter_count(smaller, model_class), name, value))
+            shrunk.append((parameter_count(config.__class__.from_dict({**fields, name: default}), model_class), name))
         except Exception:  # noqa: BLE001 - a field the model cannot be built without; not the one to blame
             continue
-    return min(shrunk)[1:] if shrunk else None
+    return (min(shrunk)[1], fields[min(shrunk)[1]]) if shrunk else None
 
 
 def available_memory() -> int | None:

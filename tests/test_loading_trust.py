@@ -187,3 +187,16 @@ def test_parameter_count_from_the_config_is_exact(model_type, task, hybrid):
     config.num_hidden_layers = 5
     expected = type(model)(config)
     assert parameter_count(config, type(model)) == sum(p.numel() for p in expected.parameters())
+
+
+def test_a_model_beyond_the_memory_available_is_refused_before_loading_naming_the_field():
+    from hybrid_hf.errors import UsageError
+    from hybrid_hf.loading import check_size
+
+    host = tiny_host("llama")
+    config = host.config
+    config.vocab_size = 2**31 - 1
+    with pytest.raises(UsageError, match=r"memory available; check `vocab_size` \(2147483647\)"):
+        check_size(config, type(host), "src", stored=None, memory=2**30)
+    config.vocab_size = VOCAB
+    check_size(config, type(host), "src", stored=None, memory=2**30)  # a model that fits passes
