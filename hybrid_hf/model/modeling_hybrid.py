@@ -680,11 +680,16 @@ def _listed(names: set[str], limit: int = 3) -> str:
 def _other_task_keys(model: PreTrainedModel, stored_class: str | None, keys: set[str], stored: bool) -> set[str]:
     """The keys of `keys` that a checkpoint saved from the family's class `stored_class` (another task) does not
     share with `model`: its own head's when `stored`, else the parts of `model` it does not have (a new head, a
-    pooler). Compared without the base model's prefix; without the class at hand, every key outside the base model."""
+    pooler). Compared without the base model's prefix. No architecture recorded: every key outside the base model;
+    a class of another family, or one transformers does not know: none."""
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
     host = getattr(transformers, stored_class, None) if stored_class else None
-    if not (isinstance(host, type) and issubclass(host, PreTrainedModel)):
+    if stored_class is not None and not (isinstance(host, type) and issubclass(host, PreTrainedModel)):
+        return set()  # a class transformers does not know: nothing is allowed
+    if host is None:
         return {key for key in keys if not key.startswith(prefix)} if model.base_model is not model else set()
+    if not isinstance(model.config, host.config_class):
+        return set()  # a class of another family: its checkpoint is not this model's
     with torch.device("meta"):
         other = host(copy.deepcopy(model.config))
     own = {key.removeprefix(prefix) for key in (other.state_dict() if not stored else model.state_dict())}
