@@ -7,24 +7,23 @@ import copy
 import difflib
 
 import torch
-import transformers
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
 
 from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
 from .model.modeling_hybrid import (
-    AUTO_CLASSES,
+    NEW_PARAMETER_MODULES as NEW_PARAMETER_MODULES,  # re-exported
+)
+from .model.modeling_hybrid import (
     HybridModelMixin,
     UnsupportedHostError,
     attention_specs,
-    auto_class_name,
     hybrid_layers,
     hybrid_model_class,
+    is_new_parameter,
     reset_hybrid_parameters,
 )
-
-NEW_PARAMETER_MODULES = ("span_predictor", "mix")
 
 # Config entries that describe a saved file rather than the model.
 _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architectures", "_name_or_path")
@@ -42,8 +41,18 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
     config = hybrid_config_class(type(host_config))(**{**fields, **settings})
-    config.global_attn_implementation = host_config._attn_implementation
+    if settings.get("global_attn_implementation") is None:  # the host's own, unless one is asked for
+        config.global_attn_implementation = host_config._attn_implementation
     return config
+
+
+def _refuse_adapters(model: torch.nn.Module) -> None:
+    """`ValueError` for a PEFT model or a model with PEFT's adapter layers injected: convert the plain model."""
+    if any(type(module).__module__.split(".")[0] == "peft" for module in model.modules()):
+        raise ValueError(
+            f"convert takes a plain transformers model, got {type(model).__name__} with PEFT adapters: merge them "
+            "first (`model = model.merge_and_unload()`) or unwrap it (`model.get_base_model()`, adapters left out)"
+        )
 
 
 def check_host_class(host_class: type[PreTrainedModel]) -> None:
@@ -57,26 +66,51 @@ def check_host_class(host_class: type[PreTrainedModel]) -> None:
 
 def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """The hybrid class of `host_class`, registered with `AutoConfig` and its Auto model class in this process."""
-    cls = hybrid_model_class(host_class)
-    AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
-    auto_name = auto_class_name(host_class)
-    if auto_name is not None:
-        getattr(auto, auto_name).register(cls.config_class, cls, exist_ok=True)
-    return cls
+    return hybrid_model_class(host_class)
 
 
 def register_model_type(model_type: str) -> None:
     """Register the hybrid classes of a host or hybrid `model_type` (`"llama"`, `"hybrid_llama"`) for every Auto
     class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
-    code. `ValueError` if transformers does not know the type."""
+    code. `ValueError` if transformers does not know the type. (Importing hybrid_hf makes `AutoConfig` do this for
+    every `hybrid_*` type it is asked for; see `_HybridModelTypes`.)"""
     host_type = model_type.removeprefix(HYBRID_PREFIX)
-    if host_type not in auto.CONFIG_MAPPING:
+    if host_type not in auto.configuration_auto.CONFIG_MAPPING_NAMES:
         raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
-    for table in AUTO_CLASSES.values():
-        name = getattr(auto.modeling_auto, table).get(host_type)
-        host_class = getattr(transformers, name, None) if isinstance(name, str) else None
-        if isinstance(host_class, type):
-            register_hybrid_class(host_class)
+    hybrid_config_class(auto.CONFIG_MAPPING[host_type])
+
+
+def _is_hybrid_type(model_type) -> bool:
+    """Whether `model_type` is `hybrid_<a model type of the installed transformers>`."""
+    return (
+        isinstance(model_type, str)
+        and model_type.startswith(HYBRID_PREFIX)
+        and model_type.removeprefix(HYBRID_PREFIX) in auto.configuration_auto.CONFIG_MAPPING_NAMES
+    )
+
+
+class _HybridModelTypes(dict):
+    """The model types registered with `AutoConfig` (transformers keeps them in `CONFIG_MAPPING._extra_content`),
+    answering for every `hybrid_<host>` type too: its classes are made and registered on first lookup, so a saved
+    hybrid folder loads with the Auto classes, without its shipped code, once hybrid_hf is imported."""
+
+    def __contains__(self, model_type) -> bool:
+        return super().__contains__(model_type) or _is_hybrid_type(model_type)
+
+    def __missing__(self, model_type):
+        if not _is_hybrid_type(model_type):
+            raise KeyError(model_type)
+        register_model_type(model_type)
+        return super().__getitem__(model_type)
+
+
+def _answer_for_hybrid_types() -> None:
+    registered = getattr(auto.CONFIG_MAPPING, "_extra_content", None)
+    if isinstance(registered, dict) and not isinstance(registered, _HybridModelTypes):
+        auto.CONFIG_MAPPING._extra_content = _HybridModelTypes(registered)
+
+
+_answer_for_hybrid_types()
 
 
 def _probe(hybrid: PreTrainedModel) -> None:
@@ -114,11 +148,12 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
         The hybrid model, on the input's device and dtype, in the input's train/eval mode.
 
     Raises:
-        ValueError: for invalid settings, an already hybrid model, or a host that cannot be made hybrid (the
-            message says why).
+        ValueError: for invalid settings, an already hybrid model, a model with PEFT adapters (merge or unwrap it
+            first), or a host that cannot be made hybrid (the message says why).
     """
     if isinstance(model, HybridModelMixin):
         raise ValueError(f"the model is already hybrid (model_type {model.config.model_type!r})")
+    _refuse_adapters(model)
     check_host_class(type(model))
     config = hybrid_config_from(model.config, **settings)
     hybrid_cls = register_hybrid_class(type(model))
@@ -128,7 +163,7 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     for name, buffer in model.named_buffers():  # as the host keeps them: rotary tables stay float32 in a bf16 model
         hybrid.get_buffer(name).data = buffer.detach().clone()
     missing, unexpected = hybrid.load_state_dict(model.state_dict(), strict=False)
-    not_new = [key for key in missing if not any(f".{name}." in key for name in NEW_PARAMETER_MODULES)]
+    not_new = [key for key in missing if not is_new_parameter(key)]
     if unexpected or not_new:
         raise RuntimeError(f"conversion left host weights unmatched: missing {not_new}, unexpected {unexpected}")
     hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from .conversion import register_model_type
 from .errors import MissingInputError, UsageError, first_line, validation_message
 from .model.configuration_hybrid import HYBRID_PREFIX
+from .model.modeling_hybrid import CheckpointMismatchError, load_report_problem
 from .tasks import TASK_TABLE, choose_task, model_classes
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,10 @@ def _check_config_file(config_file: Path, source: str) -> None:
     except (ValueError, AttributeError) as error:
         raise UsageError(f"source {source!r} has an unreadable config.json: {first_line(error)}") from error
     if isinstance(model_type, str) and model_type.startswith(HYBRID_PREFIX):
-        register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+        try:
+            register_model_type(model_type)  # so that the Auto classes load it without its shipped code
+        except ValueError as error:
+            raise UsageError(f"source {source!r} has an unknown model_type in config.json: {error}") from None
     elif isinstance(model_type, str):
         model_classes(model_type)  # UsageError when transformers has no class for it
     for name in _CONFIG_SIZES:
@@ -154,9 +159,131 @@ def load_source_config(source: str, trust_remote_code: bool = False):
     return config
 
 
+def read_weight_map(index: Path, source: str) -> dict[str, str]:
+    """`{tensor name: shard file name}` of a sharded checkpoint's index file (`model.safetensors.index.json` or
+    `pytorch_model.bin.index.json`), checked: a non-empty `weight_map` whose shards are plain file names in the
+    index's folder, with the suffix of its format (`.safetensors` or `.bin`). One-line `UsageError` otherwise."""
+    suffix = ".safetensors" if index.name == _SAFETENSORS_FILES[1] else ".bin"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"source {source!r} has an unreadable {index.name}: its `weight_map` lists no tensors")
+    for shard in set(weight_map.values()):
+        plain = isinstance(shard, str) and shard not in ("", ".", "..") and Path(shard).name == shard
+        if not plain or "\\" in shard or not shard.endswith(suffix):
+            raise UsageError(
+                f"source {source!r} has an invalid {index.name}: shard {shard!r} must be a plain file name in the "
+                f"folder ending in {suffix}"
+            )
+    return weight_map
+
+
+def _with_layers(config, layers: int):
+    """A copy of `config` with `layers` layers (lists of one entry per layer cut to them), every layer hybrid."""
+    total = config.num_hidden_layers
+    copy = config.__class__.from_dict(config.to_dict())
+    for name, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and name not in ("hybrid_layers", "local_layers"):
+            setattr(copy, name, value[:layers])
+    copy.num_hidden_layers = layers
+    if getattr(copy, "hybrid_layers", None) is not None or getattr(copy, "local_layers", None):
+        copy.hybrid_layers, copy.local_layers, copy.layer_scores = None, None, None  # a hybrid layer costs the most
+    return copy
+
+
+def parameter_count(config, model_class) -> int:
+    """The parameters of `model_class` built from `config`, counted without allocating any: models of one and of two
+    layers are built on the meta device, and the cost of a layer is extrapolated to `num_hidden_layers` (a whole
+    model on the meta device takes seconds per thousand layers). `model_class`: an Auto class or a model class."""
+    counts = []
+    for layers in (1, 2):
+        with torch.device("meta"):
+            piece = _with_layers(config, layers)
+            model = model_class.from_config(piece) if hasattr(model_class, "_model_mapping") else model_class(piece)
+        counts.append(sum(parameter.numel() for parameter in model.parameters()))
+    return counts[0] + (counts[1] - counts[0]) * (config.num_hidden_layers - 1)
+
+
+def _largest_field(config, model_class) -> tuple[str, object] | None:
+    """The size field of `config` (an integer above the family's default) whose default value shrinks the model
+    most, with its value; None when no field is above its default."""
+    fields = config.to_dict()
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:  # noqa: BLE001 - a family without defaults for every field: no field to blame
+        return None
+    shrunk = []
+    for name, value in fields.items():
+        default = defaults.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not isinstance(default, int) or value <= default:
+            continue
+        try:
+            shrunk.append((parameter_count(config.__class__.from_dict({**fields, name: default}), model_class), name))
+        except Exception:  # noqa: BLE001 - a field the model cannot be built without; not the one to blame
+            continue
+    return (min(shrunk)[1], fields[min(shrunk)[1]]) if shrunk else None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (`MemAvailable` plus free swap); None where unknown."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def stored_parameter_count(source: str) -> int | None:
+    """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
+    sources (a hub id, pickled weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(source).expanduser()
+    if (path / _SAFETENSORS_FILES[0]).is_file():
+        shards = [_SAFETENSORS_FILES[0]]
+    elif (path / _SAFETENSORS_FILES[1]).is_file():
+        shards = sorted(set(read_weight_map(path / _SAFETENSORS_FILES[1], source).values()))
+    else:
+        return None
+    total = 0
+    for shard in shards:
+        try:
+            with safe_open(str(path / shard), framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        except SafetensorError as error:
+            raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
+    return total
+
+
+def check_size(config, model_class, source: str, stored: int | None, memory: int | None, dtype=torch.float32):
+    """Refuse, before anything is allocated, a config that describes far more parameters than its weights hold
+    (`stored`; a new task head is allowed for), or more than fit in `memory` bytes in `dtype`: a one-line
+    `UsageError` naming the config field to check. A config that cannot be built even on the meta device is left to
+    the loader's own errors."""
+    try:
+        count = parameter_count(config, model_class)
+    except Exception:  # noqa: BLE001 - the estimate is a guard, not a second loader
+        return
+    size = count * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+    if stored is not None and count > 2 * stored + 2**20:
+        problem = f"its config.json describes {count:,} parameters but its weights hold {stored:,}"
+    elif memory is not None and size > memory:
+        problem = (
+            f"its config.json describes {count:,} parameters, {size / 2**30:,.1f} GiB, beyond the "
+            f"{memory / 2**30:,.1f} GiB of memory available"
+        )
+    else:
+        return
+    field = _largest_field(config, model_class)
+    check = f"; check `{field[0]}` ({field[1]})" if field else ""
+    raise UsageError(f"source {source!r} is refused before loading: {problem}{check}")
+
+
 def check_weights(source: str, allow_pickle: bool) -> None:
-    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; every shard an
-    index lists is there."""
+    """For a local folder: safetensors weights, or pickled `.bin` weights only when `allow_pickle`; an index lists
+    shards that are plain file names of its format (`read_weight_map`), all of them there."""
     path = Path(source).expanduser()
     if not path.is_dir():
         return  # a hub id: `from_pretrained(use_safetensors=...)` decides, see `load_weights`
@@ -172,10 +299,7 @@ def check_weights(source: str, allow_pickle: bool) -> None:
     else:
         raise MissingInputError(f"source {source!r} has no weights (model.safetensors or pytorch_model.bin)")
     if index.is_file() and not (path / _SAFETENSORS_FILES[0]).is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UsageError(f"source {source!r} has an unreadable {index.name} ({first_line(error)})") from None
+        shards = sorted(set(read_weight_map(index, source).values()))
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise MissingInputError(
@@ -186,8 +310,9 @@ def check_weights(source: str, allow_pickle: bool) -> None:
 def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs):
     """`model_class.from_pretrained(source, **kwargs)` (in float32 unless `dtype` is given), in eval mode, checked:
     one-line `UsageError`s for pickled weights (unless `allow_pickle`), damaged or truncated files, weights whose
-    shapes do not match the config (e.g. `vocab_size`), weights with NaN or inf, and pickles that hold more than
-    tensors (never run: `torch.load(weights_only=True)`)."""
+    shapes do not match the config (e.g. `vocab_size`), weights missing from the checkpoint or stored beyond the model
+    (`load_report_problem`: nothing is left random), weights with NaN or inf, and pickles that hold more than tensors
+    (never run: `torch.load(weights_only=True)`)."""
     from safetensors import SafetensorError
 
     check_weights(source, allow_pickle)
@@ -201,6 +326,10 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
                 output_loading_info=True,
                 **{"dtype": torch.float32, **kwargs},
             )
+    except CheckpointMismatchError as error:  # a hybrid class's own check
+        raise UsageError(first_line(error)) from None
+    except ValueError as error:  # a config the model cannot be built from (e.g. an attention implementation)
+        raise UsageError(f"could not load {source!r}: {first_line(error)}") from None
     except SafetensorError as error:
         raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
     except pickle.UnpicklingError as error:
@@ -216,12 +345,9 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
                 "loaded with --allow-pickle (allow_pickle=True)"
             ) from error
         raise UsageError(f"could not load the weights of {source!r}: {first_line(error)}") from error
-    if info["mismatched_keys"]:
-        name, stored, expected = sorted(info["mismatched_keys"])[0]
-        raise UsageError(
-            f"the weights of {source!r} do not match its config.json: {name} is {list(stored)} in the weights but "
-            f"{list(expected)} by the config (check vocab_size and the other sizes)"
-        )
+    problem = load_report_problem(model, info)
+    if problem is not None:
+        raise UsageError(f"the weights of {source!r} {problem}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UsageError(
@@ -278,6 +404,9 @@ def load_model(
     source = os.fspath(source)
     config = config if config is not None else load_source_config(source, trust_remote_code)
     auto_class = getattr(transformers, TASK_TABLE[choose_task(config, task)].auto_class)
+    check_weights(source, allow_pickle)
+    stored = stored_parameter_count(source)
+    check_size(config, auto_class, source, stored, available_memory(), kwargs.get("dtype", torch.float32))
     model = load_weights(auto_class, source, allow_pickle, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer = load_tokenizer(source, tokenizer_required, trust_remote_code)
     return model, tokenizer

@@ -36,8 +36,8 @@ from safetensors import safe_open
 from .cards import write_model_card
 from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from, register_hybrid_class
 from .errors import UsageError
-from .loading import load_tokenizer, load_weights, source_location
-from .model.modeling_hybrid import hybrid_layers, reset_hybrid_parameters, self_attention_modules
+from .loading import check_size, load_tokenizer, load_weights, read_weight_map, source_location
+from .model.modeling_hybrid import hybrid_layers, is_new_parameter, reset_hybrid_parameters, self_attention_modules
 from .publishing import save_tokenizer, staged_folder
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
@@ -58,7 +58,7 @@ def source_weight_map(folder: Path) -> dict[str, str] | None:
     """`{tensor name: shard file name}` of a local safetensors checkpoint, or None when it has none."""
     index = folder / INDEX_FILE
     if index.is_file():
-        return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        return read_weight_map(index, str(folder))
     single = folder / _SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="pt") as handle:
@@ -261,10 +261,12 @@ def plan(source: Path, host_config, host_class, settings: dict) -> dict:
 
     weight_map = source_weight_map(source)
     layouts = _layouts(source, weight_map)
+    stored = sum(math.prod(shape) for _, shape in layouts.values())
+    check_size(host_config, host_class, str(source), stored, memory=None)
     with torch.device("meta"):
         hybrid = register_hybrid_class(host_class)(hybrid_config_from(host_config, **settings))
     expected = hybrid.state_dict()
-    new = [name for name in expected if any(f".{module}." in name for module in NEW_PARAMETER_MODULES)]
+    new = [name for name in expected if is_new_parameter(name)]
     tied = set(getattr(hybrid, "all_tied_weights_keys", None) or {})
     stored, wanted = set(weight_map), set(expected) - set(new)
     if stored - wanted or wanted - stored - tied:

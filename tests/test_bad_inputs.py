@@ -9,6 +9,7 @@ whose forward is finite on finite input, or raises `ValueError`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models import TEXT, VOCAB, tiny_host, word_tokenizer
 from transformers import BertConfig, BertModel, BloomConfig
 
@@ -162,6 +163,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     files = root / "resume_state_not_json.checkpoints" / "checkpoint-2"  # the interrupted run's, made complete
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (root / "interrupted.checkpoints" / "checkpoint-2" / name).write_bytes((files / name).read_bytes())
+    _trust_loading_world(root, paths, host, tokenizer)
     return paths
 
 
@@ -535,6 +537,112 @@ TRUST_OUTPUT_CASES = [
 COMMAND_CASES += TRUST_OUTPUT_CASES
 
 
+# --- loading trusts nothing it cannot check: weights, configs and index files edited by hand ------------------------
+
+
+def _trust_loading_world(root: Path, paths: dict[str, Path], host, tokenizer) -> None:
+    """Host and hybrid folders whose weights, config.json or index disagree with the model they describe."""
+    hybrid = convert(host, max_span=8, ramp=4)
+
+    def edited(name: str, model, tensors=None, **config) -> Path:
+        folder = root / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if tensors is not None:
+            stored = load_file(folder / "model.safetensors")
+            save_file(tensors(stored), folder / "model.safetensors", metadata={"format": "pt"})
+        if config:
+            _edit_config(folder, **config)
+        paths[name] = folder
+        return folder
+
+    edited("renamed", host, lambda t: {k.replace("model.", "backbone.", 1): v for k, v in t.items()})
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    edited("no_o_proj", host, lambda t: {k: v for k, v in t.items() if k != o_proj})
+    edited("no_mix", hybrid, lambda t: {k: v for k, v in t.items() if ".mix." not in k})
+    edited("no_span_predictor", hybrid, lambda t: {k: v for k, v in t.items() if ".span_predictor." not in k})
+    edited("fewer_hybrid_layers", hybrid, hybrid_layers=[0])
+    edited("more_layers", hybrid, num_hidden_layers=3)
+    edited("gpt2_over_llama", hybrid, model_type="hybrid_gpt2")
+    edited("unknown_hybrid_type", hybrid, model_type="hybrid_nosuchmodel")
+    edited("bogus_attention", hybrid, global_attn_implementation="bogus_attention")
+    edited("flash_attention", hybrid, global_attn_implementation="flash_attention_2")
+    sizes = (("many_layers", "num_hidden_layers", 100000), ("huge_vocab", "vocab_size", 2**31 - 1),
+             ("huge_hidden", "hidden_size", 2**20), ("huge_intermediate", "intermediate_size", 2**34))
+    for name, field, value in sizes:
+        edited(name, host, **{field: value})
+        edited(f"hybrid_{name}", hybrid, **{field: value})  # fmt: skip
+    shards = (("index_bin_shard", "pytorch_model-00001-of-00001.bin"), ("index_parent", "../../../../etc/passwd"),
+              ("index_absolute", "/etc/passwd"), ("index_empty", None))
+    for name, shard in shards:
+        folder = edited(name, host)
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        names = load_file(folder / "model-00001-of-00001.safetensors")
+        weight_map = {} if shard is None else dict.fromkeys(names, shard)
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))  # fmt: skip
+    torch.save(host.state_dict(), paths["index_bin_shard"] / "pytorch_model-00001-of-00001.bin")
+
+
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+_TOO_LARGE = {"many_layers": "num_hidden_layers", "huge_vocab": "vocab_size", "huge_hidden": "hidden_size",
+              "huge_intermediate": "intermediate_size"}  # fmt: skip
+_INCOMPLETE_HYBRID = {
+    "no_mix": ["lack 2 tensor(s)", "model.layers.0.self_attn.mix.weight", "never leaves a weight random"],
+    "no_span_predictor": ["lack 4 tensor(s)", "span_predictor.proj.bias"],
+    "fewer_hybrid_layers": ["hold 3 tensor(s)", "model.layers.1.self_attn.mix.weight"],
+    "more_layers": ["lack 12 tensor(s)", "model.layers.2."],
+    "gpt2_over_llama": ["HybridGPT2LMHeadModel", "transformer.h.0.attn"],
+    "unknown_hybrid_type": ["'hybrid_nosuchmodel'", "not a model type"],
+    "bogus_attention": ["global_attn_implementation", "'bogus_attention'", "sdpa"],
+    **({} if _FLASH_ATTN_INSTALLED else {"flash_attention": ["global_attn_implementation", "'flash_attention_2'"]}),
+}
+_RENAMED = ["renamed", "lack 20 tensor(s)", "model.embed_tokens.weight", "backbone.embed_tokens.weight"]
+_NO_O_PROJ = ["no_o_proj", "lack 1 tensor(s)", "model.layers.1.self_attn.o_proj.weight"]
+_INDEX = {
+    "index_bin_shard": ["pytorch_model-00001-of-00001.bin", "ending in .safetensors"],
+    "index_parent": ["'../../../../etc/passwd'", "plain file name"],
+    "index_absolute": ["'/etc/passwd'", "plain file name"],
+    "index_empty": ["weight_map", "lists no tensors"],
+}
+TRUST_LOADING = {
+    "convert": {
+        "renamed tensors": (["{renamed}", "{out}"], _RENAMED),
+        "renamed tensors, streaming": (["{renamed}", "{out}", "--streaming"], _RENAMED),
+        "a tensor missing": (["{no_o_proj}", "{out}"], _NO_O_PROJ),
+        "a tensor missing, streaming": (["{no_o_proj}", "{out}", "--streaming"], _NO_O_PROJ),
+        **{f"index: {name}": ([f"{{{name}}}", "{out}"], fragments) for name, fragments in _INDEX.items()},
+        **{f"index: {name}, streaming": ([f"{{{name}}}", "{out}", "--streaming"], fragments)
+           for name, fragments in _INDEX.items()},
+        **{f"too large: {field}": ([f"{{{name}}}", "{out}"], ["refused before loading", f"`{field}`"])
+           for name, field in _TOO_LARGE.items()},
+        **{f"too large: {field}, streaming": ([f"{{{name}}}", "{out}", "--streaming"], [f"`{field}`"])
+           for name, field in _TOO_LARGE.items()},
+    },
+    "finetune": {
+        "renamed tensors": (["{renamed}", "{out}", *FINETUNE_TEXT], _RENAMED),
+        "a tensor missing": (["{no_o_proj}", "{out}", *FINETUNE_TEXT], _NO_O_PROJ),
+        "index: .bin shard": (["{index_bin_shard}", "{out}", *FINETUNE_TEXT], _INDEX["index_bin_shard"]),
+        "index: outside the folder": (["{index_parent}", "{out}", *FINETUNE_TEXT], _INDEX["index_parent"]),
+        **{f"hybrid: {name}": ([f"{{{name}}}", "{out}", *FINETUNE_TEXT], fragments)
+           for name, fragments in _INCOMPLETE_HYBRID.items()},
+        **{f"too large: {field}": ([f"{{{name}}}", "{out}", *FINETUNE_TEXT], [f"`{field}`"])
+           for name, field in _TOO_LARGE.items()},
+    },
+    "inspect": {
+        **{f"hybrid: {name}": ([f"{{{name}}}", *INSPECT_OUT], fragments)
+           for name, fragments in _INCOMPLETE_HYBRID.items()},
+        **{f"too large: {field}": ([f"{{hybrid_{name}}}", *INSPECT_OUT], [f"`{field}`"])
+           for name, field in _TOO_LARGE.items()},
+    },
+}  # fmt: skip
+TRUST_LOADING_CASES = [
+    pytest.param(command, argv, fragments, id=f"{command}: {name}")
+    for command, table in TRUST_LOADING.items()
+    for name, (argv, fragments) in table.items()
+]
+COMMAND_CASES += TRUST_LOADING_CASES
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -651,6 +759,35 @@ TRUST_OUTPUT_API_CASES += [
     pytest.param(lambda: _lora_twice(True), ValueError, "merge_and_unload", id="get_lora_model on injected LoRA"),
 ]
 API_CASES += TRUST_OUTPUT_API_CASES
+def _with_adapters(inject: bool):
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+
+    lora = LoraConfig(target_modules=["q_proj", "v_proj"])
+    return inject_adapter_in_model(lora, tiny_host("llama")) if inject else get_peft_model(tiny_host("llama"), lora)
+
+
+TRUST_LOADING_API_CASES = [
+    pytest.param(lambda: convert(tiny_host("llama"), global_attn_implementation="bogus"), ValueError,
+                 "global_attn_implementation", id="convert global_attn_implementation=bogus"),
+    pytest.param(lambda: HybridSettings(global_attn_implementation="bogus_attention"), ValueError,
+                 "global_attn_implementation", id="HybridSettings global_attn_implementation"),
+    pytest.param(lambda: convert(_with_adapters(inject=False)), ValueError, "merge_and_unload",
+                 id="convert PeftModel"),
+    pytest.param(lambda: convert(_with_adapters(inject=True)), ValueError, "merge_and_unload",
+                 id="convert a model with injected LoRA layers"),
+    pytest.param(lambda: convert(tiny_host("llama"), hybrid_layers=[]), ValueError, "`hybrid_layers` is an empty list",
+                 id="convert hybrid_layers=[]"),
+]  # fmt: skip
+if not _FLASH_ATTN_INSTALLED:
+    TRUST_LOADING_API_CASES.append(
+        pytest.param(
+            lambda: convert(tiny_host("llama"), global_attn_implementation="flash_attention_2"),
+            ValueError,
+            "global_attn_implementation",
+            id="convert global_attn_implementation=flash_attention_2, no flash-attn",
+        )
+    )
+API_CASES += TRUST_LOADING_API_CASES
 
 
 @pytest.mark.parametrize("call, error, field", API_CASES)

@@ -81,6 +81,7 @@ class HybridSettings(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0 (a number of tokens), got {value!r}")
+        check_attention_implementation(self.global_attn_implementation)
         kwargs.pop("model_type", None)  # a host config.json loaded into this class keeps the hybrid model_type
         super().__post_init__(**kwargs)
         positions = getattr(self, "max_position_embeddings", None)
@@ -97,6 +98,27 @@ class HybridSettings(PreTrainedConfig):
             if bad or len(set(indices)) != len(indices):
                 raise ValueError(f"`{name}` must be distinct layer indices in [0, {layers}), got {indices!r}")
             setattr(self, name, sorted(indices))
+        if self.hybrid_layers is not None and not self.hybrid_layers and not self.local_layers:
+            raise ValueError(
+                "`hybrid_layers` is an empty list and there are no `local_layers`: no layer would be hybrid; list at "
+                "least one layer index, or give None for all layers"
+            )
+
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value) -> None:
+        """Once a hybrid model dispatches to `"hybrid"`, a write of another implementation
+        (`model.config._attn_implementation = "eager"`, as older code and transformers' tests do) chooses the global
+        branch's: the model stays hybrid."""
+        active = getattr(self, "_attn_implementation_internal", None) == HYBRID_ATTENTION
+        if active and isinstance(value, str) and value != HYBRID_ATTENTION:
+            check_attention_implementation(value)
+            self.global_attn_implementation = value
+            return
+        PreTrainedConfig._attn_implementation.fset(self, value)
 
     @property
     def output_attentions(self) -> bool:
@@ -126,9 +148,7 @@ class HybridSettings(PreTrainedConfig):
 
 
 @functools.cache
-def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
-    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`; `model_type` is
-    `hybrid_<host>`."""
+def _config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     name = f"Hybrid{host.__name__}"
     doc = f"`{host.__name__}` with hybrid attention: the host's fields plus those of `HybridSettings`."
     attributes = {
@@ -141,6 +161,35 @@ def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     cls = type(name, (host, HybridSettings), attributes)
     cls.register_for_auto_class()
     return cls
+
+
+def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """`Hybrid<HostConfig>`: the host config class plus the fields of `HybridSettings`; `model_type` is
+    `hybrid_<host>`. Made on first use, and registered then with `AutoConfig`, and the hybrid classes of its family
+    with the Auto classes (`modeling_hybrid.register_hybrid_family`)."""
+    from .modeling_hybrid import register_hybrid_family  # it imports this module
+
+    cls = _config_class(host)
+    register_hybrid_family(cls)
+    return cls
+
+
+def attention_implementations() -> list[str]:
+    """The names `global_attn_implementation` accepts: `"eager"` and transformers' registered attention functions
+    (a hub kernel, `"org/repo"`, is also accepted: transformers loads it)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *(name for name in ALL_ATTENTION_FUNCTIONS.valid_keys() if name != HYBRID_ATTENTION)]
+
+
+def check_attention_implementation(name: str | None) -> None:
+    """`ValueError` naming `global_attn_implementation` unless `name` is None or an implementation transformers
+    knows (whether its package is installed is checked when a model is built)."""
+    if name is None or (isinstance(name, str) and "/" in name):
+        return
+    known = attention_implementations()
+    if name not in known:
+        raise ValueError(f"`global_attn_implementation` must be one of {', '.join(known)}, got {name!r}")
 
 
 def host_class(name: str, base: type) -> type | None:

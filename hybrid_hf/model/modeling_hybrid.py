@@ -23,6 +23,7 @@ This file travels with saved checkpoints (`trust_remote_code`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -31,9 +32,16 @@ import sys
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    EncoderDecoderCache,
+    StaticLayer,
+)
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
@@ -41,8 +49,16 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .configuration_hybrid import HYBRID_ATTENTION, host_class, hybrid_config_class
+from .configuration_hybrid import (
+    HYBRID_ATTENTION,
+    HYBRID_PREFIX,
+    _config_class,
+    attention_implementations,
+    check_attention_implementation,
+    host_class,
+)
 from .hybrid_attention import (
     SpanPredictor,
     adaptive_local_attention,
@@ -65,8 +81,16 @@ AUTO_CLASSES = {
 }
 
 
+#: the submodules of a hybrid attention module that hold its own parameters (all else is the host's)
+NEW_PARAMETER_MODULES = ("span_predictor", "mix")
+
+
 class UnsupportedHostError(ValueError):
     """The host model cannot be made hybrid (the message says why)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors are not those of the model that loads it: loading would leave weights random."""
 
 
 class HybridForwardState:
@@ -594,9 +618,17 @@ class HybridModelMixin:
     def __init__(self, config, *args, **kwargs):
         requested = config._attn_implementation  # before transformers resolves it
         if requested not in (None, HYBRID_ATTENTION):
+            check_attention_implementation(requested)
             config.global_attn_implementation = requested
-        config._attn_implementation = config.global_attn_implementation
-        super().__init__(config, *args, **kwargs)
+        config._attn_implementation_internal = config.global_attn_implementation
+        try:
+            super().__init__(config, *args, **kwargs)
+        except ImportError as error:  # transformers' check: e.g. flash_attention_2 without the flash-attn package
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"`global_attn_implementation` {config.global_attn_implementation!r} cannot be used here ({reason}); "
+                f"choose one of {', '.join(attention_implementations())} whose package is installed"
+            ) from error
         self._use_hybrid_attention()
         modules = self_attention_modules(self)
         self._hybrid_decoder = all(getattr(module, "is_causal", True) for module in modules)
@@ -611,21 +643,103 @@ class HybridModelMixin:
         self.config._attn_implementation = HYBRID_ATTENTION
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid."""
+        """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid. A choice
+        transformers refuses (e.g. flash-attn not installed) raises and leaves the model as it was."""
         if attn_implementation != HYBRID_ATTENTION:
-            self.config._attn_implementation = self.config.global_attn_implementation
-            super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            self.config._attn_implementation_internal = self.config.global_attn_implementation
+            try:
+                super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            finally:
+                self._use_hybrid_attention()
         self._use_hybrid_attention()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that would leave any weight random.
+
+        Raises `CheckpointMismatchError` (a `ValueError`) naming the tensors the checkpoint lacks or holds beyond the
+        model (`load_report_problem`): only a host checkpoint (one saved from a host class) may lack the hybrid
+        layers' new parameters, which then take their conversion-time values.
+        """
+        report = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problem = load_report_problem(model, info)
+        if problem is not None:
+            raise CheckpointMismatchError(f"the weights of {str(pretrained_model_name_or_path)!r} {problem}")
+        return (model, info) if report else model
 
     def initialize_weights(self) -> None:
         """The host's initialisation, then the conversion-time values of the hybrid parameters.
 
-        `from_pretrained` calls this after loading, for the weights missing from the checkpoint; parameters that
-        were loaded keep their values.
+        `from_pretrained` calls this after loading, for the weights missing from the checkpoint (parameters that
+        were loaded keep their values), and then refuses the checkpoint unless only a host checkpoint's missing
+        hybrid parameters were set (see `from_pretrained`).
         """
         super().initialize_weights()
         for module in hybrid_layers(self):
             reset_hybrid_parameters(module)
+
+
+def is_new_parameter(name: str) -> bool:
+    """Whether the parameter `name` belongs to a hybrid layer's own modules (`NEW_PARAMETER_MODULES`)."""
+    return any(f".{module}." in f".{name}" for module in NEW_PARAMETER_MODULES)
+
+
+def _listed(names: set[str], limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _other_task_keys(model: PreTrainedModel, stored_class: str | None, keys: set[str], stored: bool) -> set[str]:
+    """The keys of `keys` that a checkpoint saved from the family's class `stored_class` (another task) does not
+    share with `model`: its own head's when `stored`, else the parts of `model` it does not have (a new head, a
+    pooler). Compared without the base model's prefix. No architecture recorded: every key outside the base model;
+    a class of another family, or one transformers does not know: none."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    host = getattr(transformers, stored_class, None) if stored_class else None
+    if stored_class is not None and not (isinstance(host, type) and issubclass(host, PreTrainedModel)):
+        return set()  # a class transformers does not know: nothing is allowed
+    if host is None:
+        return {key for key in keys if not key.startswith(prefix)} if model.base_model is not model else set()
+    if not isinstance(model.config, host.config_class):
+        return set()  # a class of another family: its checkpoint is not this model's
+    with torch.device("meta"):
+        other = host(copy.deepcopy(model.config))
+    own = {key.removeprefix(prefix) for key in (other.state_dict() if not stored else model.state_dict())}
+    return {key for key in keys if key.removeprefix(prefix) not in own}
+
+
+def load_report_problem(model: PreTrainedModel, info: dict) -> str | None:
+    """What the load report of `from_pretrained(..., output_loading_info=True)` shows would leave a weight of `model`
+    random or a stored tensor unused, as the end of a sentence naming the tensors; None when nothing would.
+
+    Two gaps are allowed: a checkpoint saved from another class of the family (its `config.architectures`) may lack
+    the task head of `model` and hold its own; a host checkpoint (not saved from a `Hybrid*` class, and holding no
+    hybrid parameter) lacks the hybrid layers' new parameters, which take their conversion-time values.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        return (
+            f"do not match its config.json: {name} is {list(stored)} in the weights but {list(expected)} by the "
+            "config (check vocab_size and the other sizes)"
+        )
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    architectures = list(getattr(model.config, "architectures", None) or [])
+    stored_class = architectures[0].removeprefix("Hybrid") if architectures else None
+    if stored_class != type(model).__name__.removeprefix("Hybrid") and (missing or unexpected):  # another task
+        missing -= _other_task_keys(model, stored_class, missing, stored=False)
+        unexpected -= _other_task_keys(model, stored_class, unexpected, stored=True)
+    new = {key for key in missing if is_new_parameter(key)}
+    all_new = {name for name, _ in model.named_parameters() if is_new_parameter(name)}
+    host_checkpoint = not any(name.startswith("Hybrid") for name in architectures) and new == all_new
+    if host_checkpoint and not any(is_new_parameter(key) for key in unexpected):
+        missing -= new
+    if not missing and not unexpected:
+        return None
+    lacks = f"lack {len(missing)} tensor(s) of {type(model).__name__} ({_listed(missing)})" if missing else ""
+    extra = f"hold {len(unexpected)} tensor(s) it does not have ({_listed(unexpected)})" if unexpected else ""
+    return f"{lacks}{', and ' if lacks and extra else ''}{extra}; loading never leaves a weight random"
 
 
 def _hybrid_forward(host_forward):
@@ -654,7 +768,9 @@ def _hybrid_forward(host_forward):
         checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
         takes_cache = cache_name in signature.parameters
         if cache is None and use_cache and takes_cache and self._hybrid_decoder and not checkpointing:
-            cache = bound.arguments[cache_name] = DynamicCache(config=self.config)  # as the host would make one
+            cache = bound.arguments[cache_name] = _new_cache(self.config, arguments)
+        if isinstance(cache, EncoderDecoderCache):  # the hybrid layers are self-attention layers
+            cache = cache.self_attention_cache
         check_cache(cache)
         state = HybridForwardState(
             self.config,
@@ -688,6 +804,15 @@ def _hybrid_forward(host_forward):
         return outputs
 
     return forward
+
+
+def _new_cache(config: PreTrainedConfig, arguments: dict) -> Cache:
+    """The cache the host would make: a `DynamicCache`, inside an `EncoderDecoderCache` when its layers also attend
+    to an encoder's output (cross-attention)."""
+    cross = arguments.get("encoder_hidden_states") is not None or getattr(config, "add_cross_attention", False)
+    if cross or getattr(config, "is_encoder_decoder", False):
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    return DynamicCache(config=config)
 
 
 def _sink_mask(state: HybridForwardState, arguments: dict) -> torch.Tensor | None:
@@ -749,9 +874,8 @@ def auto_class_name(host: type) -> str | None:
 
 
 @functools.cache
-def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """`Hybrid<Host>`: the host model class with hybrid attention, its config class `Hybrid<HostConfig>`."""
-    config_class = hybrid_config_class(host.config_class)
+def _model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    config_class = _config_class(host.config_class)
     auto_name = auto_class_name(host)
     name = f"Hybrid{host.__name__}"
     attributes = {
@@ -762,15 +886,41 @@ def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
         "__module__": __name__,
         "__qualname__": name,
     }
-    cls = type(name, (HybridModelMixin, host), attributes)
+    # transformers tells generative classes by `GenerationMixin` among their direct bases: keep the host's.
+    bases = (HybridModelMixin, host) + ((GenerationMixin,) if GenerationMixin in host.__bases__ else ())
+    cls = type(name, bases, attributes)
     if auto_name is not None:
-        cls.register_for_auto_class(auto_name)
-    # Task heads such as `LlamaForSequenceClassification` build their base model with `AutoModel.from_config`.
-    base_name = modeling_auto.MODEL_MAPPING_NAMES.get(host.config_class.model_type)
-    base = getattr(transformers, base_name, None) if isinstance(base_name, str) else None
-    if isinstance(base, type) and issubclass(base, PreTrainedModel):
-        AutoModel.register(config_class, cls if base is host else hybrid_model_class(base), exist_ok=True)
+        cls.register_for_auto_class(auto_name)  # the `auto_map` a saved checkpoint gets
     return cls
+
+
+def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`Hybrid<Host>`: the host model class with hybrid attention, its config class `Hybrid<HostConfig>`. Made on
+    first use, and registered then, with the rest of its family, with the Auto classes (`register_hybrid_family`)."""
+    cls = _model_class(host)
+    register_hybrid_family(cls.config_class)
+    return cls
+
+
+_REGISTERED_FAMILIES: set[type] = set()
+
+
+def register_hybrid_family(config_class: type[PreTrainedConfig]) -> None:
+    """Register a hybrid config class with `AutoConfig`, and the hybrid class of each host class its family has in
+    `AUTO_CLASSES` with that Auto class (task heads build their base model with `AutoModel.from_config`), in this
+    process. A checkpoint's own code (a `transformers_modules` class) does not replace a type registered before."""
+    if config_class in _REGISTERED_FAMILIES:
+        return
+    _REGISTERED_FAMILIES.add(config_class)
+    shipped = config_class.__module__.startswith("transformers_modules")
+    if not (shipped and config_class.model_type in CONFIG_MAPPING):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    host_type = config_class.model_type.removeprefix(HYBRID_PREFIX)
+    for auto_name, table in AUTO_CLASSES.items():
+        host_name = getattr(modeling_auto, table).get(host_type)
+        host = getattr(transformers, host_name, None) if isinstance(host_name, str) else None
+        if isinstance(host, type) and issubclass(host, PreTrainedModel) and host.config_class in config_class.__mro__:
+            getattr(transformers, auto_name).register(config_class, _model_class(host), exist_ok=True)
 
 
 def __getattr__(name: str):
