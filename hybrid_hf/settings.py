@@ -13,7 +13,7 @@ from typing import Any
 
 from .conversion import check_setting_names, hybrid_config_from
 from .errors import UsageError, validation_message
-from .model.configuration_hybrid import HybridSettings
+from .model.configuration_hybrid import UPPER_BOUNDS, HybridSettings
 
 #: field of `HybridSettings` -> help text of its flag
 SETTINGS = {
@@ -30,11 +30,6 @@ SETTINGS = {
     "sink_tokens": "first tokens of a sequence every query of a local-only layer reads (attention sinks)",
     "max_crop": "most tokens a cache crop may remove at once (assisted and prompt-lookup decoding)",
 }
-#: setting -> its largest value, where training stays finite in float32 and bfloat16 (the gradients at the bounds
-#: are tested): beyond a temperature of 1000 the local softmax is uniform already, and a span penalty weighted by
-#: more than 1000 outweighs the LM loss (a few units) by orders of magnitude. `tau_max` 1e39 or `span_loss_coef`
-#: 3.4e38, finite numbers, give infinite or NaN gradients.
-UPPER_BOUNDS = {"tau_max": 1000.0, "span_loss_coef": 1000.0}
 #: the settings that shape the new parameters: they apply only when a host model is converted
 CONVERSION_SETTINGS = tuple(name for name in SETTINGS if name != "span_loss_coef")
 
@@ -112,9 +107,3 @@ def check_settings(settings: dict[str, Any], host_config=None) -> None:
         raise
     except ValueError as error:
         raise UsageError(validation_message(error)) from error
-    for name, bound in UPPER_BOUNDS.items():
-        value = settings.get(name)
-        if isinstance(value, (int, float)) and value > bound:
-            raise UsageError(
-                f"`{name}` must be at most {bound:g} (beyond, training gives infinite gradients), got {value!r}"
-            )

@@ -13,14 +13,18 @@ import functools
 import transformers
 from transformers import PreTrainedConfig
 
-from .hybrid_attention import validate_span_settings
+from .hybrid_attention import TAU_LIMIT, validate_span_settings
 
 #: prefix of a hybrid config's `model_type` (`"hybrid_llama"`)
 HYBRID_PREFIX = "hybrid_"
 #: the `attn_implementation` name of hybrid attention
 HYBRID_ATTENTION = "hybrid"
-#: the largest finite float32: the span penalty is computed in float32
-FLOAT32_MAX = 3.4028234663852886e38
+#: the largest span penalty weight: more than 1000 outweighs the LM loss (a few units) by orders of magnitude, and
+#: a weight such as 3.4e38 (a finite float32) makes the gradients infinite
+SPAN_LOSS_COEF_LIMIT = 1000.0
+#: setting -> its largest value, where training stays finite in float32 and bfloat16 (the gradients at the bounds
+#: are tested)
+UPPER_BOUNDS = {"tau_max": TAU_LIMIT, "span_loss_coef": SPAN_LOSS_COEF_LIMIT}
 
 
 class HybridSettings(PreTrainedConfig):
@@ -67,10 +71,10 @@ class HybridSettings(PreTrainedConfig):
         if not isinstance(self.span_per_head, bool):
             raise ValueError(f"`span_per_head` must be True or False, got {self.span_per_head!r}")
         coef, initial = self.span_loss_coef, self.initial_span
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef <= FLOAT32_MAX:
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef <= SPAN_LOSS_COEF_LIMIT:
             raise ValueError(
-                f"`span_loss_coef` must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}, the float32 range), "
-                f"got {coef!r}"
+                f"`span_loss_coef` must be a number in [0, {SPAN_LOSS_COEF_LIMIT:g}] (beyond, training gives "
+                f"infinite gradients), got {coef!r}"
             )
         if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not 0 < initial < 1:
             raise ValueError(f"`initial_span` must be in (0, 1) (a fraction of max_span), got {initial!r}")

@@ -24,6 +24,9 @@ from torch import nn
 #: device-to-host copy and break `torch.compile`'s graph, so they run only when this is set (`HYBRID_HF_DEBUG=1`).
 #: In a hybrid model the temperature is positive by construction (`tau_min >= 0.001`, checked by the config).
 DEBUG = os.environ.get("HYBRID_HF_DEBUG", "") not in ("", "0")
+#: the highest temperature: beyond 1000 the local softmax is uniform already, and a temperature such as 1e39 (a
+#: finite number) makes the gradients of the span predictor infinite or NaN
+TAU_LIMIT = 1000.0
 
 
 def validate_span_settings(
@@ -36,8 +39,11 @@ def validate_span_settings(
     if tau_min is not None or tau_max is not None:
         for name, value in (("tau_min", tau_min), ("tau_max", tau_max)):
             # Below 1e-3 the softmax is an argmax already; far below, logits / tau overflow to inf and NaN.
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1e-3 <= value < math.inf:
-                raise ValueError(f"`{name}` must be a finite number >= 0.001 (a temperature), got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1e-3 <= value <= TAU_LIMIT:
+                raise ValueError(
+                    f"`{name}` must be a number in [0.001, {TAU_LIMIT:g}] (a temperature; beyond, training gives "
+                    f"infinite gradients), got {value!r}"
+                )
         if tau_min > tau_max:
             raise ValueError(f"`tau_min` ({tau_min}) must be <= `tau_max` ({tau_max})")
 
