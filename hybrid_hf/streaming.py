@@ -38,7 +38,7 @@ from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from
 from .errors import UsageError
 from .loading import check_size, load_tokenizer, load_weights, read_weight_map, source_location
 from .model.modeling_hybrid import hybrid_layers, is_new_parameter, reset_hybrid_parameters, self_attention_modules
-from .publishing import save_tokenizer, staged_folder
+from .publishing import save_tokenizer, staged_folder, write_errors
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
 
 logger = logging.getLogger("hybrid_hf.checkpoint")  # the log of the convert command
@@ -338,7 +338,8 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
     """The streamed `convert_checkpoint` of a local safetensors folder (see the module docstring): checked, written
     into a temporary folder beside `output`, verified there (`verify`: "slice", "full" or "none"), given its model
     card and renamed into place. Returns a `ConversionReport`; raises `NotStreamable` before writing anything when
-    the checkpoint's tensor names are not the model's."""
+    the checkpoint's tensor names are not the model's, and `OutputNotWritableError` naming `output` when a write fails
+    (a full disk), leaving nothing behind."""
     from .checkpoint import ConversionReport
 
     if verify not in VERIFY_MODES:
@@ -347,7 +348,7 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
     planned = plan(location, config, host_class, settings)
     hybrid = planned["hybrid"]
     tokenizer = load_tokenizer(str(location), required=False)
-    with staged_folder(output, force) as tmp:
+    with write_errors(output), staged_folder(output, force) as tmp:
         written = write_streamed(location, tmp, planned, tokenizer)
         logger.info("Wrote %s: %d host shard(s) hard-linked, %d copied, one new shard", output.name,
                     written["linked"], written["copied"])

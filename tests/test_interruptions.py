@@ -191,6 +191,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(command, error, sources, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("writer", ["write_safetensors_in_turn", "_link_or_copy"])
+def test_a_full_disk_while_streaming_is_one_line_and_leaves_nothing(writer, sources, tmp_path, capsys, monkeypatch):
+    """`convert --streaming` writes the new shard itself and links or copies the host's: either failing on a full
+    disk, half a file written, is the same one line as the other commands' writes."""
+    import hybrid_hf.streaming
+
+    def fails(*args, **kwargs):
+        Path(args[-1] if writer == "_link_or_copy" else args[0]).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hybrid_hf.streaming, writer, fails)
+    argv = ["convert", str(sources["host"]), str(tmp_path / "out"), "--max-span", "8", "--ramp", "4", "--streaming"]
+    assert commands.main(argv) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: could not write") and "out" in line and "No space left on device" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_after_a_checkpoint_keeps_it_and_resumes_to_the_same_weights(
     sources, tmp_path, capsys, monkeypatch
 ):
