@@ -83,6 +83,34 @@ def test_a_host_with_a_missing_tensor_is_refused_by_a_hybrid_class(tmp_path):
         hybrid_hf.HybridLlamaForCausalLM.from_pretrained(tmp_path, **SETTINGS)
 
 
+def test_asking_for_the_load_report_hands_it_over_instead_of_refusing(tmp_path):
+    """`output_loading_info=True` is transformers' way to inspect a load: the report names what was initialised."""
+    tiny_host("llama").save_pretrained(tmp_path)
+    _drop(tmp_path, "layers.1.self_attn.o_proj")
+    _, info = hybrid_hf.HybridLlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True, **SETTINGS)
+    assert "model.layers.1.self_attn.o_proj.weight" in info["missing_keys"]
+
+
+def test_ignore_mismatched_sizes_initialises_a_new_head_and_nothing_else(tmp_path):
+    """A classifier saved with 3 labels loads with 5 only when asked (`ignore_mismatched_sizes=True`, transformers'
+    flag): the head is new, every other weight is the checkpoint's; a missing tensor is still refused."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(**{**tiny_host("llama").config.to_dict(), "num_labels": 3, "pad_token_id": 0})
+    saved = convert(LlamaForSequenceClassification(config), **SETTINGS)
+    saved.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own refusal
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert loaded.score.weight.shape == (5, config.hidden_size)
+    for name, tensor in saved.state_dict().items():
+        if not name.startswith("score."):
+            torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    _drop(tmp_path, "layers.1.self_attn.o_proj")
+    with pytest.raises(CheckpointMismatchError, match=r"o_proj"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_a_failed_attention_switch_leaves_the_model_as_it_was():
     model = _trained(convert(tiny_host("llama"), **SETTINGS)).eval()

@@ -659,14 +659,18 @@ class HybridModelMixin:
 
         Raises `CheckpointMismatchError` (a `ValueError`) naming the tensors the checkpoint lacks or holds beyond the
         model (`load_report_problem`): only a host checkpoint (one saved from a host class) may lack the hybrid
-        layers' new parameters, which then take their conversion-time values.
+        layers' new parameters, which then take their conversion-time values. As in transformers,
+        `ignore_mismatched_sizes=True` initialises the tensors whose shapes differ from the config's (a new head's
+        `num_labels`), and `output_loading_info=True` hands the load report to the caller instead of checking it.
         """
         report = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problem = load_report_problem(model, info)
+        if report:
+            return model, info
+        problem = load_report_problem(model, info, mismatched_allowed=bool(kwargs.get("ignore_mismatched_sizes")))
         if problem is not None:
             raise CheckpointMismatchError(f"the weights of {str(pretrained_model_name_or_path)!r} {problem}")
-        return (model, info) if report else model
+        return model
 
     def initialize_weights(self) -> None:
         """The host's initialisation, then the conversion-time values of the hybrid parameters.
@@ -709,16 +713,18 @@ def _other_task_keys(model: PreTrainedModel, stored_class: str | None, keys: set
     return {key for key in keys if key.removeprefix(prefix) not in own}
 
 
-def load_report_problem(model: PreTrainedModel, info: dict) -> str | None:
+def load_report_problem(model: PreTrainedModel, info: dict, mismatched_allowed: bool = False) -> str | None:
     """What the load report of `from_pretrained(..., output_loading_info=True)` shows would leave a weight of `model`
     random or a stored tensor unused, as the end of a sentence naming the tensors; None when nothing would.
+    `mismatched_allowed`: tensors of another shape than the config's (initialised by `ignore_mismatched_sizes=True`)
+    are not a problem.
 
     Two gaps are allowed: a checkpoint saved from another class of the family (its `config.architectures`) may lack
     the task head of `model` and hold its own; a host checkpoint (not saved from a `Hybrid*` class, and holding no
     hybrid parameter) lacks the hybrid layers' new parameters, which take their conversion-time values.
     """
     mismatched = sorted(info.get("mismatched_keys") or [])
-    if mismatched:
+    if mismatched and not mismatched_allowed:
         name, stored, expected = mismatched[0]
         return (
             f"do not match its config.json: {name} is {list(stored)} in the weights but {list(expected)} by the "
