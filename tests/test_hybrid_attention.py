@@ -370,7 +370,8 @@ def sink_slots(batch, sinks, key_mask=None):
 @pytest.mark.parametrize("sinks", [1, 4])
 @pytest.mark.parametrize("max_distance", [None, 6])
 @pytest.mark.parametrize(
-    "length,keys,query_offset", [(40, 40, None), (13, 50, None), (1, 50, None), (1, 3, None), (9, 50, 20)]
+    "length,keys,query_offset",
+    [(40, 40, None), (13, 50, None), (1, 50, None), (1, 3, None), (1, 18, None), (1, 50, 20), (9, 50, 20)],
 )
 def test_matches_reference_with_sinks(length, keys, query_offset, sinks, max_distance, padding, causal):
     case = make_case(length=length, keys=keys, kv_heads=2, seed=3 * length + keys + sinks)
@@ -1216,6 +1217,9 @@ def _mutate(case):
     if case == "span_heads":
         args["span"] = torch.rand(2, 3, 10)
         return args, "`span`"
+    if case == "span_4d":
+        args["span"] = torch.rand(1, 2, 4, 10)
+        return args, "`span`"
     if case == "temperature_shape":
         args["temperature"] = torch.rand(3, 1, 10) + 0.5
         return args, "`temperature`"
@@ -1254,6 +1258,7 @@ def _mutate(case):
         "query_3d",
         "span_length",
         "span_heads",
+        "span_4d",
         "temperature_shape",
         "key_mask_length",
         "key_mask_batch",

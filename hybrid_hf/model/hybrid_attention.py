@@ -172,12 +172,12 @@ def _check_attention_inputs(
         )
     keys = key.shape[2]
     for name, tensor in (("span", span), ("temperature", temperature)):
-        try:
-            torch.broadcast_shapes(tensor.shape, (batch, heads, length))
-        except RuntimeError:
+        # broadcasts to (B, H, N) (`torch.broadcast_shapes` costs more than a decoding step's attention)
+        shape = tensor.shape
+        if len(shape) > 3 or any(size not in (1, full) for size, full in zip(shape[::-1], (length, heads, batch))):
             raise ValueError(
                 f"`{name}` must broadcast to (B, H, N) = {(batch, heads, length)}, got shape {tuple(tensor.shape)}"
-            ) from None
+            )
     if DEBUG and (temperature <= 0).any():
         raise ValueError("`temperature` must be positive everywhere")
     if key_mask is not None and tuple(key_mask.shape) != (batch, keys):
@@ -232,11 +232,6 @@ def _sink_validity(
         query_segments = segment_ids[:, positions.clamp(max=segment_ids.shape[1] - 1), None]  # (B, Nq, 1)
         valid = valid & (query_segments == segment_ids[:, None, : sink_mask.shape[1]])
     return valid.expand(sink_mask.shape[0], positions.shape[0], -1)
-
-
-def _sink_distance(sink_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The distance of each sink slot: 0 where it is read (the soft mask is then 1), +inf where not."""
-    return torch.zeros(sink_valid.shape, dtype=dtype, device=sink_valid.device).masked_fill_(~sink_valid, math.inf)
 
 
 def _band_key_mask(key_mask: torch.Tensor | None, sink_mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
@@ -517,6 +512,9 @@ def _banded_attention(
     sdpa_path = not tracking and query.device.type == "cpu" and query.dtype == value.dtype == compute
     # Logits in float32 at least (bf16 logits times 1 / tau lose too much); scaling / tau folded into the query.
     scale = scaling / temperature.to(compute)  # (B, H, N)
+    if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
+        step = (offset, left, right, causal, ramp, max_distance)
+        return _decode_band(query, key, value, span, scale, key_mask, sink_mask, step, sdpa_path)
     sinks = None
     if sink_mask is not None:  # the sink slots leave the band; each window gets them as extra slots at distance 0
         positions = offset + torch.arange(length, device=query.device)
@@ -524,9 +522,6 @@ def _banded_attention(
         key_mask = _band_key_mask(key_mask, sink_mask, keys)
         count = sink_mask.shape[1]
         sinks = _Sinks(key[:, :, :count].to(compute), value[:, :, :count], sink_valid)
-    if length == 1 and not tracking and segment_ids is None:  # one query (a decoding step): no blocks to set up
-        step = (offset, left, right, causal, ramp, max_distance)
-        return _decode_band(query, key, value, span, scale, key_mask, step, sdpa_path, sinks)
     if block_size is None:
         block_size = 32 if sdpa_path else 64
 
@@ -596,33 +591,48 @@ def _decode_band(
     span: torch.Tensor,
     scale: torch.Tensor,
     key_mask: torch.Tensor | None,
+    sink_mask: torch.Tensor | None,
     step: tuple[int, int, int, bool, int, int | None],
     sdpa_path: bool,
-    sinks: _Sinks | None,
 ) -> torch.Tensor:
     """The band for one query `(B, H, 1, D)` (a decoding step), no blocks to set up: the keys `offset - left` to
-    `offset + right` (`step` = `(offset, left, right, causal, ramp, max_distance)`) and the sinks, `scale` `(B, H, 1)`
-    the logit factor `scaling / temperature` in the compute dtype. Returns `(B, H, 1, D_v)`."""
+    `offset + right` (`step` = `(offset, left, right, causal, ramp, max_distance)`) and the `K` sinks of `sink_mask`,
+    `scale` `(B, H, 1)` the logit factor `scaling / temperature` in the compute dtype. Returns `(B, H, 1, D_v)`.
+
+    The slots are key positions, read at their distance from the query (a sink: at 0). When the sinks lie at most
+    `left` positions before the band (a local-only layer's cache keeps only the sinks, `max_crop` positions and the
+    band), the slots are the keys from the first on, a view, with the few positions between the sinks and the band
+    masked; further apart, the sinks and the band are gathered."""
     batch, heads, _, head_dim = query.shape
     kv_heads, keys, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups = heads // kv_heads
     offset, left, right, causal, ramp, max_distance = step
     compute = torch.promote_types(query.dtype, torch.float32)
+    device, inf = query.device, math.inf
     start, stop = max(0, offset - left), min(keys, offset + right + 1)
-    distance = torch.arange(offset - start, offset - stop, -1, device=query.device, dtype=compute)  # (W,)
+    count = 0 if sink_mask is None else sink_mask.shape[1]
+    if count and start - count > left:  # sinks far before the band: gathered
+        slots = torch.cat([torch.arange(count, device=device), torch.arange(start, stop, device=device)])  # (W,)
+        k, v = key.index_select(2, slots), value.index_select(2, slots)  # (B, H_kv, W, D)
+    else:
+        first = 0 if count else start
+        slots = torch.arange(first, stop, device=device)  # (W,)
+        k, v = key[:, :, first:stop], value[:, :, first:stop]
+    distance = (offset - slots).to(compute)  # (W,)
     if not causal:
         distance = distance.abs_()
     if max_distance is not None:
-        distance = distance.masked_fill_(distance > max_distance, math.inf)
+        distance = distance.masked_fill_(distance > max_distance, inf)
     if key_mask is not None:
-        distance = distance.masked_fill(key_mask[:, None, None, start:stop] == 0, math.inf)  # (B, 1, 1, W)
+        distance = distance.masked_fill(key_mask[:, slots] == 0, inf)  # (B, W)
+    if count:  # a sink is read at distance 0 where it is readable at all, never through the band
+        is_sink = F.pad(sink_mask.bool(), (0, slots.shape[0] - count))  # (B, W)
+        in_band = slots >= start  # (W,)
+        distance = torch.where(is_sink, distance.where(distance == inf, 0.0), distance.where(in_band, inf))
+    distance = distance.view(distance.shape[0] if distance.dim() == 2 else 1, 1, 1, -1)  # (B or 1, 1, 1, W)
     z = span.to(compute).view(batch, kv_heads, groups, 1) + ramp  # the reach z + ramp, (B, H_kv, G, 1)
     q = query.to(compute).view(batch, kv_heads, groups, head_dim) * scale.view(*z.shape)
-    k, v = key[:, :, start:stop].to(compute), value[:, :, start:stop]  # (B, H_kv, W, D), (B, H_kv, W, D_v)
-    if sinks is not None:  # (B, H_kv, W + K, D); distances (B, 1, 1, W + K)
-        k, v = sinks.append_to(k), sinks.append_to(v, value=True)
-        sink_distance = _sink_distance(sinks.valid, compute).view(batch, 1, 1, -1)
-        distance = torch.cat([distance.expand(batch, 1, 1, -1), sink_distance], dim=-1)
+    k = k.to(compute)
     if sdpa_path:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_log_soft_mask(z, distance, ramp), scale=1.0)
     else:
