@@ -494,7 +494,7 @@ TRUST_OUTPUT = {
     ("inspect", "--out user files"): (["{hybrid}", *INSPECT_OUT[:2], "--out", "{user_files}"], ["already exists"]),
     ("demo", "--out is the model"): (["--model", "{nest_inner}", "--out", "{nest_inner}", "--force"], [SOURCE]),
     ("demo", "--out holds the model"): (["--model", "{host}", "--out", "{root}", "--force"], [SOURCE]),
-    ("convert", "tau max 1e39"): (["{host}", "{out}", "--tau-max", "1e39"], ["tau_max", "1000]", "infinite gradients"]),
+    ("convert", "tau max 1e39"): (["{host}", "{out}", "--tau-max", "1e39"], ["tau_max", "1000]", "infinite"]),
     ("convert", "span loss coef 3.4e38"): (
         ["{host}", "{out}", "--span-loss-coef", "3.4e38"],
         ["span_loss_coef", "[0, 1000]", "infinite gradients"],

@@ -173,8 +173,10 @@ def _check_attention_inputs(
     keys = key.shape[2]
     for name, tensor in (("span", span), ("temperature", temperature)):
         # broadcasts to (B, H, N) (`torch.broadcast_shapes` costs more than a decoding step's attention)
-        shape = tensor.shape
-        if len(shape) > 3 or any(size not in (1, full) for size, full in zip(shape[::-1], (length, heads, batch))):
+        shape = tensor.shape[::-1]  # (N, H, B) as far as given
+        if len(shape) > 3 or any(
+            size not in (1, full) for size, full in zip(shape, (length, heads, batch)[: len(shape)], strict=True)
+        ):
             raise ValueError(
                 f"`{name}` must broadcast to (B, H, N) = {(batch, heads, length)}, got shape {tuple(tensor.shape)}"
             )
