@@ -337,17 +337,19 @@ def test_a_replacement_killed_between_its_renames_is_replaced_with_force(sources
     assert _hidden(tmp_path, "out") == []
 
 
-@pytest.mark.parametrize("command", ["convert", "finetune"])
+@pytest.mark.parametrize("command", ["convert", "finetune", "demo", "inspect"])
 def test_an_output_being_written_is_refused_and_its_folders_kept(command, sources, tmp_path, capsys):
     stale = _stale(tmp_path, "out")
+    out = str(tmp_path / "out")
+    argv = {
+        "convert": ["convert", str(sources["host"]), out],
+        "finetune": ["finetune", str(sources["host"]), out, "--data", str(sources["text"])],
+        "demo": ["demo", "--model", str(sources["host"]), "--out", out],
+        "inspect": ["inspect", str(sources["hybrid"]), "--prompt", "the cat", "--out", out],
+    }[command]
     with open(tmp_path / ".out.lock", "a") as lock:  # as another process writing OUTPUT holds it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if command == "convert":
-            status = commands.main(["convert", str(sources["host"]), str(tmp_path / "out")])
-        else:
-            status = commands.main(
-                ["finetune", str(sources["host"]), str(tmp_path / "out"), "--data", str(sources["text"])]
-            )
+        status = commands.main(argv)
     err = capsys.readouterr().err
     assert status == 2 and err.strip().splitlines() == [
         f"error: another process is writing {str(tmp_path / 'out')!r} (it holds .out.lock); wait for it to finish"

@@ -216,6 +216,20 @@ def _second_text(args) -> tuple[str, str] | None:
 
 
 def run(args) -> Path:
+    """The demo (see the module docstring) into `args.out`; returns it. Every argument and the output are checked
+    before anything is loaded, and the output is locked for the whole run (`publishing.output_lock`): a second demo
+    into the same folder fails at once instead of racing."""
+    from ..publishing import output_lock
+
+    started = time.perf_counter()
+    out = Path(args.out).expanduser().absolute()
+    _check_arguments(args, out)
+    with output_lock(out):
+        _check_output(out, args.force, args.model)  # again: another run may have written it meanwhile
+        return _run(args, out, started)
+
+
+def _run(args, out: Path, started: float) -> Path:
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
@@ -227,9 +241,6 @@ def run(args) -> Path:
     from ..verification import max_output_difference
     from .ab import seeded_ab
 
-    started = time.perf_counter()
-    out = Path(args.out).expanduser().absolute()
-    _check_arguments(args, out)
     if args.model:
         source = source_location(args.model)
     else:
