@@ -23,7 +23,7 @@ def test_at_least_100_families_pass_including_the_common_ones(results):
     assert set(REQUIRED) <= passing, set(REQUIRED) - passing
 
 
-#: the causes of refusal the README documents, one of which every refusal names
+#: the causes of refusal docs/supported-architectures.md documents, one of which every refusal names
 CAUSES = (
     "does not go through transformers' attention interface",
     "does not pass keyword arguments on to its attention",
