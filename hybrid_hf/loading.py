@@ -235,6 +235,10 @@ def available_memory() -> int | None:
         return None
 
 
+#: safetensors' names of the floating-point dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def stored_parameter_count(source: str) -> int | None:
     """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
     sources (a hub id, pickled weights)."""
@@ -255,6 +259,14 @@ def stored_parameter_count(source: str) -> int | None:
         except SafetensorError as error:
             raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
     return total
+
+
+def non_finite_error(source: str, name: str) -> UsageError:
+    """The error for weights of SOURCE that hold NaN or infinite values (tensor `name`)."""
+    return UsageError(
+        f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training that "
+        "wrote it diverged"
+    )
 
 
 def check_size(config, model_class, source: str, stored: int | None, memory: int | None, dtype=torch.float32):
@@ -350,10 +362,7 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
         raise UsageError(f"the weights of {source!r} {problem}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(
-                f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training "
-                "that wrote it diverged"
-            )
+            raise non_finite_error(source, name)
     return model.eval()
 
 

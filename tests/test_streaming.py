@@ -17,13 +17,14 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, perturb, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hybrid_hf import commands, convert, hybrid_layers, streaming
+from hybrid_hf import checkpoint, commands, convert, hybrid_layers, streaming
 from hybrid_hf.checkpoint import convert_checkpoint
 from hybrid_hf.conversion import NEW_PARAMETER_MODULES
+from hybrid_hf.errors import UsageError
 from hybrid_hf.verification import VerificationError
 
 SETTINGS = ["--max-span", "8", "--ramp", "4"]
@@ -214,6 +215,44 @@ def test_single_file_and_pickle_sources(tmp_path, caplog):
     assert convert_cli(tmp_path / "pickle", tmp_path / "b", "--streaming", "--allow-pickle") == 0
     assert "Converting in memory" in caplog.text and "no safetensors weights" in caplog.text
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_host_weights_are_refused_while_streaming(value, tmp_path, capsys, monkeypatch):
+    """NaN or inf in a host shard: the one-line error of the in-memory loader, naming the tensor, from the streamed
+    path (the in-memory loader is never called); nothing written."""
+    source = tmp_path / "src"
+    sharded_source(source)
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = source / json.loads((source / streaming.INDEX_FILE).read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][3, 4] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    capsys.readouterr()
+
+    def not_in_memory(*args, **kwargs):
+        raise AssertionError("loaded in memory")
+
+    monkeypatch.setattr(checkpoint, "load_model", not_in_memory)
+    assert convert_cli(source, tmp_path / "out", "--streaming") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        f"error: the weights of {str(source)!r} hold NaN or infinite values ({name}): the file is damaged or the "
+        "training that wrote it diverged"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_the_finite_check_reads_tensors_in_chunks(tmp_path, monkeypatch):
+    """A tensor larger than a chunk is read in several, and a NaN in its last chunk is found."""
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 64)
+    tensors = {"a": torch.zeros(7, 9), "b": torch.ones(100, dtype=torch.bfloat16), "c": torch.arange(50)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    streaming.check_finite(tmp_path, dict.fromkeys(tensors, "x.safetensors"), "src")
+    tensors["b"][-1] = float("-inf")
+    save_file(tensors, tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match=r"hold NaN or infinite values \(b\)"):
+        streaming.check_finite(tmp_path, dict.fromkeys(tensors, "x.safetensors"), "src")
 
 
 def test_shapes_that_do_not_match_the_config_are_refused(tmp_path, capsys):
