@@ -419,6 +419,8 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
             verification_tokens=tokens,
             tokenizer_saved=tokenizer is not None,
             output=output.absolute(),
+            dtype=str(hybrid.dtype).removeprefix("torch."),
+            streamed=True,
         )
         write_model_card(tmp, **report.model_card(hybrid.config))
     return report

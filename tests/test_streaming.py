@@ -217,6 +217,68 @@ def test_single_file_and_pickle_sources(tmp_path, caplog):
     assert (tmp_path / "b" / "model.safetensors").is_file()
 
 
+def stored_dtypes(folder) -> dict[str, str]:
+    """`{tensor name: safetensors dtype}` of every tensor of a folder's safetensors files, from their headers."""
+    dtypes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
+    return dtypes
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "in memory"])
+def test_the_stored_dtype_is_written_unless_dtype_says_otherwise(streamed, tmp_path, capsys):
+    """A bfloat16 checkpoint is written in bfloat16 (every tensor), and in float32 with --dtype float32 (in memory,
+    verified); the logits are those of the host in the dtype written."""
+    source = tmp_path / "src"
+    sharded_source(source, dtype=torch.bfloat16)
+    assert set(stored_dtypes(source).values()) == {"BF16"}
+    flags = ["--streaming"] if streamed else []
+    assert convert_cli(source, tmp_path / "auto", *flags) == 0
+    assert convert_cli(source, tmp_path / "f32", "--dtype", "float32", *flags) == 0
+    out = capsys.readouterr().out
+    assert "max |difference| 0 " in out and "verification: skipped" not in out
+    assert f"weights:      bfloat16, {'streamed' if streamed else 'converted in memory'}" in out
+    assert "weights:      float32, converted in memory" in out
+    auto, f32 = stored_dtypes(tmp_path / "auto"), stored_dtypes(tmp_path / "f32")
+    assert auto.keys() == f32.keys() > stored_dtypes(source).keys()  # the host's tensors and the new ones
+    assert set(auto.values()) == {"BF16"} and set(f32.values()) == {"F32"}
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for folder, dtype in (("auto", torch.bfloat16), ("f32", torch.float32)):
+            host = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / folder, trust_remote_code=True).eval()
+            assert model.dtype == dtype and torch.equal(model(ids).logits, host(ids).logits), folder
+
+
+def test_dtype_is_checked_before_anything_is_loaded(tmp_path, capsys):
+    source = tmp_path / "src"
+    sharded_source(source)
+    capsys.readouterr()
+    assert convert_cli(source, tmp_path / "out", "--dtype", "int8") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: argument --dtype: invalid choice: 'int8'")
+    assert "'auto', 'float32', 'bfloat16', 'float16'" in err
+    with pytest.raises(UsageError, match=r"`dtype` must be one of auto, float32, bfloat16, float16, got 'int8'"):
+        convert_checkpoint(source, tmp_path / "out", dtype="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_weights_float16_cannot_hold_are_refused(tmp_path, capsys):
+    source = tmp_path / "src"
+    host = sharded_source(source)
+    host.lm_head.weight.data[0, 0] = 1e6  # beyond float16's 65504
+    host.save_pretrained(source, max_shard_size="20KB")
+    capsys.readouterr()
+    assert convert_cli(source, tmp_path / "out", "--dtype", "float16") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: `dtype` float16 (--dtype) cannot hold lm_head.weight: its values overflow; choose float32 or bfloat16"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_host_weights_are_refused_while_streaming(value, tmp_path, capsys, monkeypatch):
     """NaN or inf in a host shard: the one-line error of the in-memory loader, naming the tensor, from the streamed

@@ -1,7 +1,7 @@
-"""`hybrid-hf convert SOURCE OUTPUT [settings] [--task TASK] [--force] [--allow-pickle] [--no-verify]`.
+"""`hybrid-hf convert SOURCE OUTPUT [settings] [--task TASK] [--dtype DTYPE] [--force] [--allow-pickle] [--no-verify]`.
 
 Converts a checkpoint (hub id or local folder) with `checkpoint.convert_checkpoint`: checked before anything is
-loaded, verified equal to the source, written atomically.
+loaded, verified equal to the source, written atomically, in the dtype the source is stored in (`--dtype`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import sys
 
 from ..checkpoint import convert_checkpoint, logger
+from ..loading import DTYPES
 from ..settings import add_setting_arguments, settings_from_args
 from ..tasks import TASKS
 from ..verification import VerificationError
@@ -33,6 +34,14 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--task", choices=TASKS, help="model class to load (default: from the config)")
     parser.add_argument("--no-verify", action="store_true", help="skip the output-equality check")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="dtype of the weights written (default auto: the dtype the source is stored in, e.g. bfloat16 stays "
+        "bfloat16); verification runs in float32 whatever it is; a dtype other than the stored one is converted in "
+        "memory, even with --streaming",
+    )
     parser.add_argument(
         "--streaming",
         action="store_true",
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             verify=False if args.no_verify else args.verify,
             streaming=args.streaming,
+            dtype=args.dtype,
             calibration=args.calibration,
             local_fraction=args.local_fraction,
             calibration_tokens=args.calibration_tokens,
