@@ -5,10 +5,14 @@ What `convert_checkpoint` does, in order:
 1. Cheap checks first (nothing is loaded yet): OUTPUT does not exist (or `force`), SOURCE is a model folder or a
    reachable hub id, transformers knows its architecture, its heads divide its hidden size, the hybrid settings
    are valid, and its weights are safetensors (pickled `.bin` weights only with `allow_pickle`).
-2. Load the host model in float32 with the Auto class of the task, and `convert` it.
-3. Verify on a short fixed batch (tokenized text when the source has a tokenizer, else fixed ids; the second row
+2. A local safetensors folder whose tensors are named as the model names them is converted streamed, in constant
+   memory (`streaming.convert_streamed`: its shards are checked for NaN/inf and reused as they are). Other sources
+   (hub ids, pickled weights, older layouts), `local_layers`, a `dtype` other than the stored one, or
+   `streaming=False` take the in-memory path: steps 3 to 5.
+3. Load the host model in float32 with the Auto class of the task, and `convert` it.
+4. Verify on a short fixed batch (tokenized text when the source has a tokenizer, else fixed ids; the second row
    is padded) that the converted model's outputs equal the host's (max abs difference <= `VERIFY_TOLERANCE`).
-4. Write model (safetensors, in `dtype`: by default the dtype the source is stored in), tokenizer and a model card
+5. Write model (safetensors, in `dtype`: by default the dtype the source is stored in), tokenizer and a model card
    into a temporary folder beside OUTPUT and rename it into place. Any failure, or Ctrl-C, removes the temporary
    folder; an existing OUTPUT (with `force`) is replaced only once the new folder is complete.
 """
@@ -154,7 +158,7 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     task: str | None = None,
     verify: bool | str = True,
-    streaming: bool = False,
+    streaming: bool | None = None,
     dtype: str | torch.dtype = "auto",
     calibration: str | os.PathLike | None = None,
     local_fraction: float = 0.5,
@@ -173,13 +177,13 @@ def convert_checkpoint(
             source's `config.architectures[0]`, else `causal_lm` for decoders and `base` for encoders.
         verify: check that the converted model's outputs equal the source's (max abs difference <= 1e-4); when
             streamed, `"slice"` (or True: a one-layer slice at each end) or `"full"` (the whole model).
-        streaming: for a local safetensors folder, write the host shards unchanged (hard-linked or copied) beside one
-            new shard, in constant memory (`streaming.convert_streamed`); other sources are converted in memory,
-            with a message.
+        streaming: None (default): a local safetensors folder is converted streamed, its host shards written
+            unchanged (hard-linked or copied) beside one new shard, in constant memory (`streaming.convert_streamed`),
+            and other sources in memory. True: the same, with a warning when a source is converted in memory. False:
+            in memory.
         dtype: the dtype of the weights written: `"auto"` (default: the dtype the source is stored in, as
             transformers' `dtype="auto"`), `"float32"`, `"bfloat16"`, `"float16"` (or the torch dtype). Verification
-            runs in float32 whatever it is. A dtype other than the stored one is converted in memory, even with
-            `streaming`.
+            runs in float32 whatever it is. A dtype other than the stored one is converted in memory.
         calibration: a text file to choose the local-only layers on, with `local_layers="auto"`: the
             `local_fraction` of the layers whose output changes least when they go local-only
             (`calibration.layer_scores` on its first `calibration_tokens` tokens).
@@ -220,9 +224,10 @@ def convert_checkpoint(
 
     with output_lock(output):  # held from loading to writing; a busy or unwritable output fails here
         check_output(output, force, source)  # again: another run may have written it meanwhile
-        if streaming:
+        if streaming is not False:
             host_class = getattr(transformers, model_classes(config.model_type)[task])
-            report = _convert_streamed(source, output, config, host_class, task, settings, force, verify, requested)
+            report = _convert_streamed(source, output, config, host_class, task, settings, force, verify, requested,
+                                       required=streaming is True)  # fmt: skip
             if report is not None:
                 logger.info("Done in %.1f s", time.perf_counter() - start)
                 return report
@@ -326,12 +331,12 @@ def _cast(model, dtype: torch.dtype) -> None:
 
 
 def _convert_streamed(
-    source, output, config, host_class, task, settings, force, verify, dtype
+    source, output, config, host_class, task, settings, force, verify, dtype, required
 ) -> ConversionReport | None:
     """`streaming.convert_streamed`, or None when the source needs the in-memory path: local-only layers to choose
     and verify on the whole model, a `dtype` (None: as stored) other than the stored one, a source that is no local
-    safetensors folder or whose tensors are not named as the model's (`NotStreamable`), with a message saying
-    which."""
+    safetensors folder or whose tensors are not named as the model's (`NotStreamable`). The reason is logged, as a
+    warning when streaming was `required`."""
     stored = {SAFETENSORS_DTYPES.get(name) for name in stored_values(source) or {}} - {None}
     reason = streaming_refusal(source)
     if settings.get("local_layers"):
@@ -344,5 +349,5 @@ def _convert_streamed(
             return convert_streamed(source, output, config, host_class, task, settings, force, verify=mode)
         except NotStreamable as error:
             reason = str(error)
-    logger.warning("Converting in memory: %s", reason)
+    logger.log(logging.WARNING if required else logging.INFO, "Converting in memory: %s", reason)
     return None

@@ -1,7 +1,7 @@
 """Constant-memory conversion of a safetensors checkpoint on disk.
 
 A converted checkpoint holds every host weight unchanged, so there is no need to load the host to write it. The
-streamed conversion (`hybrid-hf convert SOURCE OUTPUT --streaming`) writes:
+streamed conversion (what `hybrid-hf convert SOURCE OUTPUT` does with a local safetensors folder) writes:
 
 - the host's safetensors shards as they are, hard-linked into OUTPUT when it is on the same file system as SOURCE
   (else copied), renamed `model-0000i-of-0000n.safetensors`; they are never loaded as a model;

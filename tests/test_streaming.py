@@ -4,6 +4,7 @@ in-memory conversion, and converted folders run with most of their weights offlo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -51,7 +52,7 @@ def shard_files(folder) -> list:
 def test_streamed_conversion_equals_the_in_memory_one(tmp_path, capsys):
     source = tmp_path / "src"
     sharded_source(source)
-    assert convert_cli(source, tmp_path / "memory") == 0
+    assert convert_cli(source, tmp_path / "memory", "--no-streaming") == 0
     assert convert_cli(source, tmp_path / "streamed", "--streaming") == 0
     assert "max |difference| 0 " in capsys.readouterr().out
     streamed, memory = tmp_path / "streamed", tmp_path / "memory"
@@ -226,6 +227,31 @@ def stored_dtypes(folder) -> dict[str, str]:
     return dtypes
 
 
+def test_local_safetensors_folders_are_converted_streamed_by_default(tmp_path, capsys, caplog):
+    """No flag: the host shards are hard-linked (streamed); --no-streaming converts in memory; a pickle-only source
+    is converted in memory without a warning."""
+    source = tmp_path / "src"
+    sharded_source(source)
+    assert convert_cli(source, tmp_path / "default") == 0
+    assert "weights:      float32, streamed" in capsys.readouterr().out
+    for original, copy in zip(shard_files(source), shard_files(tmp_path / "default")[:-1], strict=True):
+        assert os.path.samefile(source / original, tmp_path / "default" / copy)
+
+    assert convert_cli(source, tmp_path / "memory", "--no-streaming") == 0
+    assert "weights:      float32, converted in memory" in capsys.readouterr().out
+    assert (tmp_path / "memory" / "model.safetensors").is_file()
+    assert not (tmp_path / "memory" / streaming.INDEX_FILE).exists()
+
+    host = tiny_host("llama")
+    host.config.save_pretrained(tmp_path / "pickle")
+    torch.save(host.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybrid_hf.checkpoint"):
+        assert convert_cli(tmp_path / "pickle", tmp_path / "b", "--allow-pickle") == 0
+    assert "no safetensors weights" in caplog.text and "WARNING" not in caplog.text
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "in memory"])
 def test_the_stored_dtype_is_written_unless_dtype_says_otherwise(streamed, tmp_path, capsys):
     """A bfloat16 checkpoint is written in bfloat16 (every tensor), and in float32 with --dtype float32 (in memory,
@@ -233,7 +259,7 @@ def test_the_stored_dtype_is_written_unless_dtype_says_otherwise(streamed, tmp_p
     source = tmp_path / "src"
     sharded_source(source, dtype=torch.bfloat16)
     assert set(stored_dtypes(source).values()) == {"BF16"}
-    flags = ["--streaming"] if streamed else []
+    flags = [] if streamed else ["--no-streaming"]
     assert convert_cli(source, tmp_path / "auto", *flags) == 0
     assert convert_cli(source, tmp_path / "f32", "--dtype", "float32", *flags) == 0
     out = capsys.readouterr().out
@@ -296,7 +322,7 @@ def test_non_finite_host_weights_are_refused_while_streaming(value, tmp_path, ca
         raise AssertionError("loaded in memory")
 
     monkeypatch.setattr(checkpoint, "load_model", not_in_memory)
-    assert convert_cli(source, tmp_path / "out", "--streaming") == 2
+    assert convert_cli(source, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [
         f"error: the weights of {str(source)!r} hold NaN or infinite values ({name}): the file is damaged or the "
@@ -373,3 +399,4 @@ def test_offloaded_generation_gives_the_tokens_of_the_loaded_model(tmp_path):
     expected = full.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     actual = offloaded.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(actual, expected)
+
