@@ -347,6 +347,7 @@ def write_streamed(source: Path, tmp: Path, planned: dict, tokenizer=None) -> di
     # generation config.
     hybrid.config.dtype = str(hybrid.dtype).removeprefix("torch.")
     hybrid.config.architectures = [type(hybrid).__name__]
+    vars(hybrid.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id (`save_model`)
     custom_object_save(hybrid, tmp, config=hybrid.config)
     hybrid.config.save_pretrained(tmp)
     if hybrid.can_generate():
