@@ -235,9 +235,15 @@ def available_memory() -> int | None:
         return None
 
 
-def stored_parameter_count(source: str) -> int | None:
-    """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
-    sources (a hub id, pickled weights)."""
+#: The dtypes a conversion may write (`dtype="auto"`: the one the source's weights are stored in).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: safetensors' names of the floating-point dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_values(source: str) -> dict[str, int] | None:
+    """`{safetensors dtype ("BF16", "F32", "I64"...): number of values}` of a local folder's safetensors weights,
+    read from the files' headers; None for other sources (a hub id, pickled weights)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(source).expanduser()
@@ -247,14 +253,42 @@ def stored_parameter_count(source: str) -> int | None:
         shards = sorted(set(read_weight_map(path / _SAFETENSORS_FILES[1], source).values()))
     else:
         return None
-    total = 0
+    values: dict[str, int] = {}
     for shard in shards:
         try:
             with safe_open(str(path / shard), framework="pt") as handle:
-                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    values[piece.get_dtype()] = values.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
         except SafetensorError as error:
             raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
-    return total
+    return values
+
+
+def stored_parameter_count(source: str) -> int | None:
+    """The number of values in a local folder's safetensors weights, read from the files' headers; None for other
+    sources (a hub id, pickled weights)."""
+    values = stored_values(source)
+    return None if values is None else sum(values.values())
+
+
+def stored_dtype(source: str, config) -> torch.dtype:
+    """The dtype SOURCE's weights are stored in (transformers' `dtype="auto"`): of a local safetensors folder, the
+    floating-point dtype holding most values (from the headers); else the config's `dtype`; else float32."""
+    floats = {SAFETENSORS_DTYPES[k]: n for k, n in (stored_values(source) or {}).items() if k in SAFETENSORS_DTYPES}
+    if floats:
+        return max(floats, key=floats.get)
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def non_finite_error(source: str, name: str) -> UsageError:
+    """The error for weights of SOURCE that hold NaN or infinite values (tensor `name`)."""
+    return UsageError(
+        f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training that "
+        "wrote it diverged"
+    )
 
 
 def check_size(config, model_class, source: str, stored: int | None, memory: int | None, dtype=torch.float32):
@@ -350,10 +384,7 @@ def load_weights(model_class, source: str, allow_pickle: bool = False, **kwargs)
         raise UsageError(f"the weights of {source!r} {problem}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(
-                f"the weights of {source!r} hold NaN or infinite values ({name}): the file is damaged or the training "
-                "that wrote it diverged"
-            )
+            raise non_finite_error(source, name)
     return model.eval()
 
 

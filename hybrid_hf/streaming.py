@@ -1,7 +1,7 @@
 """Constant-memory conversion of a safetensors checkpoint on disk.
 
 A converted checkpoint holds every host weight unchanged, so there is no need to load the host to write it. The
-streamed conversion (`hybrid-hf convert SOURCE OUTPUT --streaming`) writes:
+streamed conversion (what `hybrid-hf convert SOURCE OUTPUT` does with a local safetensors folder) writes:
 
 - the host's safetensors shards as they are, hard-linked into OUTPUT when it is on the same file system as SOURCE
   (else copied), renamed `model-0000i-of-0000n.safetensors`; they are never loaded as a model;
@@ -11,11 +11,13 @@ streamed conversion (`hybrid-hf convert SOURCE OUTPUT --streaming`) writes:
 - a `model.safetensors.index.json` over all of them, the hybrid config with the modeling code, the generation config,
   the tokenizer and the model card the in-memory conversion writes (`ConversionReport.model_card`).
 
-Memory stays about that of one layer, whatever the size of the model. Verification then loads a slice of the written
-folder (`verify="slice"`): for the first and the last hybrid layer, a one-layer model whose vocabulary is cut to its
-first `SLICE_VOCAB` rows, with the layer's host weights and new parameters read from the written shards, must give
-the logits of the host class with the same weights. `verify="full"` loads the whole written folder in float32 and
-compares it with the source loaded by the host class, as the in-memory conversion does.
+Before anything is written, every floating-point tensor of the host shards is read in chunks and checked for NaN and
+infinite values (`check_finite`). Memory stays about that of one layer, whatever the size of the model. Verification
+then loads a slice of the written folder (`verify="slice"`): for the first and the last hybrid layer, a one-layer
+model whose vocabulary is cut to its first `SLICE_VOCAB` rows, with the layer's host weights and new parameters read
+from the written shards, must give the logits of the host class with the same weights. `verify="full"` loads the
+whole written folder in float32 and compares it with the source loaded by the host class, as the in-memory
+conversion does.
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .cards import write_model_card
 from .conversion import _NOT_SETTINGS, NEW_PARAMETER_MODULES, hybrid_config_from, register_hybrid_class
-from .errors import UsageError
-from .loading import check_size, load_tokenizer, load_weights, read_weight_map, source_location
+from .errors import UsageError, first_line
+from .loading import (
+    SAFETENSORS_DTYPES,
+    check_size,
+    load_tokenizer,
+    load_weights,
+    non_finite_error,
+    read_weight_map,
+    source_location,
+)
 from .model.modeling_hybrid import hybrid_layers, is_new_parameter, reset_hybrid_parameters, self_attention_modules
 from .publishing import save_tokenizer, staged_folder, write_errors
 from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
@@ -48,10 +58,12 @@ SLICE_VOCAB = 256
 #: `verify` values of a streamed conversion.
 VERIFY_MODES = ("slice", "full", "none")
 
+#: Bytes of a tensor `check_finite` reads at a time.
+CHUNK_BYTES = 2**22
+
 INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
-# safetensors' names of the dtypes the new parameters may have
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def source_weight_map(folder: Path) -> dict[str, str] | None:
@@ -87,6 +99,30 @@ def _layouts(folder: Path, weight_map: dict[str, str]) -> dict[str, tuple[str, l
     return layouts
 
 
+def check_finite(folder: Path, weight_map: dict[str, str], source: str) -> None:
+    """Refuse (`loading.non_finite_error`, naming the tensor) a safetensors checkpoint that holds NaN or infinite
+    values. Each floating-point tensor of each shard is read in chunks of `CHUNK_BYTES` with plain reads, not a memory
+    map: resident memory stays one chunk, whatever the size of the shards."""
+    buffer = bytearray(CHUNK_BYTES)
+    for shard in sorted(set(weight_map.values())):
+        with open(folder / shard, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+            for name, entry in header.items():
+                dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
+                if dtype is None:
+                    continue
+                begin, end = entry["data_offsets"]
+                handle.seek(8 + size + begin)
+                for offset in range(begin, end, CHUNK_BYTES):
+                    count = handle.readinto(memoryview(buffer)[: min(CHUNK_BYTES, end - offset)])
+                    if count < min(CHUNK_BYTES, end - offset):
+                        raise UsageError(f"the weights of {source!r} are damaged or truncated ({shard} ends early)")
+                    values = torch.frombuffer(buffer, dtype=dtype, count=count // dtype.itemsize)
+                    if not torch.isfinite(values).all():
+                        raise non_finite_error(source, name)
+
+
 def _tensor_bytes(dtype: str, shape: list[int]) -> int:
     bits = int("".join(c for c in dtype if c.isdigit()) or 8)  # "BF16" -> 16, "BOOL" -> 8
     return math.prod(shape) * bits // 8
@@ -106,7 +142,7 @@ def write_safetensors_in_turn(
     for name, (dtype, shape) in layout.items():
         size = math.prod(shape) * dtype.itemsize
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+            "dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
         }  # fmt: skip
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -281,7 +317,7 @@ def plan(source: Path, host_config, host_class, settings: dict) -> dict:
     # The new parameters take the dtype of the host weights of their attention module.
     module = new[0].split(f".{NEW_PARAMETER_MODULES[0]}.")[0].split(f".{NEW_PARAMETER_MODULES[1]}.")[0] + "."
     host_dtype = next(layouts[name][0] for name in expected if name.startswith(module) and name in layouts)
-    hybrid.to({name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}[host_dtype])
+    hybrid.to(SAFETENSORS_DTYPES[host_dtype])
     return {"hybrid": hybrid, "weight_map": weight_map, "layouts": layouts, "new": new}
 
 
@@ -311,6 +347,7 @@ def write_streamed(source: Path, tmp: Path, planned: dict, tokenizer=None) -> di
     # generation config.
     hybrid.config.dtype = str(hybrid.dtype).removeprefix("torch.")
     hybrid.config.architectures = [type(hybrid).__name__]
+    vars(hybrid.config).pop("_model_name_or_path", None)  # a GGUF file's `general.name`, not a Hub id (`save_model`)
     custom_object_save(hybrid, tmp, config=hybrid.config)
     hybrid.config.save_pretrained(tmp)
     if hybrid.can_generate():
@@ -345,7 +382,11 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
     if verify not in VERIFY_MODES:
         raise UsageError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     location = Path(source_location(source))
-    planned = plan(location, config, host_class, settings)
+    try:
+        planned = plan(location, config, host_class, settings)
+    except SafetensorError as error:
+        raise UsageError(f"the weights of {source!r} are damaged or truncated ({first_line(error)})") from None
+    check_finite(location, planned["weight_map"], source)
     hybrid = planned["hybrid"]
     tokenizer = load_tokenizer(str(location), required=False)
     with write_errors(output), staged_folder(output, force) as tmp:
@@ -379,6 +420,8 @@ def convert_streamed(source: str, output: Path, config, host_class, task: str, s
             verification_tokens=tokens,
             tokenizer_saved=tokenizer is not None,
             output=output.absolute(),
+            dtype=str(hybrid.dtype).removeprefix("torch."),
+            streamed=True,
         )
         write_model_card(tmp, **report.model_card(hybrid.config))
     return report

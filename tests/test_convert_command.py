@@ -128,13 +128,24 @@ def _assert_late_error(status: int, err: str) -> str:
     return last
 
 
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files (one file, or the shards of a streamed conversion); each name
+    stored once."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        shard = load_file(path)
+        assert not set(shard) & set(tensors), f"{path.name} stores a tensor again"
+        tensors.update(shard)
+    return tensors
+
+
 def _assert_host_weights_kept(source: Path, output: Path) -> None:
-    """Every weight of the source file is in the output file under its name, bit for bit; the rest is new.
+    """Every weight of the source file is in the output files under its name, bit for bit; the rest is new.
 
     A tied weight the source stores once (e.g. the embedding for `lm_head`) is stored once in the output too.
     """
     before = load_file(source / "model.safetensors")
-    after = load_file(output / "model.safetensors")
+    after = _weights(output)
     for name, tensor in before.items():
         assert name in after, f"{name} missing from the converted checkpoint"
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
@@ -211,7 +222,7 @@ def test_bert_without_tokenizer_converts_with_settings(sources, tmp_path) -> Non
     assert (config["span_per_head"], config["hybrid_layers"]) == (False, [1])
     assert not (out / "tokenizer_config.json").exists()
 
-    after = load_file(out / "model.safetensors")
+    after = _weights(out)
     added = sum(t.numel() for name, t in after.items() if any(module in name for module in NEW_MODULES))
     assert report.parameters_added == added > 0
     _assert_host_weights_kept(sources["bert"], out)
@@ -229,7 +240,7 @@ def test_bert_without_tokenizer_converts_with_settings(sources, tmp_path) -> Non
 def test_tied_embeddings_stay_tied_and_stored_once(sources, tmp_path) -> None:
     out = tmp_path / "tied"
     report = convert_checkpoint(sources["llama_tied"], out)
-    assert list(load_file(sources["llama_tied"] / "model.safetensors")).count("lm_head.weight") == 0
+    assert "lm_head.weight" not in load_file(sources["llama_tied"] / "model.safetensors")
     _assert_host_weights_kept(sources["llama_tied"], out)  # no second copy of the embedding as lm_head
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -316,7 +327,7 @@ def test_force_replaces_a_model_folder_only(sources, tmp_path, capsys) -> None:
     out = _model_folder(tmp_path / "out")
     status, _, err = _convert(capsys, sources["llama"], out, "--force")
     assert status == 0, err
-    assert not (out / "marker.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "marker.txt").exists() and _weights(out)
     assert _leftovers(tmp_path) == []
     # User files (a folder without config.json, or a file) are never replaced.
     for mine in (tmp_path / "notes", tmp_path / "file"):
@@ -348,7 +359,7 @@ def _interrupt(*args, **kwargs):
 @pytest.mark.parametrize("failure", [_boom, _interrupt], ids=["error", "ctrl-c"])
 def test_failed_save_leaves_nothing(sources, tmp_path, capsys, monkeypatch, failure) -> None:
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", failure)
-    status, _, err = _convert(capsys, sources["llama"], tmp_path / "out")
+    status, _, err = _convert(capsys, sources["llama"], tmp_path / "out", "--no-streaming")
     line = _assert_late_error(status, err)
     assert ("disk full" if failure is _boom else "interrupted") in line
     assert list(tmp_path.iterdir()) == []
@@ -385,7 +396,7 @@ def test_failed_conversion_leaves_nothing(sources, tmp_path, monkeypatch) -> Non
 
     monkeypatch.setattr(checkpoint, "convert", broken)
     with pytest.raises(RuntimeError, match="conversion broke"):
-        convert_checkpoint(sources["llama"], tmp_path / "out")
+        convert_checkpoint(sources["llama"], tmp_path / "out", streaming=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -400,8 +411,8 @@ def test_verification_failure_writes_nothing(sources, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(checkpoint, "convert", off_by_a_little)
     with pytest.raises(VerificationError, match="differ"):
-        convert_checkpoint(sources["llama"], tmp_path / "out")
-    status, _, err = _convert(capsys, sources["bert"], tmp_path / "out")
+        convert_checkpoint(sources["llama"], tmp_path / "out", streaming=False)
+    status, _, err = _convert(capsys, sources["bert"], tmp_path / "out", "--no-streaming")
     assert status == 1 and "nothing was written" in _assert_late_error(status, err)
     assert list(tmp_path.iterdir()) == []
 

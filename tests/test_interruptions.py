@@ -178,7 +178,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(command, error, sources, tmp
     _full_disk(monkeypatch, FULL_DISK[error])
     out = tmp_path / "out"
     argv = {
-        "convert": ["convert", sources["host"], out, "--max-span", "8", "--ramp", "4"],
+        "convert": ["convert", sources["host"], out, "--max-span", "8", "--ramp", "4", "--no-streaming"],
         "finetune": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6], "--steps", "2"],
         "finetune --save-steps": ["finetune", sources["host"], out, "--data", sources["text"], *TRAIN[:6],
                                   "--steps", "4", "--save-steps", "2"],
@@ -293,7 +293,7 @@ def test_a_later_run_removes_stale_temporary_folders(command, sources, tmp_path,
         argv = ["finetune", sources["host"], tmp_path / "out", "--data", sources["text"], *TRAIN[:6], "--steps", "2"]
     status = commands.main([str(arg) for arg in argv])
     assert status == 0, capsys.readouterr().err
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert any((tmp_path / "out").glob("model*.safetensors"))
     assert _hidden(tmp_path, "out") == []
     assert _hidden(tmp_path, "other") == [".other.old-k1ll3d", ".other.tmp-k1ll3d"]
     assert (tmp_path / ".outer.tmp-1").is_dir()

@@ -64,16 +64,17 @@ def _assert_weights_kept(source: Path, output: Path, host) -> None:
     stores BERT's `embeddings.position_ids`, a non-persistent buffer now, which the host drops on loading too.
     """
     loaded = set(host.state_dict())
-    with (
-        safe_open(source / "model.safetensors", "pt") as before,
-        safe_open(output / "model.safetensors", "pt") as after,
-    ):
-        names = set(after.keys())
+    stored = {}  # {name: the output file that stores it}: one file, or the shards of a streamed conversion
+    for path in sorted(output.glob("*.safetensors")):
+        with safe_open(path, "pt") as after:
+            stored.update(dict.fromkeys(after.keys(), path))
+    with safe_open(source / "model.safetensors", "pt") as before:
         ignored = sorted(set(before.keys()) - loaded)
         assert all(name.endswith("position_ids") for name in ignored), ignored
         for name in sorted(set(before.keys()) & loaded):
-            assert name in names, f"{name} missing from the converted checkpoint"
-            assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
+            assert name in stored, f"{name} missing from the converted checkpoint"
+            with safe_open(stored[name], "pt") as after:
+                assert torch.equal(before.get_tensor(name), after.get_tensor(name)), name
 
 
 # --- SmolLM2-135M -----------------------------------------------------------------------------------

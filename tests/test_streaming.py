@@ -4,8 +4,11 @@ in-memory conversion, and converted folders run with most of their weights offlo
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,13 +20,14 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, perturb, tiny_host, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hybrid_hf import commands, convert, hybrid_layers, streaming
+from hybrid_hf import checkpoint, commands, convert, hybrid_layers, streaming
 from hybrid_hf.checkpoint import convert_checkpoint
 from hybrid_hf.conversion import NEW_PARAMETER_MODULES
+from hybrid_hf.errors import UsageError
 from hybrid_hf.verification import VerificationError
 
 SETTINGS = ["--max-span", "8", "--ramp", "4"]
@@ -50,7 +54,7 @@ def shard_files(folder) -> list:
 def test_streamed_conversion_equals_the_in_memory_one(tmp_path, capsys):
     source = tmp_path / "src"
     sharded_source(source)
-    assert convert_cli(source, tmp_path / "memory") == 0
+    assert convert_cli(source, tmp_path / "memory", "--no-streaming") == 0
     assert convert_cli(source, tmp_path / "streamed", "--streaming") == 0
     assert "max |difference| 0 " in capsys.readouterr().out
     streamed, memory = tmp_path / "streamed", tmp_path / "memory"
@@ -216,6 +220,131 @@ def test_single_file_and_pickle_sources(tmp_path, caplog):
     assert (tmp_path / "b" / "model.safetensors").is_file()
 
 
+def stored_dtypes(folder) -> dict[str, str]:
+    """`{tensor name: safetensors dtype}` of every tensor of a folder's safetensors files, from their headers."""
+    dtypes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
+    return dtypes
+
+
+def test_local_safetensors_folders_are_converted_streamed_by_default(tmp_path, capsys, caplog):
+    """No flag: the host shards are hard-linked (streamed); --no-streaming converts in memory; a pickle-only source
+    is converted in memory without a warning."""
+    source = tmp_path / "src"
+    sharded_source(source)
+    assert convert_cli(source, tmp_path / "default") == 0
+    assert "weights:      float32, streamed" in capsys.readouterr().out
+    for original, copy in zip(shard_files(source), shard_files(tmp_path / "default")[:-1], strict=True):
+        assert os.path.samefile(source / original, tmp_path / "default" / copy)
+
+    assert convert_cli(source, tmp_path / "memory", "--no-streaming") == 0
+    assert "weights:      float32, converted in memory" in capsys.readouterr().out
+    assert (tmp_path / "memory" / "model.safetensors").is_file()
+    assert not (tmp_path / "memory" / streaming.INDEX_FILE).exists()
+
+    host = tiny_host("llama")
+    host.config.save_pretrained(tmp_path / "pickle")
+    torch.save(host.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybrid_hf.checkpoint"):
+        assert convert_cli(tmp_path / "pickle", tmp_path / "b", "--allow-pickle") == 0
+    assert "no safetensors weights" in caplog.text and "WARNING" not in caplog.text
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "in memory"])
+def test_the_stored_dtype_is_written_unless_dtype_says_otherwise(streamed, tmp_path, capsys):
+    """A bfloat16 checkpoint is written in bfloat16 (every tensor), and in float32 with --dtype float32 (in memory,
+    verified); the logits are those of the host in the dtype written."""
+    source = tmp_path / "src"
+    sharded_source(source, dtype=torch.bfloat16)
+    assert set(stored_dtypes(source).values()) == {"BF16"}
+    flags = [] if streamed else ["--no-streaming"]
+    assert convert_cli(source, tmp_path / "auto", *flags) == 0
+    assert convert_cli(source, tmp_path / "f32", "--dtype", "float32", *flags) == 0
+    out = capsys.readouterr().out
+    assert "max |difference| 0 " in out and "verification: skipped" not in out
+    assert f"weights:      bfloat16, {'streamed' if streamed else 'converted in memory'}" in out
+    assert "weights:      float32, converted in memory" in out
+    auto, f32 = stored_dtypes(tmp_path / "auto"), stored_dtypes(tmp_path / "f32")
+    assert auto.keys() == f32.keys() > stored_dtypes(source).keys()  # the host's tensors and the new ones
+    assert set(auto.values()) == {"BF16"} and set(f32.values()) == {"F32"}
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for folder, dtype in (("auto", torch.bfloat16), ("f32", torch.float32)):
+            host = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / folder, trust_remote_code=True).eval()
+            assert model.dtype == dtype and torch.equal(model(ids).logits, host(ids).logits), folder
+
+
+def test_dtype_is_checked_before_anything_is_loaded(tmp_path, capsys):
+    source = tmp_path / "src"
+    sharded_source(source)
+    capsys.readouterr()
+    assert convert_cli(source, tmp_path / "out", "--dtype", "int8") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: argument --dtype: invalid choice: 'int8'")
+    assert "'auto', 'float32', 'bfloat16', 'float16'" in err
+    with pytest.raises(UsageError, match=r"`dtype` must be one of auto, float32, bfloat16, float16, got 'int8'"):
+        convert_checkpoint(source, tmp_path / "out", dtype="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_weights_float16_cannot_hold_are_refused(tmp_path, capsys):
+    source = tmp_path / "src"
+    host = sharded_source(source)
+    host.lm_head.weight.data[0, 0] = 1e6  # beyond float16's 65504
+    host.save_pretrained(source, max_shard_size="20KB")
+    capsys.readouterr()
+    assert convert_cli(source, tmp_path / "out", "--dtype", "float16") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: `dtype` float16 (--dtype) cannot hold lm_head.weight: its values overflow; choose float32 or bfloat16"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_host_weights_are_refused_while_streaming(value, tmp_path, capsys, monkeypatch):
+    """NaN or inf in a host shard: the one-line error of the in-memory loader, naming the tensor, from the streamed
+    path (the in-memory loader is never called); nothing written."""
+    source = tmp_path / "src"
+    sharded_source(source)
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = source / json.loads((source / streaming.INDEX_FILE).read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][3, 4] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    capsys.readouterr()
+
+    def not_in_memory(*args, **kwargs):
+        raise AssertionError("loaded in memory")
+
+    monkeypatch.setattr(checkpoint, "load_model", not_in_memory)
+    assert convert_cli(source, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        f"error: the weights of {str(source)!r} hold NaN or infinite values ({name}): the file is damaged or the "
+        "training that wrote it diverged"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_the_finite_check_reads_tensors_in_chunks(tmp_path, monkeypatch):
+    """A tensor larger than a chunk is read in several, and a NaN in its last chunk is found."""
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 64)
+    tensors = {"a": torch.zeros(7, 9), "b": torch.ones(100, dtype=torch.bfloat16), "c": torch.arange(50)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    streaming.check_finite(tmp_path, dict.fromkeys(tensors, "x.safetensors"), "src")
+    tensors["b"][-1] = float("-inf")
+    save_file(tensors, tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match=r"hold NaN or infinite values \(b\)"):
+        streaming.check_finite(tmp_path, dict.fromkeys(tensors, "x.safetensors"), "src")
+
+
 def test_shapes_that_do_not_match_the_config_are_refused(tmp_path, capsys):
     source = tmp_path / "src"
     sharded_source(source)
@@ -272,3 +401,71 @@ def test_offloaded_generation_gives_the_tokens_of_the_loaded_model(tmp_path):
     expected = full.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     actual = offloaded.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(actual, expected)
+
+
+def sparse_checkpoint(folder, config, shards: int = 2) -> int:
+    """A bfloat16 safetensors checkpoint of `config` (a Llama config) whose tensors are all zeros, written as sparse
+    files (the header, then a hole): gigabytes in no time. Returns its size in bytes."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: list(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    names = sorted(shapes, key=lambda name: (name != "model.embed_tokens.weight", name == "lm_head.weight", name))
+    weight_map, total = {}, 0
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names[shard * len(names) // shards : (shard + 1) * len(names) // shards]:
+            size = math.prod(shapes[name]) * 2
+            header[name] = {"dtype": "BF16", "shape": shapes[name], "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[name] = file
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(folder / file, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            handle.truncate(8 + len(encoded) + offset)
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / streaming.INDEX_FILE).write_text(json.dumps(index))
+    config.save_pretrained(folder)
+    return total
+
+
+MEASURE = """
+import resource, sys
+import accelerate, transformers
+from transformers import LlamaForCausalLM
+from hybrid_hf.checkpoint import convert_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+report = convert_checkpoint(sys.argv[1], sys.argv[2], max_span=8, ramp=4)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before * 1024, after * 1024, report.streamed, report.dtype)
+"""
+
+
+@pytest.mark.slow
+def test_converting_a_large_checkpoint_takes_constant_memory(tmp_path):
+    """A 2 GiB checkpoint (a Llama with a large vocabulary) is converted by default (streamed, NaN/inf checked, slice
+    verified) with a peak resident memory that grows by less than 10% of its size (measured in a fresh process)."""
+    from transformers import LlamaConfig
+
+    source = tmp_path / "src"
+    source.mkdir()
+    config = LlamaConfig(
+        vocab_size=2**19, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, tie_word_embeddings=False, dtype="bfloat16",
+    )  # fmt: skip
+    size = sparse_checkpoint(source, config)
+    assert size > 2 * 2**30
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's hybrid_hf
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, source, tmp_path / "out"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    before, after, streamed, dtype = result.stdout.split()
+    assert (streamed, dtype) == ("True", "bfloat16")
+    assert int(after) - int(before) < 0.1 * size, f"peak RSS grew by {(int(after) - int(before)) / 2**20:.0f} MiB"
+    for original, copy in zip(shard_files(source), shard_files(tmp_path / "out")[:-1], strict=True):
+        assert os.path.samefile(source / original, tmp_path / "out" / copy)

@@ -1,15 +1,18 @@
-"""`hybrid-hf convert SOURCE OUTPUT [settings] [--task TASK] [--force] [--allow-pickle] [--no-verify]`.
+"""`hybrid-hf convert SOURCE OUTPUT [settings] [--task TASK] [--dtype DTYPE] [--no-streaming] [--force] [--no-verify]`.
 
 Converts a checkpoint (hub id or local folder) with `checkpoint.convert_checkpoint`: checked before anything is
-loaded, verified equal to the source, written atomically.
+loaded, verified equal to the source, written atomically, in the dtype the source is stored in (`--dtype`); a local
+safetensors folder is converted streamed, in constant memory.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from ..checkpoint import convert_checkpoint, logger
+from ..loading import DTYPES
 from ..settings import add_setting_arguments, settings_from_args
 from ..tasks import TASKS
 from ..verification import VerificationError
@@ -34,10 +37,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--task", choices=TASKS, help="model class to load (default: from the config)")
     parser.add_argument("--no-verify", action="store_true", help="skip the output-equality check")
     parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="dtype of the weights written (default auto: the dtype the source is stored in, e.g. bfloat16 stays "
+        "bfloat16); verification runs in float32 whatever it is; a dtype other than the stored one is converted in "
+        "memory, not streamed",
+    )
+    parser.add_argument(
         "--streaming",
-        action="store_true",
-        help="constant memory: reuse the host's safetensors shards unchanged (hard-linked when possible) and write "
-        "the new parameters into one new shard (local safetensors folders; others are converted in memory)",
+        action=argparse.BooleanOptionalAction,
+        help="constant memory: reuse the host's safetensors shards unchanged (hard-linked when possible), checked for "
+        "NaN/inf, and write the new parameters into one new shard. The default for local safetensors folders; "
+        "others (hub ids, pickled weights, older tensor names, --local-layers, another --dtype) are converted in "
+        "memory, with a warning under --streaming. --no-streaming: always in memory",
     )
     parser.add_argument(
         "--calibration",
@@ -57,7 +70,7 @@ def build_parser() -> ArgumentParser:
         "--verify",
         choices=("slice", "full"),
         default="slice",
-        help="with --streaming: check a one-layer slice at each end of the model (default), or the whole model",
+        help="when streamed: check a one-layer slice at each end of the model (default), or the whole model",
     )
     return parser
 
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             verify=False if args.no_verify else args.verify,
             streaming=args.streaming,
+            dtype=args.dtype,
             calibration=args.calibration,
             local_fraction=args.local_fraction,
             calibration_tokens=args.calibration_tokens,
