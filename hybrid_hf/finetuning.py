@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 
 from .callbacks import StopOnNonFiniteLoss, add_span_logging
 from .conversion import check_host_class, convert
-from .data import perplexity, read_texts, split_tail, text_dataset
+from .data import chat_dataset, perplexity, read_records, split_tail, text_dataset
 from .errors import UsageError
 from .loading import load_model as load_source
 from .loading import load_source_config
@@ -215,8 +215,14 @@ class FinetuneArguments:
     """How `finetune` trains and saves: the arguments of a run, passed as this dataclass or as its fields by keyword.
 
     Attributes:
-        data_files, texts: training text (files, or strings); `eval_files`, `eval_texts`: held-out text (default:
-            the last `eval_fraction` of the training text).
+        train_file, texts: training data (files, or strings); `validation_file`, `eval_texts`: held-out data
+            (default: the last `eval_fraction` of the training data). A file is plain text (one text), JSON Lines /
+            JSON, CSV or Parquet, or a folder written by `save_to_disk` (`data.read_records`); `data_files` and
+            `eval_files` are accepted by `finetune` as the former names of `train_file` and `validation_file`.
+        text_column: the column of the texts in tabular files (default `text`); a file without it may hold
+            conversations in a `messages` column, rendered with the tokenizer's chat template, the loss on the
+            assistant turns only (`data.chat_dataset`). Texts are packed into blocks of `seq_len` tokens.
+        train_split, validation_split: the splits taken from a saved `DatasetDict` folder.
         tokenizer: required when the model is a loaded model.
         lora, lora_r, lora_alpha: train LoRA adapters (rank, alpha = 2 r by default) + the hybrid modules; merged
             before saving.
@@ -245,8 +251,11 @@ class FinetuneArguments:
         distill_weight: weight of that KL term (> 0).
     """
 
-    data_files: Any = ()
-    eval_files: Any = ()
+    train_file: list[str] = field(default_factory=list)
+    validation_file: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    train_split: str = "train"
+    validation_split: str = "validation"
     texts: list[str] | None = None
     eval_texts: list[str] | None = None
     tokenizer: Any = None
@@ -298,10 +307,13 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
     from .distributed import shard_on_cpu, sharding
 
     started = time.perf_counter()
+    for former, name in _FORMER_NAMES.items():
+        if former in kwargs:
+            kwargs[name] = kwargs.pop(former)
     a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
     settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
     output, sources, checkpoints = _check_run(model, output, a)
-    train_texts, held_out = _texts(a.texts, a.data_files, a.eval_texts, a.eval_files)
+    train_texts, held_out = _records(a)
     run = _run_record(model, a, settings, train_texts, held_out)
     resume_from = resume_point(checkpoints, run, a.resume) if checkpoints is not None else None
     save_steps = a.save_steps
@@ -321,6 +333,7 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
                 a.trust_remote_code, a.allow_pickle,
             )  # fmt: skip
             train_dataset, eval_dataset = _datasets(tokenizer, train_texts, held_out, a.eval_fraction, a.seq_len)
+            collator = _collator(tokenizer, train_dataset)
 
         model.to(state.device)
         bars = state.is_main_process  # progress bars on the main process only, like the Trainer's
@@ -345,7 +358,7 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
             trainer_dir, a, save_steps=save_steps, use_cpu=use_cpu,
             configured=use_cpu and shard_on_cpu(),  # under `accelerate launch` with FSDP on the CPU: shard there too
         )  # fmt: skip
-        trainer = _trainer(model, args, train_dataset, a.distill_from, a.distill_weight)
+        trainer = _trainer(model, args, train_dataset, collator, a.distill_from, a.distill_weight)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
         with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
@@ -407,11 +420,14 @@ def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, 
     return output, sources, checkpoints
 
 
-def _run_record(model, a: FinetuneArguments, settings: dict, train_texts: list[str], held_out: list[str]) -> dict:
+def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, held_out: Records) -> dict:
     """What a resumed run must share with the interrupted one for the same result."""
+    texts = train[0] + ["\1"] + held_out[0]
+    if train[1] or held_out[1]:  # conversations
+        texts += ["\2", json.dumps([train[1], held_out[1]], sort_keys=True)]
     run = {
         "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
-        "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
+        "text_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
         "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
         "lora": a.lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "span_loss_coef": a.span_loss_coef,
         "settings": settings, "hybrid": a.hybrid, "eval_fraction": a.eval_fraction,
@@ -457,18 +473,26 @@ def _model_name(model: str | PreTrainedModel | None) -> str | None:
     return model.config._name_or_path if isinstance(model, PreTrainedModel) else model
 
 
-def _texts(texts, data_files, eval_texts, eval_files) -> tuple[list[str], list[str]]:
-    """`(training texts, held-out texts)` from the strings and the files; refused when there is no training text,
-    or held-out text was given and is empty."""
-    train_texts = list(texts or []) + read_texts(data_files, "data")
-    held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
-    if not any(text.strip() for text in train_texts):
+#: Records: (texts, conversations), as `data.read_records` returns them
+Records = tuple[list[str], list[list[dict[str, str]]]]
+#: former names of `FinetuneArguments` fields, still accepted by `finetune`
+_FORMER_NAMES = {"data_files": "train_file", "eval_files": "validation_file"}
+
+
+def _records(a: FinetuneArguments) -> tuple[Records, Records]:
+    """`(training records, held-out records)` from the strings and the files; refused when there is no training
+    data, or held-out data was given and is empty."""
+    texts, conversations = read_records(a.train_file, "data", a.text_column, a.train_split)
+    train = (list(a.texts or []) + texts, conversations)
+    texts, conversations = read_records(a.validation_file, "eval data", a.text_column, a.validation_split)
+    held_out = (list(a.eval_texts or []) + texts, conversations)
+    if not any(text.strip() for text in train[0]) and not train[1]:
         raise UsageError(
-            "the training data is empty (no text)" if train_texts or data_files else "no training data given"
+            "the training data is empty (no text)" if train[0] or a.train_file else "no training data given"
         )
-    if (eval_files or eval_texts) and not any(text.strip() for text in held_out):
+    if (a.validation_file or a.eval_texts) and not any(text.strip() for text in held_out[0]) and not held_out[1]:
         raise UsageError("the eval data is empty (no text)")
-    return train_texts, held_out
+    return train, held_out
 
 
 def _load(model, tokenizer, settings, span_loss_coef, hybrid, seq_len, base_model, trust_remote_code, allow_pickle):
@@ -491,24 +515,52 @@ def _load(model, tokenizer, settings, span_loss_coef, hybrid, seq_len, base_mode
     return model, tokenizer, converted, base_model
 
 
-def _datasets(tokenizer, train_texts: list[str], held_out: list[str], eval_fraction: float, seq_len: int):
-    """`(training dataset, held-out dataset)` in blocks of `seq_len` tokens; without held-out text, the last
-    `eval_fraction` of the training text is held out."""
-    if held_out:
-        train_part, eval_part = train_texts, held_out
-    else:
-        head, tail = split_tail(train_texts, eval_fraction)
-        train_part, eval_part = [head], [tail]
+def _datasets(tokenizer, train: Records, held_out: Records, eval_fraction: float, seq_len: int):
+    """`(training dataset, held-out dataset)`: texts in blocks of `seq_len` tokens, conversations one a row (the
+    loss on the assistant turns); without held-out data, the last `eval_fraction` of the training texts and of the
+    conversations is held out."""
+    given = bool(held_out[0] or held_out[1])
+    if not given:
+        head, tail = split_tail(train[0], eval_fraction) if train[0] else ("", "")
+        cut = len(train[1]) - math.ceil(len(train[1]) * eval_fraction) if len(train[1]) > 1 else len(train[1])
+        train, held_out = ([head], train[1][:cut]), ([tail], train[1][cut:] or train[1])
     try:
-        train_dataset = text_dataset(tokenizer, train_part, seq_len)
+        train_dataset = _dataset(tokenizer, train, seq_len)
     except ValueError as error:
         raise UsageError(f"training data: {error}") from None
     try:
-        eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
+        eval_dataset = _dataset(tokenizer, held_out, seq_len)
     except ValueError as error:
-        hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
+        hint = "" if given else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
         raise UsageError(f"eval data{hint}: {error}") from None
     return train_dataset, eval_dataset
+
+
+def _dataset(tokenizer, records: Records, seq_len: int):
+    """One dataset of the packed texts and the conversations."""
+    from datasets import concatenate_datasets
+
+    texts, conversations = records
+    packed = any(text.strip() for text in texts) or not conversations
+    parts = [text_dataset(tokenizer, texts, seq_len)] if packed else []
+    if conversations:
+        parts.append(chat_dataset(tokenizer, conversations, seq_len))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _collator(tokenizer, dataset):
+    """`default_data_collator` for rows of one length (blocks of text), else `DataCollatorForSeq2Seq`, which pads
+    the rows on the right (labels with -100)."""
+    import copy
+
+    from transformers import DataCollatorForSeq2Seq, default_data_collator
+
+    if len({len(ids) for ids in dataset["input_ids"]}) <= 1:
+        return default_data_collator
+    if tokenizer.pad_token_id is None:  # padded positions are masked: any token will do (the tokenizer is saved as is)
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 
 def _training_arguments(
@@ -542,11 +594,11 @@ def _training_arguments(
     )
 
 
-def _trainer(model, args, train_dataset, distill_from, distill_weight: float):
+def _trainer(model, args, train_dataset, collator, distill_from, distill_weight: float):
     """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) that logs the spans."""
-    from transformers import Trainer, default_data_collator
+    from transformers import Trainer
 
-    trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
+    trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
     if distill_from is None:
         trainer = Trainer(**trainer_kwargs)
     else:
@@ -562,8 +614,8 @@ def _trainer(model, args, train_dataset, distill_from, distill_weight: float):
 
 def _training_summary(result: FinetuneResult, a: FinetuneArguments, method: str, started: float) -> dict[str, Any]:
     """The model card's training summary of a finished run."""
-    if a.eval_files:
-        held_out = ", ".join(Path(f).name for f in a.eval_files)
+    if a.validation_file:
+        held_out = ", ".join(Path(f).name for f in a.validation_file)
     else:
         held_out = (
             f"{len(a.eval_texts)} text(s)" if a.eval_texts else f"last {a.eval_fraction:.0%} of the training text"
@@ -571,7 +623,7 @@ def _training_summary(result: FinetuneResult, a: FinetuneArguments, method: str,
     processes = result.num_processes
     summary: dict[str, Any] = {
         "converted from the host model here": result.converted,
-        "training text": ", ".join(Path(f).name for f in a.data_files) or f"{len(a.texts or [])} text(s)",
+        "training text": ", ".join(Path(f).name for f in a.train_file) or f"{len(a.texts or [])} text(s)",
         "held-out text": held_out,
         "training tokens": result.train_tokens,
         "held-out tokens": result.eval_tokens,

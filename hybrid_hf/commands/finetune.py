@@ -33,13 +33,38 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", help="folder or hub id of a hybrid or supported host causal LM")
     parser.add_argument("output", metavar="OUTPUT", help="folder to write (refused if it exists, unless --force)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training text files (UTF-8)")
+    parser.add_argument(
+        "--data",
+        "--train-file",
+        "--train_file",
+        dest="data",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="training data: text files (UTF-8, one text each), JSON Lines (.jsonl/.json), CSV or Parquet files, or "
+        "folders written by save_to_disk",
+    )
     parser.add_argument(
         "--eval-data",
+        "--validation-file",
+        "--validation_file",
+        dest="eval_data",
         nargs="+",
         default=[],
         metavar="FILE",
-        help="held-out text files for perplexity (default: the last 10%% of the training text)",
+        help="held-out data for perplexity, in the same formats (default: the last 10%% of the training data)",
+    )
+    parser.add_argument(
+        "--text-column",
+        "--text_column",
+        default="text",
+        metavar="NAME",
+        help="column of the texts in tabular data (default text); without it, a 'messages' column of conversations "
+        "is rendered with the tokenizer's chat template and trained on the assistant turns only",
+    )
+    parser.add_argument("--train-split", "--train_split", default="train", help="split of a saved DatasetDict")
+    parser.add_argument(
+        "--validation-split", "--validation_split", default="validation", help="held-out split of a saved DatasetDict"
     )
     parser.add_argument(
         "--lora", action="store_true", help="train LoRA adapters + the hybrid modules, merged at the end"
@@ -95,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     finetune(
         args.model,
         args.output,
-        data_files=args.data,
-        eval_files=args.eval_data,
+        train_file=args.data,
+        validation_file=args.eval_data,
+        text_column=args.text_column,
+        train_split=args.train_split,
+        validation_split=args.validation_split,
         lora=args.lora,
         lora_r=args.lora_r,
         steps=args.steps,
