@@ -19,10 +19,14 @@ does the distribution and only the main process writes the output. The DDP setti
   LoRA the frozen host weights and the frozen originals of `modules_to_save` do not require gradients. `True`
   would cost a graph traversal per step for nothing. (A custom setup that does leave a parameter out of the graph
   fails loudly at the second step; `finetune(..., ddp_find_unused_parameters=True)` is the escape hatch.)
-- `average_tokens_across_devices=False` and no gradient accumulation: with token averaging the Trainer multiplies
-  the model's loss by the number of processes (and sums micro-batches unscaled), which is right for a token-summed
-  LM loss but would multiply the span penalty, a per-batch mean added to it, by the number of processes (and of
-  accumulation steps). Without it each process's loss is its batch's LM mean + span loss, and DDP averages them.
+- `average_tokens_across_devices=False`: with token averaging the Trainer multiplies the model's loss by the
+  number of processes, which is right for a token-summed LM loss but would multiply the span penalty, a per-batch
+  mean added to it, by the number of processes. Without it each process's loss is its batch's LM mean + span loss,
+  and DDP averages them. Gradient accumulation is right: the Trainer passes the token count of the accumulated
+  batch, and the model weighs each micro-batch's span penalty by its share of those tokens.
+
+Every other Trainer setting comes from `TrainingArguments` (`training_args`; on the command line all of its flags,
+through `HfArgumentParser`, or a YAML/JSON file): `HybridTrainingArguments` holds this command's defaults.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainingArguments
 
 from .callbacks import StopOnNonFiniteLoss, add_span_logging
 from .conversion import check_host_class, convert
@@ -215,6 +219,7 @@ class FinetuneArguments:
     """How `finetune` trains and saves: the arguments of a run, passed as this dataclass or as its fields by keyword.
 
     Attributes:
+        model_name_or_path: the model, when `finetune` is not given one.
         train_file, texts: training data (files, or strings); `validation_file`, `eval_texts`: held-out data
             (default: the last `eval_fraction` of the training data). A file is plain text (one text), JSON Lines /
             JSON, CSV or Parquet, or a folder written by `save_to_disk` (`data.read_records`); `data_files` and
@@ -251,6 +256,7 @@ class FinetuneArguments:
         distill_weight: weight of that KL term (> 0).
     """
 
+    model_name_or_path: str | None = None
     train_file: list[str] = field(default_factory=list)
     validation_file: list[str] = field(default_factory=list)
     text_column: str = "text"
@@ -287,15 +293,125 @@ class FinetuneArguments:
     distill_weight: float = 1.0
 
 
-def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs: Any) -> FinetuneResult:
+def _steps_value(name: str, value: float | None) -> float | None:
+    """`logging_steps` / `save_steps`: None, a whole number >= 1 (as an int) or a fraction of the steps in (0, 1)."""
+    if value is None or (isinstance(value, float) and 0 < value < 1):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    check_arguments(**{name: value})
+    return value
+
+
+@dataclass
+class HybridTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the defaults of `hybrid-hf finetune` (every other field is transformers'), for the
+    command line (`HfArgumentParser`) and for `finetune(..., training_args=...)`.
+
+    The differences, each for a reason given in its help: `output_dir` is the fine-tuned model's folder (the
+    Trainer's checkpoints go beside it, into `OUTPUT.checkpoints`); a run is `max_steps` steps (50); the batch size
+    (4) and learning rate (1e-4) are those of the former flags; seed 0; logging every `max_steps // 10` steps;
+    no checkpoints unless `save_steps` is given; a NaN loss is logged as NaN; CPU training where no accelerator is
+    available (so that `--bf16` works there and launched processes form a gloo group); DDP does not look for unused
+    parameters (see the module docstring). The former flags `--steps`, `--batch-size`, `--lr` and `--cpu` are
+    aliases of `--max_steps`, `--per_device_train_batch_size`, `--learning_rate` and `--use_cpu`.
+    """
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "the folder of the fine-tuned model (or OUTPUT); checkpoints go to OUTPUT.checkpoints"},
+    )
+    max_steps: int = field(
+        default=50, metadata={"help": "training steps (default 50: runs are counted in steps)", "aliases": ["--steps"]}
+    )
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "blocks per step and process (default 4)", "aliases": ["--batch-size"]}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (default 1e-4)", "aliases": ["--lr"]})
+    seed: int = field(default=0, metadata={"help": "random seed (default 0, that of earlier runs)"})
+    logging_steps: float | None = field(
+        default=None, metadata={"help": "log every N steps (default: max_steps // 10, at least 1)"}
+    )
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "default False: a NaN loss is shown as NaN"})
+    save_strategy: str = field(
+        default="no", metadata={"help": "default 'no', 'steps' when --save_steps is given: checkpoints cost disk"}
+    )
+    save_steps: float | None = field(
+        default=None,
+        metadata={"help": "write a checkpoint every N steps into OUTPUT.checkpoints (removed at the end)"},
+    )
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "train on CPU (default: when no accelerator is available)", "aliases": ["--cpu"]},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "default False: every trainable parameter is reached in every forward"}
+    )
+
+    def __post_init__(self):
+        check_arguments(steps=self.max_steps, batch_size=self.per_device_train_batch_size, lr=self.learning_rate,
+                        seed=self.seed)  # fmt: skip
+        self.logging_steps = _steps_value("logging_steps", self.logging_steps)
+        self.save_steps = _steps_value("save_steps", self.save_steps)
+        if self.logging_steps is None:
+            self.logging_steps = max(1, self.max_steps // 10)
+        if self.save_steps is None:
+            self.save_steps = 500  # unused: save_strategy stays "no"
+        elif self.save_strategy == "no":
+            self.save_strategy = "steps"
+        self.use_cpu = self.use_cpu or _default_use_cpu()
+        output_dir = self.output_dir
+        super().__post_init__()
+        self.output_dir = output_dir  # None stays None (TrainingArguments would make it "trainer_output")
+
+
+#: `FinetuneArguments` field -> the `TrainingArguments` field it mirrors (taken from `training_args` when given)
+TRAINER_FIELDS = {
+    "steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "seed": "seed",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "report_to": "report_to",
+    "use_cpu": "use_cpu",
+    "ddp_find_unused_parameters": "ddp_find_unused_parameters",
+}
+
+
+def _from_training_args(training_args: TrainingArguments) -> dict[str, Any]:
+    """The `FinetuneArguments` fields that `training_args` sets (`TRAINER_FIELDS`)."""
+    values = {ours: getattr(training_args, theirs) for ours, theirs in TRAINER_FIELDS.items()}
+    for name in ("logging_steps", "save_steps"):
+        value = values[name]
+        if isinstance(value, float) and 0 < value < 1:  # a fraction of the steps, as TrainingArguments reads it
+            value = math.ceil(value * values["steps"])
+        values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+    if training_args.save_strategy != "steps":
+        values["save_steps"] = None
+    values["use_cpu"] = True if values["use_cpu"] else None  # False: the default (CPU without an accelerator)
+    values["ddp_find_unused_parameters"] = bool(values["ddp_find_unused_parameters"])
+    return values
+
+
+def finetune(
+    model=None,
+    output=None,
+    arguments: FinetuneArguments | None = None,
+    training_args: TrainingArguments | None = None,
+    **kwargs: Any,
+) -> FinetuneResult:
     """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
 
     Args:
         model: folder or Hub id of a hybrid or host causal LM, or a loaded (hybrid or host) model with `tokenizer`
-            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place).
+            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place);
+            None: `arguments.model_name_or_path`.
         output: the folder to write; refused if it exists, unless `force` (and even then if it is not a model
-            folder); None: save nothing (the trained model is `result.model`).
+            folder); None: the `output_dir` of `HybridTrainingArguments`, else save nothing (see `result.model`).
         arguments, **kwargs: the run's `FinetuneArguments`, and fields of it by keyword (on top of `arguments`).
+        training_args: `TrainingArguments` (e.g. `HybridTrainingArguments`), all used but `output_dir` (the Trainer
+            writes into a temporary folder or `OUTPUT.checkpoints`); it sets the fields of `TRAINER_FIELDS` too.
 
     Raises:
         ValueError, OSError: bad input (one-line messages); ValueError also when the loss becomes NaN or infinite
@@ -307,10 +423,7 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
     from .distributed import shard_on_cpu, sharding
 
     started = time.perf_counter()
-    for former, name in _FORMER_NAMES.items():
-        if former in kwargs:
-            kwargs[name] = kwargs.pop(former)
-    a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
+    model, output, a = _resolve(model, output, arguments, training_args, kwargs)
     settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
     output, sources, checkpoints = _check_run(model, output, a)
     train_texts, held_out = _records(a)
@@ -355,10 +468,10 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
         else:
             trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
         args = _training_arguments(
-            trainer_dir, a, save_steps=save_steps, use_cpu=use_cpu,
+            trainer_dir, a, training_args, save_steps=save_steps, use_cpu=use_cpu,
             configured=use_cpu and shard_on_cpu(),  # under `accelerate launch` with FSDP on the CPU: shard there too
         )  # fmt: skip
-        trainer = _trainer(model, args, train_dataset, collator, a.distill_from, a.distill_weight)
+        trainer = _trainer(model, args, (train_dataset, eval_dataset), collator, a.distill_from, a.distill_weight)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
         with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
@@ -377,20 +490,12 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
             trained, eval_dataset, a.batch_size, progress="perplexity after training" if bars else None
         )
         result = FinetuneResult(
-            output=output,
-            perplexity_before=ppl_before,
-            perplexity_after=ppl_after,
-            steps=trainer.state.global_step,
-            wall_time_s=0.0,
-            log_history=list(trainer.state.log_history),
+            output=output, perplexity_before=ppl_before, perplexity_after=ppl_after, steps=trainer.state.global_step,
+            wall_time_s=0.0, log_history=list(trainer.state.log_history),
             train_tokens=sum(len(ids) for ids in train_dataset["input_ids"]),
-            eval_tokens=sum(len(ids) for ids in eval_dataset["input_ids"]),
-            converted=converted,
-            lora=a.lora,
-            num_processes=trainer.args.world_size,
-            sharding=sharding(trainer),
-            model=trained,
-        )
+            eval_tokens=sum(len(ids) for ids in eval_dataset["input_ids"]), converted=converted, lora=a.lora,
+            num_processes=trainer.args.world_size, sharding=sharding(trainer), model=trained,
+        )  # fmt: skip
         card = _card(result, a, base_model, lora_alpha, started) if a.hybrid and output is not None else None
         _save(trainer, result, tokenizer, card, a.force, checkpoints)
         state.wait_for_everyone()
@@ -398,6 +503,30 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
     if not a.quiet and state.is_main_process:
         _print_result(result)
     return result
+
+
+def _resolve(model, output, arguments, training_args, kwargs: dict) -> tuple[Any, Any, FinetuneArguments]:
+    """`(model, output, arguments)` of a run: `arguments` with `kwargs` (former names renamed) and the fields that
+    `training_args` mirrors (those not in `kwargs`); the model and output from them when not given."""
+    for former, name in _FORMER_NAMES.items():
+        if former in kwargs:
+            kwargs[name] = kwargs.pop(former)
+    a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
+    if training_args is not None:
+        mirrored = {name: value for name, value in _from_training_args(training_args).items() if name not in kwargs}
+        a = dataclasses.replace(a, **mirrored)
+        if output is None and isinstance(training_args, HybridTrainingArguments):  # plain ones default to a folder
+            output = training_args.output_dir
+    model = model if model is not None else a.model_name_or_path
+    if model is None:
+        raise UsageError("no model given (MODEL or --model_name_or_path)")
+    if isinstance(a.train_file, (str, Path)) or isinstance(a.validation_file, (str, Path)):  # one file
+        a = dataclasses.replace(a, train_file=_file_list(a.train_file), validation_file=_file_list(a.validation_file))
+    return model, output, a
+
+
+def _file_list(files) -> list:
+    return [files] if isinstance(files, (str, Path)) else list(files or [])
 
 
 def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, Path | None]:
@@ -564,41 +693,54 @@ def _collator(tokenizer, dataset):
 
 
 def _training_arguments(
-    trainer_dir: Path, a: FinetuneArguments, *, save_steps: int | None, use_cpu: bool, configured: bool
-):
-    """The run's `TrainingArguments` (see the module docstring for the DDP settings); `configured`: use the state
-    that `accelerate launch` configured (FSDP on the CPU)."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
+    trainer_dir: Path,
+    a: FinetuneArguments,
+    training_args: TrainingArguments | None,
+    *,
+    save_steps: int | None,
+    use_cpu: bool,
+    configured: bool,
+) -> TrainingArguments:
+    """The run's `TrainingArguments`: those given (else `HybridTrainingArguments`' defaults) with the fields this
+    run sets: the Trainer's folder, the `FinetuneArguments` it mirrors, the checkpoints (the last one kept), and the
+    DDP settings of the module docstring; `configured`: use the state that `accelerate launch` configured (FSDP on
+    the CPU)."""
+    base = training_args if training_args is not None else HybridTrainingArguments()
+    values = {item.name: getattr(base, item.name) for item in dataclasses.fields(TrainingArguments) if item.init}
+    values.update(
         output_dir=str(trainer_dir),
         max_steps=a.steps,
         per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1,
         learning_rate=a.lr,
         logging_steps=a.logging_steps or max(1, a.steps // 10),
         logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
         save_strategy="steps" if save_steps is not None else "no",
         save_steps=save_steps or 500,
         save_total_limit=1,
-        eval_strategy="no",
         report_to=a.report_to,
         seed=a.seed,
-        data_seed=a.seed,
+        data_seed=a.seed if base.data_seed is None else base.data_seed,
         use_cpu=use_cpu,
         ddp_find_unused_parameters=a.ddp_find_unused_parameters,
         average_tokens_across_devices=False,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": True} if configured else None,
     )
+    if configured:
+        values["accelerator_config"] = {"use_configured_state": True}
+    try:
+        return TrainingArguments(**values)
+    except ValueError as error:  # TrainingArguments' own checks (e.g. --bf16 where it is not supported)
+        raise UsageError(f"training arguments: {error}") from None
 
 
-def _trainer(model, args, train_dataset, collator, distill_from, distill_weight: float):
-    """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) that logs the spans."""
+def _trainer(model, args, datasets: tuple, collator, distill_from, distill_weight: float):
+    """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) on `(train, eval)` datasets (the eval
+    set serves `--eval_strategy`) that logs the spans."""
     from transformers import Trainer
 
-    trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+    trainer_kwargs = dict(
+        model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1], data_collator=collator
+    )
     if distill_from is None:
         trainer = Trainer(**trainer_kwargs)
     else:

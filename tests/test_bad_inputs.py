@@ -361,7 +361,17 @@ FINETUNE = {
         ["unrecognized", "--local-projections"],
     ),
     "settings for a hybrid model": (["{hybrid}", "{out}", *FINETUNE_TEXT, "--max-span", "4"], ["already hybrid"]),
-    "unknown flag": (["{host}", "{out}", *FINETUNE_TEXT, "--learning-rate", "1"], ["unrecognized arguments"]),
+    "unknown flag": (["{host}", "{out}", *FINETUNE_TEXT, "--epochs", "1"], ["unrecognized arguments: --epochs"]),
+    "bad TrainingArguments value": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--lr_scheduler_type", "sideways"],
+        ["--lr_scheduler_type", "invalid choice"],
+    ),
+    "no output": (["{host}", *FINETUNE_TEXT], ["OUTPUT", "--output_dir"]),
+    "model and --model_name_or_path differ": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--model_name_or_path", "{hybrid}"],
+        ["differ"],
+    ),
+    "missing arguments file": (["{missing}.yaml"], ["arguments file not found"]),
     "output exists": (["{host}", "{user_files}", *FINETUNE_TEXT], ["user_files", "already exists", "--force"]),
     "force onto user files": (["{host}", "{user_files}", *FINETUNE_TEXT, "--force"], ["not a model folder"]),
     "force onto a file": (["{host}", "{notes}", *FINETUNE_TEXT, "--force"], ["notes.txt", "not a model folder"]),

@@ -1,0 +1,116 @@
+"""`hybrid-hf finetune` arguments through `HfArgumentParser`: every `TrainingArguments` flag, the former flags, and
+YAML/JSON argument files giving the same run as the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_models import TEXT, tiny_llama, word_tokenizer
+from transformers import TrainingArguments
+
+from hybrid_hf import commands
+from hybrid_hf.commands.finetune import parse_arguments
+from hybrid_hf.errors import UsageError
+from hybrid_hf.finetuning import HybridTrainingArguments, finetune
+
+#: the flags of a run with most TrainingArguments of note, as a YAML file would hold them
+FLAGS = {
+    "bf16": True,
+    "gradient_accumulation_steps": 2,
+    "gradient_checkpointing": True,
+    "warmup_steps": 0.25,  # transformers 5: a fraction is the warmup ratio
+    "lr_scheduler_type": "cosine",
+    "eval_strategy": "steps",
+    "eval_steps": 2,
+    "weight_decay": 0.01,
+    "max_steps": 4,
+    "per_device_train_batch_size": 2,
+    "learning_rate": 1e-2,
+    "seq_len": 16,
+    "max_span": 8,
+    "ramp": 4,
+    "use_cpu": True,
+}
+
+
+def _argv(values: dict) -> list[str]:
+    argv = []
+    for name, value in values.items():
+        flag = f"--{name}" if name in HybridTrainingArguments.__dataclass_fields__ else f"--{name.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("args")
+    tiny_llama().save_pretrained(root / "host")
+    word_tokenizer().save_pretrained(root / "host")
+    (root / "train.txt").write_text(TEXT)
+    return root
+
+
+def test_training_flags_reach_training_arguments(folders):
+    ours, training, settings = parse_arguments(
+        [str(folders / "host"), "out", "--data", "train.txt", *_argv(FLAGS), "--steps", "6", "--lr", "0.5"]
+    )
+    assert ours.model_name_or_path == str(folders / "host") and training.output_dir == "out"
+    assert ours.train_file == ["train.txt"] and ours.seq_len == 16 and settings == {"max_span": 8, "ramp": 4}
+    assert training.bf16 and training.gradient_checkpointing and training.gradient_accumulation_steps == 2
+    assert training.lr_scheduler_type == "cosine" and training.warmup_steps == 0.25 and training.weight_decay == 0.01
+    assert training.eval_strategy == "steps" and training.eval_steps == 2
+    assert training.max_steps == 6 and training.learning_rate == 0.5  # the former flags are aliases
+    defaults = parse_arguments(["m", "o", "--data", "t.txt"])[1]
+    assert (defaults.max_steps, defaults.learning_rate, defaults.per_device_train_batch_size, defaults.seed) == (
+        50, 1e-4, 4, 0
+    )  # fmt: skip
+    assert defaults.logging_steps == 5 and defaults.save_strategy == "no"
+    assert parse_arguments(["m", "o", "--data", "t.txt", "--save-steps", "3"])[1].save_strategy == "steps"
+
+
+def test_yaml_and_json_files_are_the_command_line(folders, tmp_path):
+    values = {"model_name_or_path": str(folders / "host"), "train_file": str(folders / "train.txt"), **FLAGS}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({**values, "output_dir": "o"}))
+    (tmp_path / "args.json").write_text(json.dumps({**values, "output_dir": "o"}))
+    by_flags = parse_arguments([str(folders / "host"), "o", "--train_file", str(folders / "train.txt"), *_argv(FLAGS)])
+    assert parse_arguments([str(tmp_path / "args.yaml")]) == by_flags
+    assert parse_arguments([str(tmp_path / "args.json")]) == by_flags
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**values, "learning_rat": 1}))
+    with pytest.raises(UsageError, match="learning_rat"):
+        parse_arguments([str(tmp_path / "bad.yaml")])
+
+
+def test_a_run_from_yaml_equals_the_command_line(folders, tmp_path, capsys):
+    """A run with gradient accumulation, checkpointing, bf16, a cosine schedule with warmup, weight decay and
+    evaluation steps, on CPU, writes the same weights from flags and from a YAML file."""
+    data = str(folders / "train.txt")
+    assert commands.main(["finetune", str(folders / "host"), str(tmp_path / "a"), "--data", data, *_argv(FLAGS)]) == 0
+    values = {"model_name_or_path": str(folders / "host"), "output_dir": str(tmp_path / "b"), "train_file": data}
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({**values, **FLAGS}))
+    assert commands.main(["finetune", str(tmp_path / "args.yaml")]) == 0
+    first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    host = load_file(folders / "host" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["model.embed_tokens.weight"], host["model.embed_tokens.weight"])  # it trained
+
+
+def test_finetune_takes_training_arguments(tmp_path):
+    """The Python API: `training_args` sets the Trainer's fields, its mirrored fields included; keywords win."""
+    result = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True,
+                      settings={"max_span": 8, "ramp": 4},
+                      training_args=TrainingArguments(max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                                                      logging_steps=1, use_cpu=True, report_to="none",
+                                                      gradient_accumulation_steps=2, save_strategy="no"))  # fmt: skip
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert result.steps == 3 and len(losses) == 3
+    again = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True, steps=1,
+                     settings={"max_span": 8, "ramp": 4}, training_args=HybridTrainingArguments(max_steps=3))
+    assert again.steps == 1
