@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import TEXT, tiny_llama, word_tokenizer
+from tiny_models import TEXT, perturb, tiny_llama, word_tokenizer
 from transformers import TrainingArguments
 
-from hybrid_hf import commands
+from hybrid_hf import commands, convert, hybrid_layers
 from hybrid_hf.commands.finetune import parse_arguments
 from hybrid_hf.errors import UsageError
 from hybrid_hf.finetuning import HybridTrainingArguments, finetune
@@ -114,3 +114,80 @@ def test_finetune_takes_training_arguments(tmp_path):
     again = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True, steps=1,
                      settings={"max_span": 8, "ramp": 4}, training_args=HybridTrainingArguments(max_steps=3))
     assert again.steps == 1
+
+
+# --- training behaviour under TrainingArguments -----------------------------------------------------------------
+
+
+def _sgd_step(**training) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    """One plain SGD step (lr 1: the update is the gradient) of a perturbed hybrid model with a span penalty:
+    `(the trained weights, the logged losses, the mean span logged)`."""
+    model = convert(tiny_llama(), max_span=8, ramp=4, span_loss_coef=0.5)
+    perturb(model)
+    arguments = dict(max_steps=1, learning_rate=1.0, optim="sgd", logging_steps=1, weight_decay=0.0,
+                     max_grad_norm=0.0, **training)  # fmt: skip
+    result = finetune(model, None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True,
+                      training_args=HybridTrainingArguments(**arguments))  # fmt: skip
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    spans = [entry["span/mean"] for entry in result.log_history if "span/mean" in entry]
+    weights = {name: tensor.detach().clone() for name, tensor in result.model.state_dict().items()}
+    return weights, losses, spans[-1]
+
+
+def _assert_same(first, second):
+    (weights_a, losses_a, span_a), (weights_b, losses_b, span_b) = first, second
+    assert losses_a == pytest.approx(losses_b, rel=1e-5) and span_a == pytest.approx(span_b, rel=1e-5)
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(tensor, weights_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    """2 micro-batches of 2 give the loss and the update (with SGD, the gradient) of one batch of 4, span penalty
+    included: the model weighs each micro-batch's penalty by its share of the batch's tokens."""
+    whole = _sgd_step(per_device_train_batch_size=4)
+    accumulated = _sgd_step(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    _assert_same(accumulated, whole)
+    assert not torch.equal(whole[0]["model.layers.0.self_attn.mix.weight"],
+                           _sgd_step(per_device_train_batch_size=2)[0]["model.layers.0.self_attn.mix.weight"])
+
+
+def test_gradient_checkpointing_changes_nothing():
+    """Recomputing the layers in the backward pass gives the same losses, spans and update."""
+    _assert_same(_sgd_step(per_device_train_batch_size=4, gradient_checkpointing=True),
+                 _sgd_step(per_device_train_batch_size=4))  # fmt: skip
+
+
+def test_checkpointed_span_loss_is_counted_once_per_layer():
+    """The span loss of a checkpointed forward is that of a plain one: the layers run again in the backward pass
+    (`HybridForwardState.finished` is then set), and their spans are not counted again."""
+    ids = torch.tensor([word_tokenizer()(TEXT)["input_ids"][:32]] * 2)  # (2, 32)
+    outputs = {}
+    for checkpointing in (False, True):
+        model = convert(tiny_llama(), max_span=8, ramp=4, span_loss_coef=0.5)
+        perturb(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        calls = []
+        for layer in hybrid_layers(model):
+            layer.span_predictor.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        assert len(calls) == (2 if checkpointing else 1) * len(hybrid_layers(model))  # recomputed in the backward
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        outputs[checkpointing] = (out.loss.detach(), out.span_loss.detach(), grads)
+    (loss, span_loss, grads), (loss_c, span_loss_c, grads_c) = outputs[False], outputs[True]
+    assert span_loss > 0
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(span_loss_c, span_loss)
+    assert grads.keys() == grads_c.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_on_cpu():
+    result = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True,
+                      settings={"max_span": 8, "ramp": 4},
+                      training_args=HybridTrainingArguments(max_steps=2, bf16=True, use_cpu=True, logging_steps=1))
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]  # fmt: skip
+    assert result.steps == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
