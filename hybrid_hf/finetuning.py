@@ -51,7 +51,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from .callbacks import StopOnNonFiniteLoss, add_span_logging
 from .conversion import check_host_class, convert
 from .data import chat_dataset, perplexity, read_records, split_tail, text_dataset
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .loading import load_model as load_source
 from .loading import load_source_config
 from .lora import get_lora_model
@@ -497,7 +497,7 @@ def finetune(
             num_processes=trainer.args.world_size, sharding=sharding(trainer), model=trained,
         )  # fmt: skip
         card = _card(result, a, base_model, lora_alpha, started) if a.hybrid and output is not None else None
-        _save(trainer, result, tokenizer, card, a.force, checkpoints)
+        _save(trainer, result, tokenizer, card, a.force, checkpoints, hub=training_args)
         state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
     if not a.quiet and state.is_main_process:
@@ -520,6 +520,8 @@ def _resolve(model, output, arguments, training_args, kwargs: dict) -> tuple[Any
     model = model if model is not None else a.model_name_or_path
     if model is None:
         raise UsageError("no model given (MODEL or --model_name_or_path)")
+    if training_args is not None and training_args.push_to_hub and output is None:
+        raise UsageError("push_to_hub needs an output folder (OUTPUT or --output_dir), which is pushed once written")
     if isinstance(a.train_file, (str, Path)) or isinstance(a.validation_file, (str, Path)):  # one file
         a = dataclasses.replace(a, train_file=_file_list(a.train_file), validation_file=_file_list(a.validation_file))
     return model, output, a
@@ -581,9 +583,10 @@ def _card(result: FinetuneResult, a: FinetuneArguments, base_model, lora_alpha: 
     )
 
 
-def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: bool, checkpoints) -> None:
+def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: bool, checkpoints, hub=None) -> None:
     """Write the trained model to `result.output` from the main process (sharded weights gathered by every process
-    first), then remove the checkpoints: the run is complete, nothing is left to resume."""
+    first), then remove the checkpoints: the run is complete, nothing is left to resume. With `hub.push_to_hub`
+    (`TrainingArguments`), the written folder is then pushed (`push_folder`)."""
     from .distributed import gathered_state_dict, unsharded_copy
 
     if result.output is None:
@@ -595,6 +598,33 @@ def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: 
     if trainer.is_world_process_zero():
         save_model(result.output, to_save, tokenizer, force=force, card=card)
         shutil.rmtree(checkpoints, ignore_errors=True)
+        if hub is not None and hub.push_to_hub:
+            push_folder(result.output, hub)
+
+
+def push_folder(folder: Path, hub: TrainingArguments) -> str:
+    """Push a written model folder to the Hub as `Trainer.push_to_hub` does, and return the repository id: create
+    the repository `hub.hub_model_id` (default: the folder's name; `hub_private_repo`, `hub_token`) if needed, then
+    upload the folder in one commit "End of training" (`hub_revision`), leaving out `_*` and `checkpoint-*`.
+
+    Raises:
+        UsageError: the push failed (no network, no token, no rights); the folder stays written, and the message
+            says so.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.hub_token)
+    repo_id = hub.hub_model_id or folder.name
+    try:
+        repo_id = api.create_repo(repo_id, private=hub.hub_private_repo, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message="End of training", revision=hub.hub_revision,
+            ignore_patterns=["_*", "checkpoint-*"],
+        )  # fmt: skip
+    except Exception as error:  # the hub client raises its own and its HTTP library's errors
+        raise UsageError(f"the model is saved in {folder}, but pushing it to the hub as {repo_id} failed: "
+                         f"{first_line(error)}") from None  # fmt: skip
+    return repo_id
 
 
 def _model_name(model: str | PreTrainedModel | None) -> str | None:
@@ -724,6 +754,7 @@ def _training_arguments(
         ddp_find_unused_parameters=a.ddp_find_unused_parameters,
         average_tokens_across_devices=False,
         remove_unused_columns=False,
+        push_to_hub=False,  # the final folder is pushed once written (`push_folder`)
     )
     if configured:
         values["accelerator_config"] = {"use_configured_state": True}

@@ -191,3 +191,52 @@ def test_bf16_on_cpu():
                       training_args=HybridTrainingArguments(max_steps=2, bf16=True, use_cpu=True, logging_steps=1))
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]  # fmt: skip
     assert result.steps == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# --- --push_to_hub ------------------------------------------------------------------------------------------------
+
+PUSH_RUN = ["--steps", "1", "--seq_len", "16", "--max-span", "8", "--ramp", "4", "--cpu", "--push_to_hub"]
+
+
+def test_push_to_hub_uploads_the_written_folder(folders, tmp_path, monkeypatch):
+    """`--push_to_hub --hub_model_id` pushes the final folder as the Trainer pushes: the repository is created, then
+    one commit "End of training" adds every file of the folder (the hub's HTTP calls are replaced: no network)."""
+    import huggingface_hub.hf_api
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs.get("private"))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, commit_message, **kwargs):
+        calls["commit"] = (repo_id, commit_message, sorted(op.path_in_repo for op in operations))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: calls.update(card=content))
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)  # one commit, not the pipeline
+    output = tmp_path / "pushed"
+    argv = [str(folders / "host"), str(output), "--data", str(folders / "train.txt"), *PUSH_RUN, "--hub_model_id",
+            "me/tiny-hybrid"]  # fmt: skip
+    assert commands.main(["finetune", *argv]) == 0
+    written = sorted(str(path.relative_to(output)) for path in output.rglob("*") if path.is_file())
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(written)
+    assert calls["create_repo"] == ("me/tiny-hybrid", None)  # hub_private_repo: the account's default
+    assert calls["commit"] == ("me/tiny-hybrid", "End of training", written)
+    assert calls["card"] == (output / "README.md").read_text()  # the card's metadata is checked by the hub first
+
+
+def test_push_to_hub_offline_fails_after_writing(folders, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    output = tmp_path / "kept"
+    argv = [str(folders / "host"), str(output), "--data", str(folders / "train.txt"), *PUSH_RUN]
+    capsys.readouterr()
+    assert commands.main(["finetune", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: the model is saved in") and "pushing it to the hub as kept failed" in lines[-1]
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
