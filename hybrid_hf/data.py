@@ -149,13 +149,15 @@ def chat_dataset(tokenizer, conversations: list[list[dict[str, str]]], seq_len: 
     its tokens are found through the tokenizer's offsets. Rows with no assistant token left are dropped.
 
     Raises:
-        UsageError: no chat template, a template that does not render turns as prefixes of the conversation, or no
-            assistant token at all.
+        UsageError: no chat template or a slow tokenizer (no offsets), a template that does not render turns as
+            prefixes of the conversation, or no assistant token at all.
     """
     from datasets import Dataset
 
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("the data holds conversations (messages) but the tokenizer has no chat template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("conversations need a fast tokenizer (its offsets find the assistant turns)")
     rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     with quiet_transformers():
         for conversation in conversations:

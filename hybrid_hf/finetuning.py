@@ -308,45 +308,58 @@ class HybridTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the defaults of `hybrid-hf finetune` (every other field is transformers'), for the
     command line (`HfArgumentParser`) and for `finetune(..., training_args=...)`.
 
-    The differences, each for a reason given in its help: `output_dir` is the fine-tuned model's folder (the
-    Trainer's checkpoints go beside it, into `OUTPUT.checkpoints`); a run is `max_steps` steps (50); the batch size
-    (4) and learning rate (1e-4) are those of the former flags; seed 0; logging every `max_steps // 10` steps;
-    no checkpoints unless `save_steps` is given; a NaN loss is logged as NaN; CPU training where no accelerator is
-    available (so that `--bf16` works there and launched processes form a gloo group); DDP does not look for unused
-    parameters (see the module docstring). The former flags `--steps`, `--batch-size`, `--lr` and `--cpu` are
-    aliases of `--max_steps`, `--per_device_train_batch_size`, `--learning_rate` and `--use_cpu`.
+    The fields below differ from transformers' defaults, each for the reason its help gives. The former flags
+    `--steps`, `--batch-size`, `--lr` and `--cpu` are aliases of `--max_steps`, `--per_device_train_batch_size`,
+    `--learning_rate` and `--use_cpu`.
     """
 
     output_dir: str | None = field(
         default=None,
-        metadata={"help": "the folder of the fine-tuned model (or OUTPUT); checkpoints go to OUTPUT.checkpoints"},
-    )
+        metadata={"help": "the folder of the fine-tuned model (or OUTPUT); unlike transformers' it holds the final "
+                  "model only: the checkpoints go to OUTPUT.checkpoints"},
+    )  # fmt: skip
     max_steps: int = field(
-        default=50, metadata={"help": "training steps (default 50: runs are counted in steps)", "aliases": ["--steps"]}
-    )
+        default=50,
+        metadata={"help": "training steps (transformers: -1, by epochs; runs here are counted in steps, as by the "
+                  "former --steps)", "aliases": ["--steps"]},
+    )  # fmt: skip
     per_device_train_batch_size: int = field(
-        default=4, metadata={"help": "blocks per step and process (default 4)", "aliases": ["--batch-size"]}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (default 1e-4)", "aliases": ["--lr"]})
-    seed: int = field(default=0, metadata={"help": "random seed (default 0, that of earlier runs)"})
+        default=4,
+        metadata={"help": "blocks per step and process (transformers: 8; 4 as the former --batch-size)",
+                  "aliases": ["--batch-size"]},
+    )  # fmt: skip
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "learning rate (transformers: 5e-5; 1e-4 as the former --lr: the new hybrid modules start "
+                  "untrained)", "aliases": ["--lr"]},
+    )  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "random seed (transformers: 42; 0 as before, so runs repeat)"})
     logging_steps: float | None = field(
-        default=None, metadata={"help": "log every N steps (default: max_steps // 10, at least 1)"}
+        default=None,
+        metadata={"help": "log every N steps (transformers: 500; here max_steps // 10, at least 1, for short runs)"},
     )
-    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "default False: a NaN loss is shown as NaN"})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "transformers: True; here a NaN or infinite loss is logged and stops the run"}
+    )
     save_strategy: str = field(
-        default="no", metadata={"help": "default 'no', 'steps' when --save_steps is given: checkpoints cost disk"}
-    )
+        default="no",
+        metadata={"help": "transformers: 'steps' (every 500); here 'no' unless --save_steps is given: checkpoints of "
+                  "whole models cost disk"},
+    )  # fmt: skip
     save_steps: float | None = field(
         default=None,
-        metadata={"help": "write a checkpoint every N steps into OUTPUT.checkpoints (removed at the end)"},
+        metadata={"help": "write a checkpoint every N steps into OUTPUT.checkpoints (removed once OUTPUT is written)"},
     )
     use_cpu: bool = field(
         default=False,
-        metadata={"help": "train on CPU (default: when no accelerator is available)", "aliases": ["--cpu"]},
-    )
+        metadata={"help": "train on CPU (transformers: only when asked; here also when no accelerator is available, "
+                  "so that --bf16 works there and launched processes form a gloo group)", "aliases": ["--cpu"]},
+    )  # fmt: skip
     ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "default False: every trainable parameter is reached in every forward"}
-    )
+        default=False,
+        metadata={"help": "transformers: None (True under DDP); here False: every trainable parameter is reached in "
+                  "every forward, and the search costs a graph traversal a step"},
+    )  # fmt: skip
 
     def __post_init__(self):
         check_arguments(steps=self.max_steps, batch_size=self.per_device_train_batch_size, lr=self.learning_rate,

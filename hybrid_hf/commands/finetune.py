@@ -51,8 +51,8 @@ FLAGS: dict[str, tuple[str, list[str]]] = {
         ["--data"],
     ),
     "validation_file": (
-        "held-out data for perplexity (and --eval_strategy), in the same formats (default: the last --eval_fraction "
-        "of the training data)",
+        "held-out data for perplexity (and --eval_strategy), in the same formats (none: the last --eval_fraction of "
+        "the training data)",
         ["--eval-data"],
     ),
     "text_column": (
@@ -64,12 +64,12 @@ FLAGS: dict[str, tuple[str, list[str]]] = {
     "validation_split": ("split of a saved DatasetDict held out", []),
     "lora": ("train LoRA adapters + the hybrid modules, merged at the end", []),
     "lora_r": ("LoRA rank", []),
-    "lora_alpha": ("LoRA alpha (default 2 x rank)", []),
+    "lora_alpha": ("LoRA alpha (None: 2 x rank)", []),
     "seq_len": ("tokens per training block (rows of conversations are cut there)", ["--block_size"]),
     "force": ("replace OUTPUT if it exists", []),
     "eval_fraction": ("share of the training data held out when no validation file is given", []),
     "resume": (f"continue an interrupted run from its last checkpoint in OUTPUT{CHECKPOINTS_SUFFIX}", []),
-    "base_model": ("the model card's base model (default: MODEL)", []),
+    "base_model": ("the model card's base model (None: MODEL)", []),
     "base_model_note": ("how the weights came from the base model, for the card", []),
     "hybrid": ("--no_hybrid trains a host model as it is (a baseline)", []),
     "trust_remote_code": ("run the modeling code a model folder ships (auto_map); never needed for hybrid models", []),
