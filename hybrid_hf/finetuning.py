@@ -440,7 +440,7 @@ def finetune(
     settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
     output, sources, checkpoints = _check_run(model, output, a)
     train_texts, held_out = _records(a)
-    run = _run_record(model, a, settings, train_texts, held_out)
+    run = _run_record(model, a, settings, train_texts, held_out, training_args)
     resume_from = resume_point(checkpoints, run, a.resume) if checkpoints is not None else None
     save_steps = a.save_steps
     if resume_from is not None and save_steps is None:
@@ -564,8 +564,9 @@ def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, 
     return output, sources, checkpoints
 
 
-def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, held_out: Records) -> dict:
-    """What a resumed run must share with the interrupted one for the same result."""
+def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, held_out: Records, training_args) -> dict:
+    """What a resumed run must share with the interrupted one for the same result (of the Trainer's settings, those
+    of `RESULT_FIELDS`)."""
     texts = train[0] + ["\1"] + held_out[0]
     if train[1] or held_out[1]:  # conversations
         texts += ["\2", json.dumps([train[1], held_out[1]], sort_keys=True)]
@@ -576,9 +577,23 @@ def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, hel
         "lora": a.lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "span_loss_coef": a.span_loss_coef,
         "settings": settings, "hybrid": a.hybrid, "eval_fraction": a.eval_fraction,
     }  # fmt: skip
+    trainer = training_args if training_args is not None else HybridTrainingArguments()
+    run["trainer"] = {name: _plain(getattr(trainer, name)) for name in RESULT_FIELDS}
     if a.distill_from is not None:
         run.update(distill_from=path_or_name(str(_model_name(a.distill_from))), distill_weight=a.distill_weight)
     return run
+
+
+#: the `TrainingArguments` fields (beyond those of `TRAINER_FIELDS`) that change the trained weights
+RESULT_FIELDS = (
+    "gradient_accumulation_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "gradient_checkpointing",
+)  # fmt: skip
+
+
+def _plain(value):
+    """A JSON value: an enum's value, numbers and strings as they are."""
+    return getattr(value, "value", value)
 
 
 def _card(result: FinetuneResult, a: FinetuneArguments, base_model, lora_alpha: int, started: float) -> dict:

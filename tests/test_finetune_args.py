@@ -240,3 +240,16 @@ def test_push_to_hub_offline_fails_after_writing(folders, tmp_path, capsys, monk
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: the model is saved in") and "pushing it to the hub as kept failed" in lines[-1]
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+
+
+def test_a_resumed_run_must_keep_the_trainer_settings():
+    """The record a resumed run is checked against holds the Trainer settings that change the weights."""
+    from hybrid_hf.finetuning import FinetuneArguments, _run_record
+
+    def record(**training):
+        return _run_record("m", FinetuneArguments(), {}, ([TEXT], []), ([], []), HybridTrainingArguments(**training))
+
+    assert record() == _run_record("m", FinetuneArguments(), {}, ([TEXT], []), ([], []), None)
+    assert record(gradient_accumulation_steps=2)["trainer"]["gradient_accumulation_steps"] == 2
+    assert record(lr_scheduler_type="cosine")["trainer"]["lr_scheduler_type"] == "cosine"
+    assert json.loads(json.dumps(record(bf16=True, use_cpu=True))) == record(bf16=True, use_cpu=True)
