@@ -321,7 +321,7 @@ class HybridTrainingArguments(TrainingArguments):
     max_steps: int = field(
         default=50,
         metadata={"help": "training steps (transformers: -1, by epochs; runs here are counted in steps, as by the "
-                  "former --steps)", "aliases": ["--steps"]},
+                  "former --steps; -1 trains --num_train_epochs epochs)", "aliases": ["--steps"]},
     )  # fmt: skip
     per_device_train_batch_size: int = field(
         default=4,
@@ -336,7 +336,8 @@ class HybridTrainingArguments(TrainingArguments):
     seed: int = field(default=0, metadata={"help": "random seed (transformers: 42; 0 as before, so runs repeat)"})
     logging_steps: float | None = field(
         default=None,
-        metadata={"help": "log every N steps (transformers: 500; here max_steps // 10, at least 1, for short runs)"},
+        metadata={"help": "log every N steps (transformers: 500; here max_steps // 10, at least 1, for short runs; "
+                  "10 by epochs)"},
     )
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "transformers: True; here a NaN or infinite loss is logged and stops the run"}
@@ -362,12 +363,13 @@ class HybridTrainingArguments(TrainingArguments):
     )  # fmt: skip
 
     def __post_init__(self):
-        check_arguments(steps=self.max_steps, batch_size=self.per_device_train_batch_size, lr=self.learning_rate,
-                        seed=self.seed)  # fmt: skip
+        by_epochs = self.max_steps == BY_EPOCHS
+        check_arguments(steps=1 if by_epochs else self.max_steps, batch_size=self.per_device_train_batch_size,
+                        lr=self.learning_rate, seed=self.seed)  # fmt: skip
         self.logging_steps = _steps_value("logging_steps", self.logging_steps)
         self.save_steps = _steps_value("save_steps", self.save_steps)
         if self.logging_steps is None:
-            self.logging_steps = max(1, self.max_steps // 10)
+            self.logging_steps = EPOCH_LOGGING_STEPS if by_epochs else max(1, self.max_steps // 10)
         if self.save_steps is None:
             self.save_steps = 500  # unused: save_strategy stays "no"
         elif self.save_strategy == "no":
@@ -377,6 +379,11 @@ class HybridTrainingArguments(TrainingArguments):
         super().__post_init__()
         self.output_dir = output_dir  # None stays None (TrainingArguments would make it "trainer_output")
 
+
+#: `max_steps` (and `FinetuneArguments.steps`) that trains `num_train_epochs` epochs, as in `TrainingArguments`
+BY_EPOCHS = -1
+#: the default log interval of a run by epochs
+EPOCH_LOGGING_STEPS = 10
 
 #: `FinetuneArguments` field -> the `TrainingArguments` field it mirrors (taken from `training_args` when given)
 TRAINER_FIELDS = {
@@ -397,7 +404,7 @@ def _from_training_args(training_args: TrainingArguments) -> dict[str, Any]:
     values = {ours: getattr(training_args, theirs) for ours, theirs in TRAINER_FIELDS.items()}
     for name in ("logging_steps", "save_steps"):
         value = values[name]
-        if isinstance(value, float) and 0 < value < 1:  # a fraction of the steps, as TrainingArguments reads it
+        if isinstance(value, float) and 0 < value < 1 and values["steps"] > 0:  # a fraction of the steps
             value = math.ceil(value * values["steps"])
         values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
     if training_args.save_strategy != "steps":
@@ -438,7 +445,7 @@ def finetune(
     started = time.perf_counter()
     model, output, a = _resolve(model, output, arguments, training_args, kwargs)
     settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
-    output, sources, checkpoints = _check_run(model, output, a)
+    output, sources, checkpoints = _check_run(model, output, a, training_args)
     train_texts, held_out = _records(a)
     run = _run_record(model, a, settings, train_texts, held_out, training_args)
     resume_from = resume_point(checkpoints, run, a.resume) if checkpoints is not None else None
@@ -544,12 +551,14 @@ def _file_list(files) -> list:
     return [files] if isinstance(files, (str, Path)) else list(files or [])
 
 
-def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, Path | None]:
-    """`(output, the models it must not replace, the checkpoints folder)`, after checking the arguments."""
+def _check_run(model, output, a: FinetuneArguments, training_args) -> tuple[Path | None, list, Path | None]:
+    """`(output, the models it must not replace, the checkpoints folder)`, after checking the arguments (`steps`
+    may be `BY_EPOCHS` with `training_args` that give `num_train_epochs`)."""
+    by_epochs = a.steps == BY_EPOCHS and training_args is not None and training_args.num_train_epochs > 0
     check_arguments(
-        steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-        logging_steps=a.logging_steps, save_steps=a.save_steps, seed=a.seed, lr=a.lr, eval_fraction=a.eval_fraction,
-        span_loss_coef=a.span_loss_coef,
+        steps=1 if by_epochs else a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha, logging_steps=a.logging_steps, save_steps=a.save_steps, seed=a.seed, lr=a.lr,
+        eval_fraction=a.eval_fraction, span_loss_coef=a.span_loss_coef,
     )  # fmt: skip
     weight_ok = isinstance(a.distill_weight, (int, float)) and not isinstance(a.distill_weight, bool)
     if a.distill_from is not None and not (weight_ok and 0 < a.distill_weight < 1e6):
@@ -586,8 +595,9 @@ def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, hel
 
 #: the `TrainingArguments` fields (beyond those of `TRAINER_FIELDS`) that change the trained weights
 RESULT_FIELDS = (
-    "gradient_accumulation_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "gradient_checkpointing",
+    "num_train_epochs", "gradient_accumulation_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16",
+    "gradient_checkpointing",
 )  # fmt: skip
 
 
@@ -770,7 +780,7 @@ def _training_arguments(
         max_steps=a.steps,
         per_device_train_batch_size=a.batch_size,
         learning_rate=a.lr,
-        logging_steps=a.logging_steps or max(1, a.steps // 10),
+        logging_steps=a.logging_steps or max(1, a.steps // 10),  # by epochs (training_args given): set
         logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
         save_strategy="steps" if save_steps is not None else "no",
         save_steps=save_steps or 500,

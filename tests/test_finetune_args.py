@@ -253,3 +253,16 @@ def test_a_resumed_run_must_keep_the_trainer_settings():
     assert record(gradient_accumulation_steps=2)["trainer"]["gradient_accumulation_steps"] == 2
     assert record(lr_scheduler_type="cosine")["trainer"]["lr_scheduler_type"] == "cosine"
     assert json.loads(json.dumps(record(bf16=True, use_cpu=True))) == record(bf16=True, use_cpu=True)
+
+
+def test_max_steps_minus_one_trains_by_epochs():
+    """`--max_steps -1 --num_train_epochs N` trains N passes over the blocks, as the Trainer does."""
+    training = parse_arguments(["m", "o", "--data", "t.txt", "--max_steps", "-1", "--num_train_epochs", "2"])[1]
+    assert training.max_steps == -1 and training.logging_steps == 10
+    training.output_dir = None
+    result = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=32, quiet=True,
+                      settings={"max_span": 8, "ramp": 4}, training_args=training)  # fmt: skip
+    blocks = result.train_tokens // 32  # full blocks of seq_len tokens
+    assert blocks > 4 and result.steps == 2 * -(-blocks // 4)  # two epochs of batches of 4
+    with pytest.raises(UsageError, match="steps must be an integer >= 1"):
+        finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], steps=-1)
