@@ -146,6 +146,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
         paths[name] = root / f"{name}.txt"
     (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     paths["latin1"] = root / "latin1.txt"
+    arguments = {"model_name_or_path": str(root / "host"), "output_dir": str(root / "out"), "learning_rat": 1}
+    (root / "args_unknown_key.yaml").write_text(json.dumps(arguments))  # JSON is YAML
+    paths["args_unknown_key"] = root / "args_unknown_key.yaml"
     # An interrupted fine-tune's checkpoint folder beside the output "interrupted".
     checkpoint = root / "interrupted.checkpoints" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
@@ -367,6 +370,8 @@ FINETUNE = {
         ["--lr_scheduler_type", "invalid choice"],
     ),
     "no output": (["{host}", *FINETUNE_TEXT], ["OUTPUT", "--output_dir"]),
+    "no model": (["--data", "{text}"], ["no model given", "--model_name_or_path"]),
+    "arguments file, unknown key": (["{args_unknown_key}"], ["args_unknown_key.yaml", "learning_rat"]),
     "model and --model_name_or_path differ": (
         ["{host}", "{out}", *FINETUNE_TEXT, "--model_name_or_path", "{hybrid}"],
         ["differ"],

@@ -198,6 +198,8 @@ def parse_arguments(argv: list[str]) -> tuple[FinetuneArguments, HybridTrainingA
 
 def main(argv: list[str] | None = None) -> int:
     ours, training, settings = parse_arguments(list(argv or []))
+    if ours.model_name_or_path is None:
+        raise UsageError("no model given (MODEL or --model_name_or_path)")
     if training.output_dir is None:
         raise UsageError("no output folder given (OUTPUT or --output_dir)")
     if not (ours.train_file or ours.texts):
