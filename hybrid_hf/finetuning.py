@@ -330,8 +330,7 @@ class HybridTrainingArguments(TrainingArguments):
     )  # fmt: skip
     learning_rate: float = field(
         default=1e-4,
-        metadata={"help": "learning rate (transformers: 5e-5; 1e-4 as the former --lr: the new hybrid modules start "
-                  "untrained)", "aliases": ["--lr"]},
+        metadata={"help": "learning rate (transformers: 5e-5; 1e-4 as the former --lr)", "aliases": ["--lr"]},
     )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "random seed (transformers: 42; 0 as before, so runs repeat)"})
     logging_steps: float | None = field(
@@ -407,6 +406,11 @@ def _from_training_args(training_args: TrainingArguments) -> dict[str, Any]:
         if isinstance(value, float) and 0 < value < 1 and values["steps"] > 0:  # a fraction of the steps
             value = math.ceil(value * values["steps"])
         values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+    if training_args.save_strategy not in ("steps", "no"):
+        raise UsageError(
+            f"save_strategy {_plain(training_args.save_strategy)!r} is not supported: checkpoints are written every "
+            "--save_steps steps into OUTPUT.checkpoints"
+        )
     if training_args.save_strategy != "steps":
         values["save_steps"] = None
     values["use_cpu"] = True if values["use_cpu"] else None  # False: the default (CPU without an accelerator)

@@ -371,6 +371,10 @@ FINETUNE = {
     ),
     "no output": (["{host}", *FINETUNE_TEXT], ["OUTPUT", "--output_dir"]),
     "no model": (["--data", "{text}"], ["no model given", "--model_name_or_path"]),
+    "save strategy epoch": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--save_strategy", "epoch"],
+        ["'epoch'", "--save_steps"],
+    ),
     "arguments file, unknown key": (["{args_unknown_key}"], ["args_unknown_key.yaml", "learning_rat"]),
     "model and --model_name_or_path differ": (
         ["{host}", "{out}", *FINETUNE_TEXT, "--model_name_or_path", "{hybrid}"],
