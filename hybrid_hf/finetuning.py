@@ -19,10 +19,14 @@ does the distribution and only the main process writes the output. The DDP setti
   LoRA the frozen host weights and the frozen originals of `modules_to_save` do not require gradients. `True`
   would cost a graph traversal per step for nothing. (A custom setup that does leave a parameter out of the graph
   fails loudly at the second step; `finetune(..., ddp_find_unused_parameters=True)` is the escape hatch.)
-- `average_tokens_across_devices=False` and no gradient accumulation: with token averaging the Trainer multiplies
-  the model's loss by the number of processes (and sums micro-batches unscaled), which is right for a token-summed
-  LM loss but would multiply the span penalty, a per-batch mean added to it, by the number of processes (and of
-  accumulation steps). Without it each process's loss is its batch's LM mean + span loss, and DDP averages them.
+- `average_tokens_across_devices=False`: with token averaging the Trainer multiplies the model's loss by the
+  number of processes, which is right for a token-summed LM loss but would multiply the span penalty, a per-batch
+  mean added to it, by the number of processes. Without it each process's loss is its batch's LM mean + span loss,
+  and DDP averages them. Gradient accumulation is right: the Trainer passes the token count of the accumulated
+  batch, and the model weighs each micro-batch's span penalty by its share of those tokens.
+
+Every other Trainer setting comes from `TrainingArguments` (`training_args`; on the command line all of its flags,
+through `HfArgumentParser`, or a YAML/JSON file): `HybridTrainingArguments` holds this command's defaults.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainingArguments
 
 from .callbacks import StopOnNonFiniteLoss, add_span_logging
 from .conversion import check_host_class, convert
-from .data import perplexity, read_texts, split_tail, text_dataset
-from .errors import UsageError
+from .data import chat_dataset, perplexity, read_records, split_tail, text_dataset
+from .errors import UsageError, first_line
 from .loading import load_model as load_source
 from .loading import load_source_config
 from .lora import get_lora_model
@@ -215,8 +219,15 @@ class FinetuneArguments:
     """How `finetune` trains and saves: the arguments of a run, passed as this dataclass or as its fields by keyword.
 
     Attributes:
-        data_files, texts: training text (files, or strings); `eval_files`, `eval_texts`: held-out text (default:
-            the last `eval_fraction` of the training text).
+        model_name_or_path: the model, when `finetune` is not given one.
+        train_file, texts: training data (files, or strings); `validation_file`, `eval_texts`: held-out data
+            (default: the last `eval_fraction` of the training data). A file is plain text (one text), JSON Lines /
+            JSON, CSV or Parquet, or a folder written by `save_to_disk` (`data.read_records`); `data_files` and
+            `eval_files` are accepted by `finetune` as the former names of `train_file` and `validation_file`.
+        text_column: the column of the texts in tabular files (default `text`); a file without it may hold
+            conversations in a `messages` column, rendered with the tokenizer's chat template, the loss on the
+            assistant turns only (`data.chat_dataset`). Texts are packed into blocks of `seq_len` tokens.
+        train_split, validation_split: the splits taken from a saved `DatasetDict` folder.
         tokenizer: required when the model is a loaded model.
         lora, lora_r, lora_alpha: train LoRA adapters (rank, alpha = 2 r by default) + the hybrid modules; merged
             before saving.
@@ -245,8 +256,12 @@ class FinetuneArguments:
         distill_weight: weight of that KL term (> 0).
     """
 
-    data_files: Any = ()
-    eval_files: Any = ()
+    model_name_or_path: str | None = None
+    train_file: list[str] = field(default_factory=list)
+    validation_file: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    train_split: str = "train"
+    validation_split: str = "validation"
     texts: list[str] | None = None
     eval_texts: list[str] | None = None
     tokenizer: Any = None
@@ -278,15 +293,149 @@ class FinetuneArguments:
     distill_weight: float = 1.0
 
 
-def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs: Any) -> FinetuneResult:
+def _steps_value(name: str, value: float | None) -> float | None:
+    """`logging_steps` / `save_steps`: None, a whole number >= 1 (as an int) or a fraction of the steps in (0, 1)."""
+    if value is None or (isinstance(value, float) and 0 < value < 1):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    check_arguments(**{name: value})
+    return value
+
+
+@dataclass
+class HybridTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the defaults of `hybrid-hf finetune` (every other field is transformers'), for the
+    command line (`HfArgumentParser`) and for `finetune(..., training_args=...)`.
+
+    The fields below differ from transformers' defaults, each for the reason its help gives. The former flags
+    `--steps`, `--batch-size`, `--lr` and `--cpu` are aliases of `--max_steps`, `--per_device_train_batch_size`,
+    `--learning_rate` and `--use_cpu`.
+    """
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "the folder of the fine-tuned model (or OUTPUT); unlike transformers' it holds the final "
+                  "model only: the checkpoints go to OUTPUT.checkpoints"},
+    )  # fmt: skip
+    max_steps: int = field(
+        default=50,
+        metadata={"help": "training steps (transformers: -1, by epochs; runs here are counted in steps, as by the "
+                  "former --steps; -1 trains --num_train_epochs epochs)", "aliases": ["--steps"]},
+    )  # fmt: skip
+    per_device_train_batch_size: int = field(
+        default=4,
+        metadata={"help": "blocks per step and process (transformers: 8; 4 as the former --batch-size)",
+                  "aliases": ["--batch-size"]},
+    )  # fmt: skip
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "learning rate (transformers: 5e-5; 1e-4 as the former --lr)", "aliases": ["--lr"]},
+    )  # fmt: skip
+    seed: int = field(default=0, metadata={"help": "random seed (transformers: 42; 0 as before, so runs repeat)"})
+    logging_steps: float | None = field(
+        default=None,
+        metadata={"help": "log every N steps (transformers: 500; here max_steps // 10, at least 1, for short runs; "
+                  "10 by epochs)"},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "transformers: True; here a NaN or infinite loss is logged and stops the run"}
+    )
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "transformers: 'steps' (every 500); here 'no' unless --save_steps is given: checkpoints of "
+                  "whole models cost disk"},
+    )  # fmt: skip
+    save_steps: float | None = field(
+        default=None,
+        metadata={"help": "write a checkpoint every N steps into OUTPUT.checkpoints (removed once OUTPUT is written)"},
+    )
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "train on CPU (transformers: only when asked; here also when no accelerator is available, "
+                  "so that --bf16 works there and launched processes form a gloo group)", "aliases": ["--cpu"]},
+    )  # fmt: skip
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "transformers: None (True under DDP); here False: every trainable parameter is reached in "
+                  "every forward, and the search costs a graph traversal a step"},
+    )  # fmt: skip
+
+    def __post_init__(self):
+        by_epochs = self.max_steps == BY_EPOCHS
+        check_arguments(steps=1 if by_epochs else self.max_steps, batch_size=self.per_device_train_batch_size,
+                        lr=self.learning_rate, seed=self.seed)  # fmt: skip
+        self.logging_steps = _steps_value("logging_steps", self.logging_steps)
+        self.save_steps = _steps_value("save_steps", self.save_steps)
+        if self.logging_steps is None:
+            self.logging_steps = EPOCH_LOGGING_STEPS if by_epochs else max(1, self.max_steps // 10)
+        if self.save_steps is None:
+            self.save_steps = 500  # unused: save_strategy stays "no"
+        elif self.save_strategy == "no":
+            self.save_strategy = "steps"
+        self.use_cpu = self.use_cpu or _default_use_cpu()
+        output_dir = self.output_dir
+        super().__post_init__()
+        self.output_dir = output_dir  # None stays None (TrainingArguments would make it "trainer_output")
+
+
+#: `max_steps` (and `FinetuneArguments.steps`) that trains `num_train_epochs` epochs, as in `TrainingArguments`
+BY_EPOCHS = -1
+#: the default log interval of a run by epochs
+EPOCH_LOGGING_STEPS = 10
+
+#: `FinetuneArguments` field -> the `TrainingArguments` field it mirrors (taken from `training_args` when given)
+TRAINER_FIELDS = {
+    "steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "seed": "seed",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "report_to": "report_to",
+    "use_cpu": "use_cpu",
+    "ddp_find_unused_parameters": "ddp_find_unused_parameters",
+}
+
+
+def _from_training_args(training_args: TrainingArguments) -> dict[str, Any]:
+    """The `FinetuneArguments` fields that `training_args` sets (`TRAINER_FIELDS`)."""
+    values = {ours: getattr(training_args, theirs) for ours, theirs in TRAINER_FIELDS.items()}
+    for name in ("logging_steps", "save_steps"):
+        value = values[name]
+        if isinstance(value, float) and 0 < value < 1 and values["steps"] > 0:  # a fraction of the steps
+            value = math.ceil(value * values["steps"])
+        values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+    if training_args.save_strategy not in ("steps", "no"):
+        raise UsageError(
+            f"save_strategy {_plain(training_args.save_strategy)!r} is not supported: checkpoints are written every "
+            "--save_steps steps into OUTPUT.checkpoints"
+        )
+    if training_args.save_strategy != "steps":
+        values["save_steps"] = None
+    values["use_cpu"] = True if values["use_cpu"] else None  # False: the default (CPU without an accelerator)
+    values["ddp_find_unused_parameters"] = bool(values["ddp_find_unused_parameters"])
+    return values
+
+
+def finetune(
+    model=None,
+    output=None,
+    arguments: FinetuneArguments | None = None,
+    training_args: TrainingArguments | None = None,
+    **kwargs: Any,
+) -> FinetuneResult:
     """Fine-tune a hybrid causal LM with `Trainer` and save it, Hub-ready, to `output` (see the module docstring).
 
     Args:
         model: folder or Hub id of a hybrid or host causal LM, or a loaded (hybrid or host) model with `tokenizer`
-            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place).
+            (a loaded host model is converted and left untouched; a loaded hybrid model is trained in place);
+            None: `arguments.model_name_or_path`.
         output: the folder to write; refused if it exists, unless `force` (and even then if it is not a model
-            folder); None: save nothing (the trained model is `result.model`).
+            folder); None: the `output_dir` of `HybridTrainingArguments`, else save nothing (see `result.model`).
         arguments, **kwargs: the run's `FinetuneArguments`, and fields of it by keyword (on top of `arguments`).
+        training_args: `TrainingArguments` (e.g. `HybridTrainingArguments`), all used but `output_dir` (the Trainer
+            writes into a temporary folder or `OUTPUT.checkpoints`); it sets the fields of `TRAINER_FIELDS` too.
 
     Raises:
         ValueError, OSError: bad input (one-line messages); ValueError also when the loss becomes NaN or infinite
@@ -298,11 +447,11 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
     from .distributed import shard_on_cpu, sharding
 
     started = time.perf_counter()
-    a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
+    model, output, a = _resolve(model, output, arguments, training_args, kwargs)
     settings = {key: value for key, value in (a.settings or {}).items() if value is not None}
-    output, sources, checkpoints = _check_run(model, output, a)
-    train_texts, held_out = _texts(a.texts, a.data_files, a.eval_texts, a.eval_files)
-    run = _run_record(model, a, settings, train_texts, held_out)
+    output, sources, checkpoints = _check_run(model, output, a, training_args)
+    train_texts, held_out = _records(a)
+    run = _run_record(model, a, settings, train_texts, held_out, training_args)
     resume_from = resume_point(checkpoints, run, a.resume) if checkpoints is not None else None
     save_steps = a.save_steps
     if resume_from is not None and save_steps is None:
@@ -321,6 +470,7 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
                 a.trust_remote_code, a.allow_pickle,
             )  # fmt: skip
             train_dataset, eval_dataset = _datasets(tokenizer, train_texts, held_out, a.eval_fraction, a.seq_len)
+            collator = _collator(tokenizer, train_dataset)
 
         model.to(state.device)
         bars = state.is_main_process  # progress bars on the main process only, like the Trainer's
@@ -342,10 +492,10 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
         else:
             trainer_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-hf-trainer-")))
         args = _training_arguments(
-            trainer_dir, a, save_steps=save_steps, use_cpu=use_cpu,
+            trainer_dir, a, training_args, save_steps=save_steps, use_cpu=use_cpu,
             configured=use_cpu and shard_on_cpu(),  # under `accelerate launch` with FSDP on the CPU: shard there too
         )  # fmt: skip
-        trainer = _trainer(model, args, train_dataset, a.distill_from, a.distill_weight)
+        trainer = _trainer(model, args, (train_dataset, eval_dataset), collator, a.distill_from, a.distill_weight)
         guard = StopOnNonFiniteLoss()
         trainer.add_callback(guard)
         with checkpoint_write_errors(checkpoints) if save_steps is not None else contextlib.nullcontext():
@@ -364,22 +514,14 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
             trained, eval_dataset, a.batch_size, progress="perplexity after training" if bars else None
         )
         result = FinetuneResult(
-            output=output,
-            perplexity_before=ppl_before,
-            perplexity_after=ppl_after,
-            steps=trainer.state.global_step,
-            wall_time_s=0.0,
-            log_history=list(trainer.state.log_history),
+            output=output, perplexity_before=ppl_before, perplexity_after=ppl_after, steps=trainer.state.global_step,
+            wall_time_s=0.0, log_history=list(trainer.state.log_history),
             train_tokens=sum(len(ids) for ids in train_dataset["input_ids"]),
-            eval_tokens=sum(len(ids) for ids in eval_dataset["input_ids"]),
-            converted=converted,
-            lora=a.lora,
-            num_processes=trainer.args.world_size,
-            sharding=sharding(trainer),
-            model=trained,
-        )
+            eval_tokens=sum(len(ids) for ids in eval_dataset["input_ids"]), converted=converted, lora=a.lora,
+            num_processes=trainer.args.world_size, sharding=sharding(trainer), model=trained,
+        )  # fmt: skip
         card = _card(result, a, base_model, lora_alpha, started) if a.hybrid and output is not None else None
-        _save(trainer, result, tokenizer, card, a.force, checkpoints)
+        _save(trainer, result, tokenizer, card, a.force, checkpoints, hub=training_args)
         state.wait_for_everyone()
     result.wall_time_s = time.perf_counter() - started
     if not a.quiet and state.is_main_process:
@@ -387,12 +529,40 @@ def finetune(model, output, arguments: FinetuneArguments | None = None, **kwargs
     return result
 
 
-def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, Path | None]:
-    """`(output, the models it must not replace, the checkpoints folder)`, after checking the arguments."""
+def _resolve(model, output, arguments, training_args, kwargs: dict) -> tuple[Any, Any, FinetuneArguments]:
+    """`(model, output, arguments)` of a run: `arguments` with `kwargs` (former names renamed) and the fields that
+    `training_args` mirrors (those not in `kwargs`); the model and output from them when not given."""
+    for former, name in _FORMER_NAMES.items():
+        if former in kwargs:
+            kwargs[name] = kwargs.pop(former)
+    a = dataclasses.replace(arguments or FinetuneArguments(), **kwargs)
+    if training_args is not None:
+        mirrored = {name: value for name, value in _from_training_args(training_args).items() if name not in kwargs}
+        a = dataclasses.replace(a, **mirrored)
+        if output is None and isinstance(training_args, HybridTrainingArguments):  # plain ones default to a folder
+            output = training_args.output_dir
+    model = model if model is not None else a.model_name_or_path
+    if model is None:
+        raise UsageError("no model given (MODEL or --model_name_or_path)")
+    if training_args is not None and training_args.push_to_hub and output is None:
+        raise UsageError("push_to_hub needs an output folder (OUTPUT or --output_dir), which is pushed once written")
+    if isinstance(a.train_file, (str, Path)) or isinstance(a.validation_file, (str, Path)):  # one file
+        a = dataclasses.replace(a, train_file=_file_list(a.train_file), validation_file=_file_list(a.validation_file))
+    return model, output, a
+
+
+def _file_list(files) -> list:
+    return [files] if isinstance(files, (str, Path)) else list(files or [])
+
+
+def _check_run(model, output, a: FinetuneArguments, training_args) -> tuple[Path | None, list, Path | None]:
+    """`(output, the models it must not replace, the checkpoints folder)`, after checking the arguments (`steps`
+    may be `BY_EPOCHS` with `training_args` that give `num_train_epochs`)."""
+    by_epochs = a.steps == BY_EPOCHS and training_args is not None and training_args.num_train_epochs > 0
     check_arguments(
-        steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-        logging_steps=a.logging_steps, save_steps=a.save_steps, seed=a.seed, lr=a.lr, eval_fraction=a.eval_fraction,
-        span_loss_coef=a.span_loss_coef,
+        steps=1 if by_epochs else a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha, logging_steps=a.logging_steps, save_steps=a.save_steps, seed=a.seed, lr=a.lr,
+        eval_fraction=a.eval_fraction, span_loss_coef=a.span_loss_coef,
     )  # fmt: skip
     weight_ok = isinstance(a.distill_weight, (int, float)) and not isinstance(a.distill_weight, bool)
     if a.distill_from is not None and not (weight_ok and 0 < a.distill_weight < 1e6):
@@ -407,18 +577,37 @@ def _check_run(model, output, a: FinetuneArguments) -> tuple[Path | None, list, 
     return output, sources, checkpoints
 
 
-def _run_record(model, a: FinetuneArguments, settings: dict, train_texts: list[str], held_out: list[str]) -> dict:
-    """What a resumed run must share with the interrupted one for the same result."""
+def _run_record(model, a: FinetuneArguments, settings: dict, train: Records, held_out: Records, training_args) -> dict:
+    """What a resumed run must share with the interrupted one for the same result (of the Trainer's settings, those
+    of `RESULT_FIELDS`)."""
+    texts = train[0] + ["\1"] + held_out[0]
+    if train[1] or held_out[1]:  # conversations
+        texts += ["\2", json.dumps([train[1], held_out[1]], sort_keys=True)]
     run = {
         "model": path_or_name(str(model)) if not isinstance(model, PreTrainedModel) else model.config._name_or_path,
-        "text_sha256": hashlib.sha256("\0".join(train_texts + ["\1"] + held_out).encode()).hexdigest(),
+        "text_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
         "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
         "lora": a.lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "span_loss_coef": a.span_loss_coef,
         "settings": settings, "hybrid": a.hybrid, "eval_fraction": a.eval_fraction,
     }  # fmt: skip
+    trainer = training_args if training_args is not None else HybridTrainingArguments()
+    run["trainer"] = {name: _plain(getattr(trainer, name)) for name in RESULT_FIELDS}
     if a.distill_from is not None:
         run.update(distill_from=path_or_name(str(_model_name(a.distill_from))), distill_weight=a.distill_weight)
     return run
+
+
+#: the `TrainingArguments` fields (beyond those of `TRAINER_FIELDS`) that change the trained weights
+RESULT_FIELDS = (
+    "num_train_epochs", "gradient_accumulation_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16",
+    "gradient_checkpointing",
+)  # fmt: skip
+
+
+def _plain(value):
+    """A JSON value: an enum's value, numbers and strings as they are."""
+    return getattr(value, "value", value)
 
 
 def _card(result: FinetuneResult, a: FinetuneArguments, base_model, lora_alpha: int, started: float) -> dict:
@@ -436,9 +625,10 @@ def _card(result: FinetuneResult, a: FinetuneArguments, base_model, lora_alpha: 
     )
 
 
-def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: bool, checkpoints) -> None:
+def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: bool, checkpoints, hub=None) -> None:
     """Write the trained model to `result.output` from the main process (sharded weights gathered by every process
-    first), then remove the checkpoints: the run is complete, nothing is left to resume."""
+    first), then remove the checkpoints: the run is complete, nothing is left to resume. With `hub.push_to_hub`
+    (`TrainingArguments`), the written folder is then pushed (`push_folder`)."""
     from .distributed import gathered_state_dict, unsharded_copy
 
     if result.output is None:
@@ -450,6 +640,33 @@ def _save(trainer, result: FinetuneResult, tokenizer, card: dict | None, force: 
     if trainer.is_world_process_zero():
         save_model(result.output, to_save, tokenizer, force=force, card=card)
         shutil.rmtree(checkpoints, ignore_errors=True)
+        if hub is not None and hub.push_to_hub:
+            push_folder(result.output, hub)
+
+
+def push_folder(folder: Path, hub: TrainingArguments) -> str:
+    """Push a written model folder to the Hub as `Trainer.push_to_hub` does, and return the repository id: create
+    the repository `hub.hub_model_id` (default: the folder's name; `hub_private_repo`, `hub_token`) if needed, then
+    upload the folder in one commit "End of training" (`hub_revision`), leaving out `_*` and `checkpoint-*`.
+
+    Raises:
+        UsageError: the push failed (no network, no token, no rights); the folder stays written, and the message
+            says so.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.hub_token)
+    repo_id = hub.hub_model_id or folder.name
+    try:
+        repo_id = api.create_repo(repo_id, private=hub.hub_private_repo, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message="End of training", revision=hub.hub_revision,
+            ignore_patterns=["_*", "checkpoint-*"],
+        )  # fmt: skip
+    except Exception as error:  # the hub client raises its own and its HTTP library's errors
+        raise UsageError(f"the model is saved in {folder}, but pushing it to the hub as {repo_id} failed: "
+                         f"{first_line(error)}") from None  # fmt: skip
+    return repo_id
 
 
 def _model_name(model: str | PreTrainedModel | None) -> str | None:
@@ -457,18 +674,26 @@ def _model_name(model: str | PreTrainedModel | None) -> str | None:
     return model.config._name_or_path if isinstance(model, PreTrainedModel) else model
 
 
-def _texts(texts, data_files, eval_texts, eval_files) -> tuple[list[str], list[str]]:
-    """`(training texts, held-out texts)` from the strings and the files; refused when there is no training text,
-    or held-out text was given and is empty."""
-    train_texts = list(texts or []) + read_texts(data_files, "data")
-    held_out = list(eval_texts or []) + read_texts(eval_files, "eval data")
-    if not any(text.strip() for text in train_texts):
+#: Records: (texts, conversations), as `data.read_records` returns them
+Records = tuple[list[str], list[list[dict[str, str]]]]
+#: former names of `FinetuneArguments` fields, still accepted by `finetune`
+_FORMER_NAMES = {"data_files": "train_file", "eval_files": "validation_file"}
+
+
+def _records(a: FinetuneArguments) -> tuple[Records, Records]:
+    """`(training records, held-out records)` from the strings and the files; refused when there is no training
+    data, or held-out data was given and is empty."""
+    texts, conversations = read_records(a.train_file, "data", a.text_column, a.train_split)
+    train = (list(a.texts or []) + texts, conversations)
+    texts, conversations = read_records(a.validation_file, "eval data", a.text_column, a.validation_split)
+    held_out = (list(a.eval_texts or []) + texts, conversations)
+    if not any(text.strip() for text in train[0]) and not train[1]:
         raise UsageError(
-            "the training data is empty (no text)" if train_texts or data_files else "no training data given"
+            "the training data is empty (no text)" if train[0] or a.train_file else "no training data given"
         )
-    if (eval_files or eval_texts) and not any(text.strip() for text in held_out):
+    if (a.validation_file or a.eval_texts) and not any(text.strip() for text in held_out[0]) and not held_out[1]:
         raise UsageError("the eval data is empty (no text)")
-    return train_texts, held_out
+    return train, held_out
 
 
 def _load(model, tokenizer, settings, span_loss_coef, hybrid, seq_len, base_model, trust_remote_code, allow_pickle):
@@ -491,62 +716,104 @@ def _load(model, tokenizer, settings, span_loss_coef, hybrid, seq_len, base_mode
     return model, tokenizer, converted, base_model
 
 
-def _datasets(tokenizer, train_texts: list[str], held_out: list[str], eval_fraction: float, seq_len: int):
-    """`(training dataset, held-out dataset)` in blocks of `seq_len` tokens; without held-out text, the last
-    `eval_fraction` of the training text is held out."""
-    if held_out:
-        train_part, eval_part = train_texts, held_out
-    else:
-        head, tail = split_tail(train_texts, eval_fraction)
-        train_part, eval_part = [head], [tail]
+def _datasets(tokenizer, train: Records, held_out: Records, eval_fraction: float, seq_len: int):
+    """`(training dataset, held-out dataset)`: texts in blocks of `seq_len` tokens, conversations one a row (the
+    loss on the assistant turns); without held-out data, the last `eval_fraction` of the training texts and of the
+    conversations is held out."""
+    given = bool(held_out[0] or held_out[1])
+    if not given:
+        head, tail = split_tail(train[0], eval_fraction) if train[0] else ("", "")
+        cut = len(train[1]) - math.ceil(len(train[1]) * eval_fraction) if len(train[1]) > 1 else len(train[1])
+        train, held_out = ([head], train[1][:cut]), ([tail], train[1][cut:] or train[1])
     try:
-        train_dataset = text_dataset(tokenizer, train_part, seq_len)
+        train_dataset = _dataset(tokenizer, train, seq_len)
     except ValueError as error:
         raise UsageError(f"training data: {error}") from None
     try:
-        eval_dataset = text_dataset(tokenizer, eval_part, seq_len)
+        eval_dataset = _dataset(tokenizer, held_out, seq_len)
     except ValueError as error:
-        hint = "" if held_out else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
+        hint = "" if given else f" (the last {eval_fraction:.0%} of the text; pass --eval-data)"
         raise UsageError(f"eval data{hint}: {error}") from None
     return train_dataset, eval_dataset
 
 
-def _training_arguments(
-    trainer_dir: Path, a: FinetuneArguments, *, save_steps: int | None, use_cpu: bool, configured: bool
-):
-    """The run's `TrainingArguments` (see the module docstring for the DDP settings); `configured`: use the state
-    that `accelerate launch` configured (FSDP on the CPU)."""
-    from transformers import TrainingArguments
+def _dataset(tokenizer, records: Records, seq_len: int):
+    """One dataset of the packed texts and the conversations."""
+    from datasets import concatenate_datasets
 
-    return TrainingArguments(
+    texts, conversations = records
+    packed = any(text.strip() for text in texts) or not conversations
+    parts = [text_dataset(tokenizer, texts, seq_len)] if packed else []
+    if conversations:
+        parts.append(chat_dataset(tokenizer, conversations, seq_len))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _collator(tokenizer, dataset):
+    """`default_data_collator` for rows of one length (blocks of text), else `DataCollatorForSeq2Seq`, which pads
+    the rows on the right (labels with -100)."""
+    import copy
+
+    from transformers import DataCollatorForSeq2Seq, default_data_collator
+
+    if len({len(ids) for ids in dataset["input_ids"]}) <= 1:
+        return default_data_collator
+    if tokenizer.pad_token_id is None:  # padded positions are masked: any token will do (the tokenizer is saved as is)
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+
+def _training_arguments(
+    trainer_dir: Path,
+    a: FinetuneArguments,
+    training_args: TrainingArguments | None,
+    *,
+    save_steps: int | None,
+    use_cpu: bool,
+    configured: bool,
+) -> TrainingArguments:
+    """The run's `TrainingArguments`: those given (else `HybridTrainingArguments`' defaults) with the fields this
+    run sets: the Trainer's folder, the `FinetuneArguments` it mirrors, the checkpoints (the last one kept), and the
+    DDP settings of the module docstring; `configured`: use the state that `accelerate launch` configured (FSDP on
+    the CPU)."""
+    base = training_args if training_args is not None else HybridTrainingArguments()
+    values = {item.name: getattr(base, item.name) for item in dataclasses.fields(TrainingArguments) if item.init}
+    values.update(
         output_dir=str(trainer_dir),
         max_steps=a.steps,
         per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1,
         learning_rate=a.lr,
-        logging_steps=a.logging_steps or max(1, a.steps // 10),
+        logging_steps=a.logging_steps or max(1, a.steps // 10),  # by epochs (training_args given): set
         logging_nan_inf_filter=False,  # a NaN loss is shown as NaN
         save_strategy="steps" if save_steps is not None else "no",
         save_steps=save_steps or 500,
         save_total_limit=1,
-        eval_strategy="no",
         report_to=a.report_to,
         seed=a.seed,
-        data_seed=a.seed,
+        data_seed=a.seed if base.data_seed is None else base.data_seed,
         use_cpu=use_cpu,
         ddp_find_unused_parameters=a.ddp_find_unused_parameters,
         average_tokens_across_devices=False,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": True} if configured else None,
+        push_to_hub=False,  # the final folder is pushed once written (`push_folder`)
     )
+    if configured:
+        values["accelerator_config"] = {"use_configured_state": True}
+    try:
+        return TrainingArguments(**values)
+    except ValueError as error:  # TrainingArguments' own checks (e.g. --bf16 where it is not supported)
+        raise UsageError(f"training arguments: {error}") from None
 
 
-def _trainer(model, args, train_dataset, distill_from, distill_weight: float):
-    """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) that logs the spans."""
-    from transformers import Trainer, default_data_collator
+def _trainer(model, args, datasets: tuple, collator, distill_from, distill_weight: float):
+    """A `Trainer` (a `DistillationTrainer` with a teacher `distill_from`) on `(train, eval)` datasets (the eval
+    set serves `--eval_strategy`) that logs the spans."""
+    from transformers import Trainer
 
-    trainer_kwargs = dict(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator)
+    trainer_kwargs = dict(
+        model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1], data_collator=collator
+    )
     if distill_from is None:
         trainer = Trainer(**trainer_kwargs)
     else:
@@ -562,8 +829,8 @@ def _trainer(model, args, train_dataset, distill_from, distill_weight: float):
 
 def _training_summary(result: FinetuneResult, a: FinetuneArguments, method: str, started: float) -> dict[str, Any]:
     """The model card's training summary of a finished run."""
-    if a.eval_files:
-        held_out = ", ".join(Path(f).name for f in a.eval_files)
+    if a.validation_file:
+        held_out = ", ".join(Path(f).name for f in a.validation_file)
     else:
         held_out = (
             f"{len(a.eval_texts)} text(s)" if a.eval_texts else f"last {a.eval_fraction:.0%} of the training text"
@@ -571,7 +838,7 @@ def _training_summary(result: FinetuneResult, a: FinetuneArguments, method: str,
     processes = result.num_processes
     summary: dict[str, Any] = {
         "converted from the host model here": result.converted,
-        "training text": ", ".join(Path(f).name for f in a.data_files) or f"{len(a.texts or [])} text(s)",
+        "training text": ", ".join(Path(f).name for f in a.train_file) or f"{len(a.texts or [])} text(s)",
         "held-out text": held_out,
         "training tokens": result.train_tokens,
         "held-out tokens": result.eval_tokens,

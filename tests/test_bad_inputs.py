@@ -146,6 +146,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
         paths[name] = root / f"{name}.txt"
     (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     paths["latin1"] = root / "latin1.txt"
+    arguments = {"model_name_or_path": str(root / "host"), "output_dir": str(root / "out"), "learning_rat": 1}
+    (root / "args_unknown_key.yaml").write_text(json.dumps(arguments))  # JSON is YAML
+    paths["args_unknown_key"] = root / "args_unknown_key.yaml"
     # An interrupted fine-tune's checkpoint folder beside the output "interrupted".
     checkpoint = root / "interrupted.checkpoints" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
@@ -361,7 +364,23 @@ FINETUNE = {
         ["unrecognized", "--local-projections"],
     ),
     "settings for a hybrid model": (["{hybrid}", "{out}", *FINETUNE_TEXT, "--max-span", "4"], ["already hybrid"]),
-    "unknown flag": (["{host}", "{out}", *FINETUNE_TEXT, "--learning-rate", "1"], ["unrecognized arguments"]),
+    "unknown flag": (["{host}", "{out}", *FINETUNE_TEXT, "--epochs", "1"], ["unrecognized arguments: --epochs"]),
+    "bad TrainingArguments value": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--lr_scheduler_type", "sideways"],
+        ["--lr_scheduler_type", "invalid choice"],
+    ),
+    "no output": (["{host}", *FINETUNE_TEXT], ["OUTPUT", "--output_dir"]),
+    "no model": (["--data", "{text}"], ["no model given", "--model_name_or_path"]),
+    "save strategy epoch": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--save_strategy", "epoch"],
+        ["'epoch'", "--save_steps"],
+    ),
+    "arguments file, unknown key": (["{args_unknown_key}"], ["args_unknown_key.yaml", "learning_rat"]),
+    "model and --model_name_or_path differ": (
+        ["{host}", "{out}", *FINETUNE_TEXT, "--model_name_or_path", "{hybrid}"],
+        ["differ"],
+    ),
+    "missing arguments file": (["{missing}.yaml"], ["arguments file not found"]),
     "output exists": (["{host}", "{user_files}", *FINETUNE_TEXT], ["user_files", "already exists", "--force"]),
     "force onto user files": (["{host}", "{user_files}", *FINETUNE_TEXT, "--force"], ["not a model folder"]),
     "force onto a file": (["{host}", "{notes}", *FINETUNE_TEXT, "--force"], ["notes.txt", "not a model folder"]),
