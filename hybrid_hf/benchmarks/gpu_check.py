@@ -5,7 +5,7 @@ in one run of under 10 minutes.
    subprocess (``-k cuda``): the kernel against the float64 reference in float32 and bf16, outputs and gradients,
    a converted model's forward against its host's, cached against uncached generation, and the training step on a
    fake CUDA device.
-2. ``kernel``: the local kernel (banded eager; banded under `torch.compile`) against causal
+2. ``kernel``: the local kernel (banded eager; banded under `torch.compile`; `flex_attention`) against causal
    `F.scaled_dot_product_attention`, N = 4K and 16K, B=1, H=8, D=64, band 256 (max_span=224, ramp=32), bf16,
    forward (no grad) and forward+backward.
 3. ``model``: a SmolLM2-135M-shaped Llama (random weights: hidden 576, 30 layers, 9 heads, 3 key/value heads,
@@ -89,14 +89,20 @@ def run_tests(quick: bool, device: torch.device, root: Path) -> dict:
 
 
 def _kernel_impls(q, k, v, span, temp, compile_backend: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """The implementations timed against each other on `(1, H, N, D)` inputs: name -> call."""
+    """The implementations timed against each other on `(1, H, N, D)` inputs: name -> call. Flex attention (compiled
+    on CUDA) joins them where PyTorch runs it: on CUDA, and on the CPU without gradients (eager, unfused)."""
     kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=True)
     compiled = torch.compile(adaptive_local_attention, backend=compile_backend, dynamic=False)
-    return {
+    impls = {
         "banded eager": functools.partial(adaptive_local_attention, q, k, v, span, temp, **kwargs),
         "banded compiled": functools.partial(compiled, q, k, v, span, temp, **kwargs),
-        "sdpa causal": functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True),
     }
+    if q.device.type == "cuda" or not q.requires_grad:
+        impls["flex"] = functools.partial(
+            adaptive_local_attention, q, k, v, span, temp, implementation="flex", **kwargs
+        )
+    impls["sdpa causal"] = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+    return impls
 
 
 def bench_kernels(ctx: BenchContext, deadline: Deadline, dtype: torch.dtype, compile_backend: str) -> list[dict]:
@@ -121,7 +127,7 @@ def bench_kernels(ctx: BenchContext, deadline: Deadline, dtype: torch.dtype, com
             calls["banded compiled"]()  # compiled here, so that the compilation is not the timed warm-up
             measured = ctx.compare(calls)
             cells = {name: make_row("kernel", what[name], n, mode, measured[name], impl=name) for name in impls}
-            for name in ("banded eager", "banded compiled"):
+            for name in ("banded eager", "banded compiled", "flex")[: len(impls) - 1]:
                 cells[name]["ratios"]["sdpa/this"] = _ratio(cells["sdpa causal"], cells[name])
             rows += list(cells.values())
     return rows
