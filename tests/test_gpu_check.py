@@ -55,3 +55,14 @@ def test_budget_spent_skips_the_timings(monkeypatch, tmp_path):
     assert run(gpu_check.main, ["--quick", "--skip-tests", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(row["skipped"] and row["note"] == "out of time budget" for row in rows)
+
+
+def test_tests_step_stopped_past_its_time_is_a_failure(monkeypatch):
+    def too_slow(command, **kwargs):
+        raise gpu_check.subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", too_slow)
+    root = Path(__file__).parents[1]
+    outcome = gpu_check.run_tests(False, torch.device("cuda"), root, 12.0)
+    assert outcome["returncode"] == -1 and outcome["summary"] == "stopped after 12 s"
+    assert "-k cuda" in outcome["command"]

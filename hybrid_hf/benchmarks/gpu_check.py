@@ -15,7 +15,8 @@ in one run of under 10 minutes.
 Writes ``--out`` (default ``docs/gpu.json``: metadata, the test outcome and every row) and prints the Markdown
 table. Timings use the benchmark's harness (`BenchContext.compare`: warm-up, then the median of interleaved timed
 calls, the device synchronised around each). A run that nears ``--budget`` seconds skips its remaining cells, each
-reported as skipped.
+reported as skipped: the tests may take 40% of it, the kernel timings 60% of the time left after them, and the
+model timings keep the rest.
 
 Without CUDA it stops at once with one line and exit status 2, unless ``--quick``: tiny sizes on the CPU (a smoke
 test of the whole path in seconds: the tests step runs one small CPU test, `torch.compile` uses its ``eager``
@@ -75,15 +76,23 @@ class Deadline:
     def left(self) -> bool:
         return time.perf_counter() < self.end
 
+    def share(self, fraction: float) -> Deadline:
+        """A deadline `fraction` of the time left from now, so that one section cannot spend another's time."""
+        return Deadline(fraction * max(0.0, self.end - time.perf_counter()))
 
-def run_tests(quick: bool, device: torch.device, root: Path) -> dict:
-    """The device-parametrised tests on `device` in a pytest subprocess: `{"command", "returncode", "summary"}`."""
+
+def run_tests(quick: bool, device: torch.device, root: Path, seconds: float) -> dict:
+    """The device-parametrised tests on `device` in a pytest subprocess, stopped after `seconds`:
+    `{"command", "returncode", "summary"}` (return code -1 when stopped)."""
     files = [str(root / name) for name in TEST_FILES if (root / name).exists()]
     if not files:
         return {"command": None, "returncode": None, "summary": f"skipped: no tests folder under {root}"}
     selection = QUICK_TEST if quick else device.type
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection, *files]
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(command), "returncode": -1, "summary": f"stopped after {seconds:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     return {"command": " ".join(command), "returncode": done.returncode, "summary": lines[-1] if lines else ""}
 
@@ -178,10 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = BenchContext(device=device, repeats=repeats, quick=args.quick, memory=device.type == "cuda")
     deadline, started = Deadline(args.budget), time.perf_counter()
     root = Path(__file__).resolve().parents[2]  # the checkout: tests/ beside hybrid_hf/
-    tests = {"summary": "skipped (--skip-tests)"} if args.skip_tests else run_tests(args.quick, device, root)
+    tests = (
+        {"summary": "skipped (--skip-tests)"}
+        if args.skip_tests
+        else run_tests(args.quick, device, root, 0.4 * args.budget)
+    )
     ctx.log(f"[gpu-check] tests: {tests['summary']}")
     compile_backend = "eager" if args.quick and device.type == "cpu" else "inductor"
-    rows = bench_kernels(ctx, deadline, torch.bfloat16, compile_backend)
+    rows = bench_kernels(ctx, deadline.share(0.6), torch.bfloat16, compile_backend)  # the model keeps 40%
     rows += bench_smollm2(ctx, deadline, torch.bfloat16)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     meta = {
