@@ -9,7 +9,7 @@ PIP_EXTRA ?=
 TORCH ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: test lint core sweep architectures transformers-tests demo bench clean
+.PHONY: test lint core sweep architectures transformers-tests demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/hybrid-hf bench $(BENCH_ARGS)
+
+# On a CUDA machine, in under 10 minutes: the device tests on CUDA (float32 and bf16), the local kernel (eager and
+# compiled) against causal SDPA at 4K and 16K, and a converted SmolLM2-shaped model against the original; writes
+# docs/gpu.json and prints the table. Without CUDA: one line, exit status 2. GPU_CHECK_ARGS="--quick": tiny, on the CPU.
+gpu-check: $(VENV)/.installed
+	$(PY) -m hybrid_hf.benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

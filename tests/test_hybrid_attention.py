@@ -134,19 +134,28 @@ def float32_tolerance(temperature):
     return 1e-5 * max(1.0, 1.0 / temperature.min().item())
 
 
+def on_device(kwargs, device):
+    """The kernel's keyword arguments with their tensors (masks, segment ids) moved to `device`."""
+    return {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in kwargs.items()}
+
+
 def assert_matches_reference(
-    query, key, value, span, temperature, *, tol=None, check_grads=True, also_float64=True, **kwargs
+    query, key, value, span, temperature, *, tol=None, check_grads=True, also_float64=True, device="cpu", **kwargs
 ):
     """Kernel == reference: the output, and the gradients of `(out * w).sum()` w.r.t. every tensor argument.
 
-    float32 inputs are compared in float32 (to `float32_tolerance`) and again in float64 (to 1e-10).
+    float32 inputs are compared in float32 (to `float32_tolerance`) and again in float64 (to 1e-10). The kernel runs
+    on `device`; the reference runs on the CPU, and the kernel's results are compared there.
     """
     if tol is None:
         tol = float32_tolerance(temperature) if query.dtype == torch.float32 else TOL[query.dtype]
-    leaves = [t.detach().clone().requires_grad_(check_grads) for t in (query, key, value, span, temperature)]
-    ref_leaves = [t.detach().clone().requires_grad_(check_grads) for t in (query, key, value, span, temperature)]
-    out = adaptive_local_attention(*leaves, **kwargs)
+    inputs = (query, key, value, span, temperature)
+    leaves = [t.detach().to(device, copy=True).requires_grad_(check_grads) for t in inputs]
+    ref_leaves = [t.detach().clone().requires_grad_(check_grads) for t in inputs]
+    out = adaptive_local_attention(*leaves, **on_device(kwargs, device))
+    assert out.device.type == torch.device(device).type
     ref = reference_local_attention(*ref_leaves, **kwargs)
+    out_device, out = out, out.cpu()
     assert out.shape == ref.shape == (*query.shape[:3], value.shape[3])
     assert out.dtype == query.dtype
     assert torch.isfinite(out).all()
@@ -169,16 +178,18 @@ def assert_matches_reference(
     assert (out.detach()[~has_keys] == 0).all()
     if check_grads:
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
-        grads = torch.autograd.grad((out * weights).sum(), leaves)
+        grads = torch.autograd.grad((out_device * weights.to(device)).sum(), leaves)
         ref_grads = torch.autograd.grad((ref * weights).sum(), ref_leaves)
         for name, grad, ref_grad, leaf in zip(LEAVES, grads, ref_grads, leaves, strict=True):
             assert grad.shape == leaf.shape, name
+            assert grad.device == leaf.device, name
+            grad = grad.cpu()
             assert torch.isfinite(ref_grad).all(), f"reference d/d{name}"
             assert torch.isfinite(grad).all(), f"non-finite d/d{name}"
             _assert_close(grad, ref_grad, tol, f"d/d{name}")
     if also_float64 and query.dtype == torch.float32:
         as64 = [t.double() for t in (query, key, value, span, temperature)]
-        assert_matches_reference(*as64, check_grads=check_grads, also_float64=False, **kwargs)
+        assert_matches_reference(*as64, check_grads=check_grads, also_float64=False, device=device, **kwargs)
     return out
 
 
@@ -212,45 +223,43 @@ class MaxNumel(TorchDispatchMode):
     "length",
     [1, MAX_SPAN - 1, MAX_SPAN, MAX_SPAN + 1, WINDOW, 4 * WINDOW + 5, 131],
 )
-def test_matches_reference_over_lengths(length, causal, block_size):
+def test_matches_reference_over_lengths(length, causal, block_size, device):
     case = make_case(length=length, seed=length)
-    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=block_size)
+    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=block_size, device=device)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (2, 1)])
-def test_matches_reference_grouped_query_attention(heads, kv_heads, causal):
+def test_matches_reference_grouped_query_attention(heads, kv_heads, causal, device):
     case = make_case(heads=heads, kv_heads=kv_heads, length=37, head_dim=16, seed=heads * 10 + kv_heads)
-    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16)
+    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16, device=device)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("padding", ["left", "right", "mixed", "holes"])
 @pytest.mark.parametrize("length", [9, 40])
-def test_matches_reference_with_padding(padding, causal, length):
+def test_matches_reference_with_padding(padding, causal, length, device):
     case = make_case(length=length, kv_heads=1, seed=length)
     key_mask = make_key_mask(2, length, padding)
     assert key_mask is not None and (key_mask == 0).any()
-    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, block_size=16)
+    assert_matches_reference(
+        *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, block_size=16, device=device
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("max_distance", [0, 1, 4, WINDOW - 2, WINDOW - 1, 100])
 @pytest.mark.parametrize("padding", ["none", "mixed"])
-def test_matches_reference_with_max_distance(max_distance, causal, padding):
+def test_matches_reference_with_max_distance(max_distance, causal, padding, device):
     case = make_case(length=41, seed=max_distance)
-    key_mask = make_key_mask(2, 41, padding)
-    assert_matches_reference(
-        *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance, block_size=16
+    kwargs = dict(
+        max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=make_key_mask(2, 41, padding), max_distance=max_distance
     )
+    assert_matches_reference(*case, block_size=16, device=device, **kwargs)
     with torch.no_grad():  # the inference path narrows the band to the limit
         torch.testing.assert_close(
-            adaptive_local_attention(
-                *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance
-            ),
-            reference_local_attention(
-                *case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=key_mask, max_distance=max_distance
-            ),
+            adaptive_local_attention(*(t.to(device) for t in case), **on_device(kwargs, device)).cpu(),
+            reference_local_attention(*case, **kwargs),
             atol=1e-5,
             rtol=0,
         )
@@ -373,7 +382,7 @@ def sink_slots(batch, sinks, key_mask=None):
     "length,keys,query_offset",
     [(40, 40, None), (13, 50, None), (1, 50, None), (1, 3, None), (1, 18, None), (1, 50, 20), (9, 50, 20)],
 )
-def test_matches_reference_with_sinks(length, keys, query_offset, sinks, max_distance, padding, causal):
+def test_matches_reference_with_sinks(length, keys, query_offset, sinks, max_distance, padding, causal, device):
     case = make_case(length=length, keys=keys, kv_heads=2, seed=3 * length + keys + sinks)
     key_mask = make_key_mask(2, keys, padding)
     settings_ = dict(
@@ -386,12 +395,13 @@ def test_matches_reference_with_sinks(length, keys, query_offset, sinks, max_dis
         sink_mask=sink_slots(2, min(sinks, keys), key_mask),
         block_size=16,
     )
-    assert_matches_reference(*case, **settings_)  # gradients tracked: the band's autograd function
-    with torch.no_grad():  # inference: the fused path (float32), and the decoding step when length == 1
+    assert_matches_reference(*case, device=device, **settings_)  # gradients tracked: the band's autograd function
+    with torch.no_grad():  # inference: the fused path (float32 on the CPU), and the decoding step when length == 1
         expected = reference_local_attention(*case, **settings_)
-        _assert_close(adaptive_local_attention(*case, **settings_), expected, 1e-5, "inference")
-        bf16 = [t.bfloat16() for t in case[:3]] + list(case[3:])  # the unfused inference path
-        _assert_close(adaptive_local_attention(*bf16, **settings_).float(), expected, 5e-2, "bfloat16")
+        on = on_device(settings_, device)
+        _assert_close(adaptive_local_attention(*(t.to(device) for t in case), **on).cpu(), expected, 1e-5, "inference")
+        bf16 = [t.to(device, torch.bfloat16) for t in case[:3]] + [t.to(device) for t in case[3:]]  # unfused path
+        _assert_close(adaptive_local_attention(*bf16, **on).float().cpu(), expected, 5e-2, "bfloat16")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -465,9 +475,9 @@ def test_default_query_offset_is_the_last_positions():
     ],
     ids=str,
 )
-def test_matches_reference_over_spans(span, causal):
+def test_matches_reference_over_spans(span, causal, device):
     case = make_case(length=45, span=span, seed=3)
-    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16)
+    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16, device=device)
 
 
 def test_matches_reference_with_integer_spans():
@@ -494,11 +504,11 @@ def test_spans_beyond_max_span_are_clamped():
 @pytest.mark.parametrize("temperature_shape", ["position", "head"])
 @pytest.mark.parametrize("span_shape", ["position", "head"])
 @pytest.mark.parametrize("temperature", [0.05, 2.0, (0.05, 2.0)], ids=str)
-def test_matches_reference_over_temperatures_and_shapes(temperature, span_shape, temperature_shape, causal):
+def test_matches_reference_over_temperatures_and_shapes(temperature, span_shape, temperature_shape, causal, device):
     case = make_case(
         length=33, temperature=temperature, span_shape=span_shape, temperature_shape=temperature_shape, seed=5
     )
-    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16)
+    assert_matches_reference(*case, max_span=MAX_SPAN, ramp=RAMP, causal=causal, block_size=16, device=device)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -951,14 +961,22 @@ def test_large_magnitude_inputs(magnitude, causal, dtype):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_bfloat16_close_to_reference_at_moderate_temperature(causal):
-    query, key, value, span, temperature = make_case(length=64, temperature=(0.7, 2.0), dtype=torch.bfloat16)
-    out = adaptive_local_attention(query, key, value, span, temperature, max_span=MAX_SPAN, ramp=RAMP, causal=causal)
-    ref = reference_local_attention(
-        *(t.double() for t in (query, key, value, span, temperature)), max_span=MAX_SPAN, ramp=RAMP, causal=causal
-    )
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=4e-2)
+def test_bfloat16_close_to_reference_at_moderate_temperature(causal, device):
+    """bf16 on the device, outputs and gradients, against the float64 reference on the CPU."""
+    case = make_case(length=64, temperature=(0.7, 2.0), dtype=torch.bfloat16)
+    kwargs = dict(max_span=MAX_SPAN, ramp=RAMP, causal=causal, key_mask=make_key_mask(2, 64, "mixed"))
+    leaves = [t.to(device, copy=True).requires_grad_() for t in case]
+    ref_leaves = [t.double().requires_grad_() for t in case]
+    out = adaptive_local_attention(*leaves, **on_device(kwargs, device))
+    ref = reference_local_attention(*ref_leaves, **kwargs)
+    assert out.dtype == torch.bfloat16 and out.device.type == torch.device(device).type
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=4e-2)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weights.to(device)).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), ref_leaves)
+    for name, grad, ref_grad in zip(LEAVES, grads, ref_grads, strict=True):
+        assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all(), name
+        _assert_close(grad.double().cpu(), ref_grad, 5e-2, f"d/d{name}")
 
 
 def test_bfloat16_logits_are_accurate_at_low_temperature():

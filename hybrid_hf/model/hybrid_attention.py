@@ -12,6 +12,7 @@ This file travels with saved checkpoints (`trust_remote_code`): it imports only 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -27,6 +28,8 @@ DEBUG = os.environ.get("HYBRID_HF_DEBUG", "") not in ("", "0")
 #: the highest temperature: beyond 1000 the local softmax is uniform already, and a temperature such as 1e39 (a
 #: finite number) makes the gradients of the span predictor infinite or NaN
 TAU_LIMIT = 1000.0
+#: the implementations of the local band (`adaptive_local_attention`'s `implementation`)
+IMPLEMENTATIONS = ("banded", "flex")
 
 
 def validate_span_settings(
@@ -359,6 +362,7 @@ def adaptive_local_attention(
     block_size: int | None = None,
     reach: int | None = None,
     sink_mask: torch.Tensor | None = None,
+    implementation: str = "banded",
 ) -> torch.Tensor:
     """Sliding-window attention with a soft, per-query span and a per-query temperature, in `O(N * window)`.
 
@@ -402,6 +406,10 @@ def adaptive_local_attention(
             `max_distance` and its own packed sequence; a sink slot is never read through the band. The other keys
             keep their index distances, so a cache may drop the keys between the sinks and the window (a query
             then reads `K` sinks plus `max_span + ramp` keys).
+        implementation: `"banded"` (the default: the blocked eager kernel below) or `"flex"`: PyTorch's
+            `flex_attention`, the band as a `BlockMask` and the temperature and `log m` applied by a `score_mod`
+            (`block_size` and `reach` do not apply). Compiled on CUDA; on the CPU, PyTorch runs flex eagerly and
+            forward only (no gradients there).
 
     Returns:
         `(B, H, N, D_v)`, in `query`'s dtype.
@@ -420,9 +428,14 @@ def adaptive_local_attention(
     batch, heads, length, _ = query.shape
     if length == 0:
         return query.new_zeros((batch, heads, 0, value.shape[3]))
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     band = max_span + ramp  # keys at distance <= band - 1 may be read
     span = span.clamp(0, max_span).expand(batch, heads, length)  # (B, H, N)
     temperature = temperature.expand(batch, heads, length)  # (B, H, N)
+    if implementation == "flex":
+        settings = (offset, max_span, ramp, causal, max_distance, scaling)
+        return _flex_band(query, key, value, span, temperature, (key_mask, segment_ids, sink_mask), settings)
     tracking = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, span, temperature))
     if reach is None:
         # A band width read from the spans' values: at inference in eager mode, and not for one query (a decoding
@@ -440,6 +453,74 @@ def adaptive_local_attention(
         scaling=scaling, offset=offset, reach=reach, max_distance=max_distance, block_size=block_size,
         tracking=tracking, sink_mask=sink_mask,
     )  # fmt: skip
+
+
+def _flex_band(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    span: torch.Tensor,
+    temperature: torch.Tensor,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    settings: tuple[int, int, int, bool, int | None, float | None],
+) -> torch.Tensor:
+    """`adaptive_local_attention` through `flex_attention`: `masks` = `(key_mask, segment_ids, sink_mask)`,
+    `settings` = `(offset, max_span, ramp, causal, max_distance, scaling)`; `span` (clamped) and `temperature`
+    `(B, H, N)`. The `BlockMask` keeps the blocks within the band (and the sink columns); the `score_mod` reads the
+    span and the logit factor of each (batch, head, query) from tensors, so gradients reach them."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    key_mask, segment_ids, sink_mask = masks
+    offset, max_span, ramp, causal, max_distance, scaling = settings
+    batch, heads, length, head_dim = query.shape
+    keys, band = key.shape[2], max_span + ramp
+    compute = torch.promote_types(query.dtype, torch.float32)
+    scale = (head_dim**-0.5 if scaling is None else scaling) / temperature.to(compute)  # (B, H, N)
+    span = span.to(compute)  # (B, H, N)
+    sinks = 0 if sink_mask is None else sink_mask.shape[1]
+    is_sink = None if sink_mask is None else F.pad(sink_mask.bool(), (0, keys - sinks))  # (B, S)
+    valid = None if key_mask is None else key_mask.bool()  # (B, S)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        delta = offset + q_idx - kv_idx
+        inside = (delta >= 0) & (delta < band) if causal else (delta.abs() < band)
+        if max_distance is not None:
+            inside = inside & (delta.abs() <= max_distance)
+        return inside | (kv_idx < sinks) if sinks else inside
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        delta = offset + q_idx - kv_idx
+        ramp_value = (span[b, h, q_idx] - delta.abs()) / ramp + 1
+        # clamp to [0, 1] with the reference's gradient at the kinks: 0 at and beyond the ends
+        m = torch.where(ramp_value >= 1, 1.0, torch.where(ramp_value <= 0, 0.0, ramp_value))
+        if is_sink is not None:
+            m = torch.where(is_sink[b, kv_idx], 1.0, m)
+        readable = m > 0
+        if causal:
+            readable = readable & (delta >= 0)
+        if max_distance is not None:
+            readable = readable & (delta.abs() <= max_distance)
+        if valid is not None:
+            readable = readable & valid[b, kv_idx]
+        if segment_ids is not None:
+            readable = readable & (segment_ids[b, offset + q_idx] == segment_ids[b, kv_idx])
+        logit = score * scale[b, h, q_idx] + torch.log(torch.where(readable, m, 1.0))
+        return torch.where(readable, logit, -math.inf)
+
+    block_mask = create_block_mask(mask_mod, None, None, length, keys, device=query.device)
+    flex = flex_attention
+    if query.device.type != "cpu" and not torch.compiler.is_compiling():
+        flex = _compiled_flex()
+    out = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=1.0, enable_gqa=True)
+    return out.to(query.dtype)  # (B, H, N, D_v)
+
+
+@functools.cache
+def _compiled_flex():
+    """`torch.compile(flex_attention)`, made once: flex attention is fused only when compiled."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def band_reach(span: torch.Tensor, *, max_span: int, ramp: int, buckets: int = 8) -> int:

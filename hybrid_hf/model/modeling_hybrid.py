@@ -278,7 +278,10 @@ def sink_positions(
     mask: torch.Tensor | None, sink_tokens: int, batch: int, length: int, device: torch.device
 ) -> torch.Tensor | None:
     """`(B, K)` True at the first `sink_tokens` real tokens of each row, `K` the fewest leading positions that hold
-    them all (all `length` positions while a row has fewer); None for no sinks."""
+    them all (all `length` positions while a row has fewer); None for no sinks.
+
+    With a padding `mask`, `K` is read from it: one device-to-host copy per forward (not per layer), on models with
+    local-only layers and `sink_tokens > 0` only. Without a mask nothing is read (`K = sink_tokens`)."""
     if sink_tokens == 0 or length == 0:
         return None
     if mask is None:
