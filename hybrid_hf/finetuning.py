@@ -332,6 +332,12 @@ class HybridTrainingArguments(TrainingArguments):
         default=1e-4,
         metadata={"help": "learning rate (transformers: 5e-5; 1e-4 as the former --lr)", "aliases": ["--lr"]},
     )  # fmt: skip
+    warmup_steps: float = field(
+        default=0,
+        metadata={"help": "warm-up steps, or below 1 the warm-up's share of the steps (as transformers'); "
+                  "--warmup_ratio, the name transformers 4 and its example scripts use for the share, is an alias",
+                  "aliases": ["--warmup_ratio"]},
+    )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "random seed (transformers: 42; 0 as before, so runs repeat)"})
     logging_steps: float | None = field(
         default=None,

@@ -69,14 +69,18 @@ def add_setting_arguments(parser: argparse.ArgumentParser, title: str = "hybrid 
     group = parser.add_argument_group(f"{title} (defaults: those of HybridSettings)")
     for name, help_text in SETTINGS.items():
         default = getattr(HybridSettings, name)
+        flags = list(dict.fromkeys([flag(name), f"--{name}"]))  # `--max-span` and transformers' `--max_span`
         if name in ("hybrid_layers", "local_layers"):
             parse = layer_list if name == "hybrid_layers" else local_layer_list
-            group.add_argument(flag(name), type=parse, metavar="I,J,...", help=help_text)
+            group.add_argument(*flags, dest=name, type=parse, metavar="I,J,...", help=help_text)
         elif isinstance(default, bool):
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             group.add_argument(
-                flag(name),
+                *flags,
+                dest=name,
                 type=type(default),
                 metavar="X" if isinstance(default, float) else "N",
                 help=f"{help_text} (default {default}"

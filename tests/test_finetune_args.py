@@ -68,6 +68,8 @@ def test_training_flags_reach_training_arguments(folders):
     assert training.lr_scheduler_type == "cosine" and training.warmup_steps == 0.25 and training.weight_decay == 0.01
     assert training.eval_strategy == "steps" and training.eval_steps == 2
     assert training.max_steps == 6 and training.learning_rate == 0.5  # the former flags are aliases
+    ratio = parse_arguments(["m", "o", "--data", "t.txt", "--warmup_ratio", "0.1"])[1]
+    assert ratio.warmup_steps == 0.1  # the example scripts' name of the warm-up share
     defaults = parse_arguments(["m", "o", "--data", "t.txt"])[1]
     assert (defaults.max_steps, defaults.learning_rate, defaults.per_device_train_batch_size, defaults.seed) == (
         50, 1e-4, 4, 0

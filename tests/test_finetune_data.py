@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import TEXT, tiny_llama, word_tokenizer
 
 from hybrid_hf import commands
@@ -144,3 +146,22 @@ def test_cli_bad_data_is_one_line(tmp_path, host_folder, capsys, kind, content, 
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_trains_on_conversations_with_the_trainers_flags(tmp_path, host_folder):
+    """The example scripts' command line, verbatim, on conversations in JSON Lines: bf16 on the CPU, gradient
+    accumulation and checkpointing, a warm-up ratio, a cosine schedule and evaluation every few steps."""
+    folder = tmp_path / "chat_host"
+    shutil.copytree(host_folder, folder)
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(8)))
+    argv = [str(folder), str(tmp_path / "out"), "--train_file", str(path), "--validation_file", str(path), "--bf16",
+            "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "--warmup_ratio", "0.1",
+            "--lr_scheduler_type", "cosine", "--eval_strategy", "steps", "--eval_steps", "2", "--max_steps", "4",
+            "--per_device_train_batch_size", "1", "--seq_len", "32", "--use_cpu", "--max_span", "8", "--ramp", "4"]
+    assert commands.main(["finetune", *argv]) == 0
+    written, host = load_file(tmp_path / "out" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert not torch.equal(written["model.embed_tokens.weight"], host["model.embed_tokens.weight"])  # it trained
