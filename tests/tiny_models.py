@@ -60,6 +60,13 @@ def tiny_config(model_type: str, **overrides):
     except AttributeError:  # a config whose head_dim is computed, not set (Falcon)
         fields.pop("head_dim")
         config = config_class(**fields)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and "layer_types" not in overrides and not any("attention" in str(t) for t in types):
+        # A family that interleaves attention with other layers (LFM's convolutions) and starts with those: one layer
+        # of each of its kinds, in its own order, so that the tiny model has attention to convert.
+        kinds = list(dict.fromkeys(config_class().layer_types))
+        if any("attention" in str(kind) for kind in kinds):
+            config = config_class(**{**fields, "num_hidden_layers": len(kinds), "layer_types": kinds})
     return _shrink(config, overrides)
 
 
