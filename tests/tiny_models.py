@@ -50,6 +50,11 @@ ENCODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" not in tasks
 _LATENT = dict(qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16)
 
 
+def _is_attention_kind(layer_type) -> bool:
+    """Whether a `layer_types` entry is softmax attention (full, sliding, chunked), not linear attention."""
+    return "attention" in str(layer_type) and "linear" not in str(layer_type)
+
+
 def tiny_config(model_type: str, **overrides):
     config_class = CONFIG_MAPPING[model_type]
     fields = {**TINY, **_FAMILY.get(model_type, {}), **overrides}
@@ -61,11 +66,11 @@ def tiny_config(model_type: str, **overrides):
         fields.pop("head_dim")
         config = config_class(**fields)
     types = getattr(config, "layer_types", None)
-    if isinstance(types, list) and "layer_types" not in overrides and not any("attention" in str(t) for t in types):
+    if isinstance(types, list) and "layer_types" not in overrides and not any(map(_is_attention_kind, types)):
         # A family that interleaves attention with other layers (LFM's convolutions) and starts with those: one layer
         # of each of its kinds, in its own order, so that the tiny model has attention to convert.
         kinds = list(dict.fromkeys(config_class().layer_types))
-        if any("attention" in str(kind) for kind in kinds):
+        if any(map(_is_attention_kind, kinds)):
             config = config_class(**{**fields, "num_hidden_layers": len(kinds), "layer_types": kinds})
     return _shrink(config, overrides)
 
