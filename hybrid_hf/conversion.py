@@ -40,9 +40,21 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     check_setting_names(settings)
     fields = {k: v for k, v in host_config.to_dict().items() if k not in _NOT_SETTINGS}
     fields.pop("quantization_config", None)
-    config = hybrid_config_class(type(host_config))(**{**fields, **settings})
+    config_class = hybrid_config_class(type(host_config))
+    host_text = host_config.get_text_config()
+    if host_text is not host_config:  # a composite model: the settings go on its text config
+        if not isinstance(host_text, type(host_config).sub_configs.get("text_config", ())):
+            raise UnsupportedHostError(
+                f"{type(host_config).__name__}'s text config is a {type(host_text).__name__} that its class does not "
+                "name in `sub_configs`, so a saved hybrid model could not rebuild it"
+            )
+        text_fields = {k: v for k, v in fields["text_config"].items() if k not in _NOT_SETTINGS}
+        text_config = config_class.sub_configs["text_config"](**text_fields, **settings)
+        config = config_class(**{**fields, "text_config": text_config})
+    else:
+        config = config_class(**{**fields, **settings})
     if settings.get("global_attn_implementation") is None:  # the host's own, unless one is asked for
-        config.global_attn_implementation = host_config._attn_implementation
+        config.get_text_config().global_attn_implementation = host_text._attn_implementation
     return config
 
 
@@ -119,17 +131,32 @@ def _probe(hybrid: PreTrainedModel) -> None:
     device = next(hybrid.parameters()).device
     if device.type == "meta":
         return
-    host_name = type(hybrid).__name__.removeprefix("Hybrid")
-    multiple_choice = host_name in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
-    shape = (1, 1, 2) if multiple_choice else (1, 2)  # (batch, choices, tokens) for multiple-choice heads
     try:
         with torch.no_grad():
-            hybrid(input_ids=torch.ones(shape, dtype=torch.long, device=device))
+            hybrid(**_probe_inputs(hybrid, device))
     except UnsupportedHostError:
         raise
     except Exception as error:  # the host itself refuses what the hybrid forward does (e.g. a cache of its own)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsupportedHostError(f"{type(hybrid).__name__} fails its first forward: {message}") from error
+
+
+def _probe_inputs(model: PreTrainedModel, device: torch.device) -> dict[str, torch.Tensor]:
+    """Two tokens for the model (with two decoder tokens for an encoder-decoder), or for a speech encoder the log-mel
+    frames its config asks for (`num_mel_bins` x 2 `max_source_positions`, as Whisper's encoder requires)."""
+    host_name = type(model).__name__.removeprefix("Hybrid")
+    multiple_choice = host_name in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
+    shape = (1, 1, 2) if multiple_choice else (1, 2)  # (batch, choices, tokens) for multiple-choice heads
+    tokens = torch.ones(shape, dtype=torch.long, device=device)
+    config = model.config
+    if model.main_input_name == "input_features":
+        frames = 2 * config.max_source_positions
+        inputs = {"input_features": torch.zeros(1, config.num_mel_bins, frames, dtype=model.dtype, device=device)}
+    else:
+        inputs = {"input_ids": tokens}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = tokens
+    return inputs
 
 
 def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:

@@ -37,6 +37,9 @@ TASK_TABLE = {
     # PEFT has no masked-LM task type; its generic PeftModel trains one fine.
     "masked_lm": Task("AutoModelForMaskedLM", None, "fill-mask"),
     "sequence_classification": Task("AutoModelForSequenceClassification", "SEQ_CLS", "text-classification"),
+    "seq2seq_lm": Task("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", "text2text-generation"),
+    "speech_seq2seq": Task("AutoModelForSpeechSeq2Seq", None, "automatic-speech-recognition"),
+    "image_text_to_text": Task("AutoModelForImageTextToText", None, "image-text-to-text"),
 }
 TASKS = tuple(TASK_TABLE)
 
@@ -72,9 +75,15 @@ def is_encoder(config) -> bool:
     return "masked_lm" in model_classes(config.model_type) and not getattr(config, "is_decoder", False)
 
 
+#: the generative tasks a family's default is chosen from, in order
+GENERATIVE_TASKS = ("causal_lm", "seq2seq_lm", "speech_seq2seq")
+
+
 def default_task(config) -> str:
-    """`"causal_lm"` for a decoder family, else `"base"`."""
-    return "base" if is_encoder(config) or "causal_lm" not in model_classes(config.model_type) else "causal_lm"
+    """`"causal_lm"` for a decoder family, the sequence-to-sequence LM of an encoder-decoder, else `"base"`."""
+    classes = model_classes(config.model_type)
+    generative = [task for task in GENERATIVE_TASKS if task in classes]
+    return "base" if is_encoder(config) or not generative else generative[0]
 
 
 def choose_task(config, task: str | None = None) -> str:

@@ -161,10 +161,23 @@ def _config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
         "__module__": __name__,
         "__qualname__": name,
     }
-    # The host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation.
-    cls = type(name, (host, HybridSettings), attributes)
+    text_config = text_config_class(host)
+    if text_config is not None:  # a composite model: the settings go on its text config
+        # transformers builds sub-configs from `sub_configs_defaults` where it has them (before: from `sub_configs`)
+        table = "sub_configs_defaults" if getattr(host, "sub_configs_defaults", None) else "sub_configs"
+        attributes[table] = {**getattr(host, table), "text_config": _config_class(text_config)}
+        attributes["__doc__"] = f"`{host.__name__}` whose text model has hybrid attention (see its `text_config`)."
+        cls = type(name, (host,), attributes)
+    else:  # the host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation
+        cls = type(name, (host, HybridSettings), attributes)
     cls.register_for_auto_class()
     return cls
+
+
+def text_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig] | None:
+    """The config class of a composite (multimodal) config's text model, when its `sub_configs` name one."""
+    text_config = (getattr(host, "sub_configs", None) or {}).get("text_config")
+    return text_config if isinstance(text_config, type) and issubclass(text_config, PreTrainedConfig) else None
 
 
 def hybrid_config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:

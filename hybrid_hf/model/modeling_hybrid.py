@@ -77,6 +77,9 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForSpeechSeq2Seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "AutoModelForImageTextToText": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
     "AutoModel": "MODEL_MAPPING_NAMES",
 }
 
@@ -102,6 +105,8 @@ class HybridForwardState:
     Attributes:
         config: the hybrid config (settings and the global branch's implementation).
         key_mask: `(B, S)` 1 for real tokens, the model's 2-D `attention_mask` (None: no padding).
+        decoder_key_mask: the same for the causal layers, where they have a mask of their own (an encoder-decoder's
+            `decoder_attention_mask`); `key_mask` otherwise.
         cache: the model's KV cache, where decoders keep their context state (None without cache).
         segment_ids: `(B, N)` sequence index of each token when sequences are packed in a row without padding and
             told apart by `position_ids` (as transformers' masks tell them apart); None otherwise.
@@ -122,7 +127,7 @@ class HybridForwardState:
         sink_mask: torch.Tensor | None = None,
     ):
         self.config = config
-        self.key_mask = key_mask
+        self.key_mask = self.decoder_key_mask = key_mask
         self.cache = cache
         self.segment_ids = segment_ids
         self.sink_mask = sink_mask
@@ -201,7 +206,8 @@ def hybrid_attention_forward(
     if causal and state.cache is not None:
         sinks = None if sink_mask is None else sink_mask.shape[1]
         layer = hybrid_cache_layer(state.cache, module.layer_idx, config, sinks)
-    key_mask = _key_mask(state.key_mask, key.shape[2], getattr(layer, "sink_slots", 0))
+    padding = state.decoder_key_mask if causal else state.key_mask
+    key_mask = _key_mask(padding, key.shape[2], getattr(layer, "sink_slots", 0))
     query_mask = key_mask[:, -length:] if key_mask is not None else None
 
     # Span and temperature from the context: prefix means (decoder, carried in the cache) or the whole-sequence mean,
@@ -503,47 +509,83 @@ def uses_attention_interface(model_class: type) -> bool:
     return True if check is None else bool(check())
 
 
-def attention_specs(model_class: type) -> list:
-    """What a model class's `_can_record_outputs["attentions"]` names: its self-attention classes (or recorders)."""
-    specs = (getattr(model_class, "_can_record_outputs", None) or {}).get("attentions")
+def attention_specs(model_class: type) -> list | None:
+    """What a model class's `_can_record_outputs["attentions"]` names: its self-attention classes (or recorders);
+    None when the class names none but its attention goes through the attention interface (an encoder-decoder's
+    outer classes leave that to their encoder and decoder, which `self_attention_modules` searches)."""
+    specs = _recorded_attentions(model_class)
     if specs is None and not uses_attention_interface(model_class):
         raise UnsupportedHostError(
             f"{model_class.__name__}'s attention does not go through transformers' attention interface "
             "(it is written inside the model), so there is no attention function to make hybrid"
         )
+    return specs
+
+
+def _recorded_attentions(model_class: type) -> list | None:
+    specs = (getattr(model_class, "_can_record_outputs", None) or {}).get("attentions")
     if specs is None:
-        raise UnsupportedHostError(
-            f"{model_class.__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
-            "so its self-attention cannot be found"
-        )
+        return None
     return list(specs) if isinstance(specs, (list, tuple)) else [specs]
 
 
-def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The host's self-attention modules in order, as its `_can_record_outputs["attentions"]` names them."""
-    specs = attention_specs(type(model))
-    found = []
+def _spec_matches(spec, name: str, module: nn.Module) -> bool:
+    """Whether `module` (at `name` below the model that declares `spec`) is what an attention recorder names."""
+    target = getattr(spec, "target_class", spec)
+    class_name = getattr(spec, "class_name", None)
+    layer_name = getattr(spec, "layer_name", None)
+    matches = (
+        isinstance(module, target)
+        if isinstance(target, type)
+        else bool(class_name and type(module).__name__.endswith(class_name))
+    )
+    return matches and (layer_name is None or f".{layer_name.strip('.')}." in f".{name}.")
+
+
+def _attention_of(module: nn.Module) -> nn.Module:
+    """The module that calls the attention function: the recorded one, or the one attention module a recorded
+    wrapper holds (T5's `T5LayerSelfAttention` holds `T5Attention`)."""
+    inner = [child for child in module.children() if type(child).__name__.endswith("Attention")]
+    return inner[0] if len(inner) == 1 else module
+
+
+def _attention_owners(model: PreTrainedModel) -> list[PreTrainedModel]:
+    """The outermost models within `model` (itself first) whose classes name their attention modules: `model`, or
+    its encoder and decoder when only those name theirs."""
+    attention_specs(type(model))  # refuses a model whose attention is written inside it
+    owners: list[tuple[str, PreTrainedModel]] = []
     for name, module in model.named_modules():
-        for spec in specs:
-            target = getattr(spec, "target_class", spec)
-            class_name = getattr(spec, "class_name", None)
-            layer_name = getattr(spec, "layer_name", None)
-            matches = (
-                isinstance(module, target)
-                if isinstance(target, type)
-                else bool(class_name and type(module).__name__.endswith(class_name))
-            )
-            if matches and (layer_name is None or f".{layer_name.strip('.')}." in f".{name}."):
-                found.append(module)
-                break
+        inside = any(name.startswith(f"{owner}.") or not owner for owner, _ in owners)
+        if isinstance(module, PreTrainedModel) and not inside and _recorded_attentions(type(module)) is not None:
+            owners.append((name, module))
+    if not owners:
+        raise UnsupportedHostError(
+            f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
+            "so its self-attention cannot be found"
+        )
+    return [module for _, module in owners]
+
+
+def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The host's self-attention modules in order (an encoder's before its decoder's), as the `_can_record_outputs
+    ["attentions"]` of the model, or of its encoder and decoder, names them. Cross-attention is not among them."""
+    found = []
+    for owner in _attention_owners(model):
+        specs = _recorded_attentions(type(owner))
+        for name, module in owner.named_modules():
+            if any(_spec_matches(spec, name, module) for spec in specs):
+                found.append(_attention_of(module))
     if not found:
         raise UnsupportedHostError(f"{type(model).__name__} has no self-attention modules to make hybrid")
     return found
 
 
 def attention_sizes(config: PreTrainedConfig, module: nn.Module) -> tuple[int, int]:
-    """`(heads, head_dim)` of a self-attention module's output, before its output projection."""
+    """`(heads, head_dim)` of a self-attention module's output, before its output projection. An encoder-decoder's
+    encoder and decoder may differ: there the module's own head count (`num_heads`, T5's `n_heads`) is used."""
     heads = config.num_attention_heads
+    if getattr(config, "is_encoder_decoder", False):
+        heads = getattr(module, "num_heads", None) or getattr(module, "n_heads", None) or heads
     head_dim = (
         getattr(config, "v_head_dim", None)
         or getattr(module, "head_dim", None)
@@ -619,37 +661,63 @@ class HybridModelMixin:
     )
 
     def __init__(self, config, *args, **kwargs):
-        requested = config._attn_implementation  # before transformers resolves it
+        settings = config.get_text_config()  # a composite model's hybrid settings live on its text config
+        requested = settings._attn_implementation  # before transformers resolves it
         if requested not in (None, HYBRID_ATTENTION):
             check_attention_implementation(requested)
-            config.global_attn_implementation = requested
-        config._attn_implementation_internal = config.global_attn_implementation
+            settings.global_attn_implementation = requested
+        settings._attn_implementation_internal = settings.global_attn_implementation
         try:
             super().__init__(config, *args, **kwargs)
         except ImportError as error:  # transformers' check: e.g. flash_attention_2 without the flash-attn package
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(
-                f"`global_attn_implementation` {config.global_attn_implementation!r} cannot be used here ({reason}); "
-                f"choose one of {', '.join(attention_implementations())} whose package is installed"
+                f"`global_attn_implementation` {settings.global_attn_implementation!r} cannot be used here "
+                f"({reason}); choose one of {', '.join(attention_implementations())} whose package is installed"
             ) from error
         self._use_hybrid_attention()
+        settings = self.hybrid_settings
         modules = self_attention_modules(self)
-        self._hybrid_decoder = all(getattr(module, "is_causal", True) for module in modules)
+        if settings.local_layers and getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                "`local_layers` are for decoder-only and encoder models: an encoder-decoder's layers are all hybrid "
+                f"(or those `hybrid_layers` lists), got local_layers={settings.local_layers}"
+            )
+        self._hybrid_decoder = any(getattr(module, "is_causal", True) for module in modules)  # keeps a cache
         for index, module in enumerate(modules):
-            if config.is_hybrid_layer(index) or config.is_local_layer(index):
-                add_hybrid_parameters(module, config, local_only=config.is_local_layer(index))
+            made = hasattr(module, "mix")  # by a hybrid text model that a composite model built as its part
+            if not made and (settings.is_hybrid_layer(index) or settings.is_local_layer(index)):
+                add_hybrid_parameters(module, settings, local_only=settings.is_local_layer(index))
+        encoder = self.get_encoder() if getattr(config, "is_encoder_decoder", False) else None
+        if isinstance(encoder, PreTrainedModel) and encoder is not self and hybrid_layers(encoder):
+            # generation runs the encoder on its own (`get_encoder()(...)`): it hands its layers their state itself
+            encoder.__class__ = _hybrid_encoder_class(type(encoder))
+
+    @property
+    def hybrid_settings(self) -> PreTrainedConfig:
+        """The config that holds the hybrid settings: the model's own, or a composite model's text config."""
+        return self.config.get_text_config()
 
     def _use_hybrid_attention(self) -> None:
-        """Keep the implementation transformers resolved (e.g. sdpa) for the global branch; dispatch to `"hybrid"`."""
-        if self.config._attn_implementation != HYBRID_ATTENTION:
-            self.config.global_attn_implementation = self.config._attn_implementation
-        self.config._attn_implementation = HYBRID_ATTENTION
+        """Keep the implementation transformers resolved (e.g. sdpa) for the global branch; dispatch to `"hybrid"`.
+        Copies of the config that the host gave its parts (T5's encoder and decoder stacks, a composite model's
+        language model) follow; other parts (a vision tower) keep their own implementation."""
+        settings = self.hybrid_settings
+        if settings._attn_implementation != HYBRID_ATTENTION:
+            settings.global_attn_implementation = settings._attn_implementation
+        settings._attn_implementation = HYBRID_ATTENTION
+        for module in self.modules():
+            config = getattr(module, "config", None)
+            if config is not settings and isinstance(config, type(settings)):
+                config.global_attn_implementation = settings.global_attn_implementation
+                config._attn_implementation = HYBRID_ATTENTION
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Choose the global branch's implementation (`"eager"`, `"sdpa"`, ...); the layers stay hybrid. A choice
         transformers refuses (e.g. flash-attn not installed) raises and leaves the model as it was."""
         if attn_implementation != HYBRID_ATTENTION:
-            self.config._attn_implementation_internal = self.config.global_attn_implementation
+            settings = self.hybrid_settings
+            settings._attn_implementation_internal = settings.global_attn_implementation
             try:
                 super().set_attn_implementation(attn_implementation, *args, **kwargs)
             finally:
@@ -781,13 +849,16 @@ def _hybrid_forward(host_forward):
         if isinstance(cache, EncoderDecoderCache):  # the hybrid layers are self-attention layers
             cache = cache.self_attention_cache
         check_cache(cache)
+        settings = self.config.get_text_config()
         state = HybridForwardState(
-            self.config,
+            settings,
             key_mask=_padding_mask(mask, arguments),
             cache=cache,
             segment_ids=_packed_segments(arguments) if mask is None and cache is None else None,
         )
-        if self.config.local_layers and self.config.sink_tokens:
+        if getattr(self.config, "is_encoder_decoder", False):  # the decoder's padding is its own
+            state.decoder_key_mask = _padding_mask(arguments.get("decoder_attention_mask"), arguments)
+        if settings.local_layers and settings.sink_tokens:
             state.sink_mask = _sink_mask(state, arguments)
         outputs = host_forward(*bound.args, **bound.kwargs, **{STATE_KWARG: state})
         state.finished = True
@@ -796,7 +867,9 @@ def _hybrid_forward(host_forward):
                 f"{type(self).__name__}: no hybrid layer ran; the host's attention does not go through "
                 "transformers' attention interface"
             )
-        coef = self.config.span_loss_coef
+        if self._hybrid_part:  # an encoder run alone: its outputs go to the decoder as they are
+            return outputs
+        coef = settings.span_loss_coef
         span_loss = coef * _mean_span_scale(state.spans).float() if coef else torch.zeros((), device=self.device)
         labels, num_items = arguments.get("labels"), arguments.get("num_items_in_batch")
         if labels is not None and num_items is not None:
@@ -804,7 +877,7 @@ def _hybrid_forward(host_forward):
             # weigh this batch's penalty by its share of those tokens, counted as the Trainer counts them.
             counted = labels[..., 1:] if self._hybrid_causal_lm else labels
             span_loss = span_loss * (counted.ne(-100).sum() / num_items)
-        penalise = labels is not None and self.config.span_loss_coef > 0
+        penalise = labels is not None and coef > 0
         if isinstance(outputs, tuple):  # return_dict=False: the loss, when there is one, comes first
             return (outputs[0] + span_loss,) + outputs[1:] if penalise else outputs
         if penalise and outputs.get("loss") is not None:
@@ -891,6 +964,7 @@ def _model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
         "config_class": config_class,
         "forward": _hybrid_forward(host.forward),
         "_hybrid_causal_lm": auto_name == "AutoModelForCausalLM",
+        "_hybrid_part": False,
         "__doc__": f"`{host.__name__}` with hybrid attention layers; config: `{config_class.__name__}`.",
         "__module__": __name__,
         "__qualname__": name,
@@ -901,6 +975,19 @@ def _model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
     if auto_name is not None:
         cls.register_for_auto_class(auto_name)  # the `auto_map` a saved checkpoint gets
     return cls
+
+
+@functools.cache
+def _hybrid_encoder_class(encoder: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The class of an encoder-decoder's encoder when its hybrid layers may run without the outer model's forward."""
+    attributes = {
+        "forward": _hybrid_forward(encoder.forward),
+        "_hybrid_decoder": False,
+        "_hybrid_causal_lm": False,
+        "_hybrid_part": True,
+        "__module__": __name__,
+    }
+    return type(f"Hybrid{encoder.__name__}", (encoder,), attributes)
 
 
 def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
@@ -921,6 +1008,9 @@ def register_hybrid_family(config_class: type[PreTrainedConfig]) -> None:
     if config_class in _REGISTERED_FAMILIES:
         return
     _REGISTERED_FAMILIES.add(config_class)
+    text_config = config_class.sub_configs.get("text_config")
+    if text_config is not None and text_config.model_type.startswith(HYBRID_PREFIX):
+        register_hybrid_family(text_config)  # a composite model builds its text model with `AutoModel.from_config`
     shipped = config_class.__module__.startswith("transformers_modules")
     if not (shipped and config_class.model_type in CONFIG_MAPPING):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

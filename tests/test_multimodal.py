@@ -1,0 +1,91 @@
+"""Composite (image-text) models: the self-attention of the text model becomes hybrid, the vision tower stays as it
+is; the hybrid settings live on the text config; generation with an image equals the host at conversion."""
+
+import torch
+from test_remote_code import run_remote
+from tiny_models import VOCAB, perturb
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+from hybrid_hf import convert, hybrid_layers
+
+SETTINGS = dict(max_span=4, ramp=2)
+NEW = SETTINGS["max_span"] + 24
+GREEDY = dict(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+IMAGE_TOKEN, BEGIN_IMAGE, END_IMAGE = VOCAB - 1, VOCAB - 3, VOCAB - 2
+TOKENS_PER_IMAGE = 4
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
+    text = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=7)  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=IMAGE_TOKEN,
+        boi_token_index=BEGIN_IMAGE, eoi_token_index=END_IMAGE,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def image_prompt(seed: int = 0) -> dict[str, torch.Tensor]:
+    """`<bos> <boi> <image> x 4 <eoi>` and five text tokens, with a random 28 x 28 image."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, VOCAB - 3, (1, 5), generator=generator)
+    image = torch.full((1, TOKENS_PER_IMAGE), IMAGE_TOKEN)
+    input_ids = torch.cat([torch.tensor([[1, BEGIN_IMAGE]]), image, torch.tensor([[END_IMAGE]]), text], dim=1)
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": (input_ids == IMAGE_TOKEN).long(),
+        "pixel_values": torch.randn(1, 3, 28, 28, generator=generator),
+    }
+
+
+def test_only_the_text_models_attention_becomes_hybrid():
+    hybrid = convert(tiny_gemma3(), **SETTINGS)
+    text_attention = [layer.self_attn for layer in hybrid.model.language_model.layers]
+    assert hybrid_layers(hybrid) == text_attention
+    assert not hybrid_layers(hybrid.model.vision_tower)
+    assert hybrid.config.text_config.max_span == 4 and not hasattr(hybrid.config, "max_span")
+    assert hybrid.config.text_config._attn_implementation == "hybrid"
+    assert hybrid.config.vision_config._attn_implementation != "hybrid"
+
+
+def test_generate_with_an_image_equals_the_host_at_conversion():
+    host = tiny_gemma3()
+    hybrid = convert(host, **SETTINGS)
+    prompt = image_prompt()
+    with torch.no_grad():
+        exact = (hybrid(**prompt).logits - host(**prompt).logits).abs().max()
+    assert exact <= 1e-6
+    assert torch.equal(hybrid.generate(**prompt, **GREEDY), host.generate(**prompt, **GREEDY))
+
+
+def test_with_an_image_cached_decoding_equals_uncached_when_the_local_branch_matters():
+    host = tiny_gemma3()
+    hybrid = convert(host, **SETTINGS)
+    perturb(hybrid)
+    prompt = image_prompt()
+    with torch.no_grad():
+        assert (hybrid(**prompt).logits - host(**prompt).logits).abs().max() > 1e-3
+    assert torch.equal(hybrid.generate(**prompt, **GREEDY), hybrid.generate(**prompt, **GREEDY, use_cache=False))
+
+
+def test_a_saved_image_text_model_loads_with_remote_code_without_the_package(tmp_path):
+    hybrid = convert(tiny_gemma3(), **SETTINGS)
+    perturb(hybrid)
+    hybrid.save_pretrained(tmp_path / "gemma3")
+    prompt = image_prompt()
+    torch.save(prompt, tmp_path / "gemma3" / "inputs.pt")
+    with torch.no_grad():
+        expected = hybrid(**prompt).logits
+    case = {"folder": str(tmp_path / "gemma3"), "auto": "AutoModelForImageTextToText", "generate": False}
+    result = run_remote([case], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "gemma3" / "remote.pt")
+    assert remote["class"].startswith("transformers_modules.")
+    assert all(torch.equal(remote["state"][name], tensor) for name, tensor in hybrid.state_dict().items())
+    torch.testing.assert_close(remote["output"], expected, atol=1e-6, rtol=0)
