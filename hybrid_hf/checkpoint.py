@@ -127,7 +127,7 @@ class ConversionReport:
 
     def model_card(self, config) -> dict:
         """The arguments of `cards.write_model_card` for the converted folder: the hybrid settings of `config` (the
-        hybrid model's config) and what the conversion did."""
+        hybrid model's config, or a composite model's text config) and what the conversion did."""
         verification = "skipped" if self.max_difference is None else self.max_difference
         summary = {
             "training": "none yet: converted, it computes what the host model computes",
@@ -144,7 +144,7 @@ class ConversionReport:
             )
         return dict(
             base_model=self.source,
-            settings={name: getattr(config, name) for name in SETTINGS},
+            settings={name: getattr(config.get_text_config(), name) for name in SETTINGS},
             training_summary=summary,
             model_id=self.output.name,
         )
@@ -277,8 +277,8 @@ def _verified_report(source, output, config, task, model, hybrid, tokenizer, ver
         verification_tokens=tokens,
         tokenizer_saved=tokenizer is not None,
         output=output.absolute(),
-        local_layers=hybrid.config.local_layers,
-        layer_scores=hybrid.config.layer_scores,
+        local_layers=hybrid.config.get_text_config().local_layers,
+        layer_scores=hybrid.config.get_text_config().layer_scores,
         dtype=_name(dtype),
     )
 
@@ -286,11 +286,11 @@ def _verified_report(source, output, config, task, model, hybrid, tokenizer, ver
 def _verify(model, hybrid, config, tokenizer) -> tuple[float, int]:
     """`(max |difference|, tokens)` of the outputs of the host and the hybrid model on `verification_batch`; a
     `VerificationError` past `VERIFY_TOLERANCE` (not with local-only layers, which change the outputs)."""
-    batch = verification_batch(config, tokenizer)
-    tokens = int(batch["attention_mask"].sum())
+    batch = verification_batch(config, tokenizer, model.main_input_name)
+    tokens = int(batch.get("decoder_attention_mask", batch.get("attention_mask")).sum())
     max_difference = max_output_difference(model, hybrid, batch)
     logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
-    if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.local_layers:  # also catches nan
+    if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.get_text_config().local_layers:  # also nan
         raise VerificationError(
             f"the converted model's outputs differ from the source's by {max_difference:.3g} "
             f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"
@@ -341,6 +341,8 @@ def _convert_streamed(
     reason = streaming_refusal(source)
     if settings.get("local_layers"):
         reason = "local-only layers are chosen and verified on the whole model"
+    elif getattr(config, "is_encoder_decoder", False) or config.get_text_config() is not config:
+        reason = "encoder-decoder and composite models are verified on the whole model"
     elif reason is None and dtype is not None and stored != {dtype}:
         reason = f"the weights are stored in {', '.join(sorted(map(_name, stored)))}, to be written in {_name(dtype)}"
     if reason is None:

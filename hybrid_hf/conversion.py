@@ -24,6 +24,7 @@ from .model.modeling_hybrid import (
     is_new_parameter,
     reset_hybrid_parameters,
 )
+from .verification import speech_features
 
 # Config entries that describe a saved file rather than the model.
 _NOT_SETTINGS = ("model_type", "transformers_version", "auto_map", "architectures", "_name_or_path")
@@ -143,15 +144,14 @@ def _probe(hybrid: PreTrainedModel) -> None:
 
 def _probe_inputs(model: PreTrainedModel, device: torch.device) -> dict[str, torch.Tensor]:
     """Two tokens for the model (with two decoder tokens for an encoder-decoder), or for a speech encoder the log-mel
-    frames its config asks for (`num_mel_bins` x 2 `max_source_positions`, as Whisper's encoder requires)."""
+    frames its config asks for (`verification.speech_features`)."""
     host_name = type(model).__name__.removeprefix("Hybrid")
     multiple_choice = host_name in auto.modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values()
     shape = (1, 1, 2) if multiple_choice else (1, 2)  # (batch, choices, tokens) for multiple-choice heads
     tokens = torch.ones(shape, dtype=torch.long, device=device)
     config = model.config
     if model.main_input_name == "input_features":
-        frames = 2 * config.max_source_positions
-        inputs = {"input_features": torch.zeros(1, config.num_mel_bins, frames, dtype=model.dtype, device=device)}
+        inputs = {"input_features": speech_features(config).to(device=device, dtype=model.dtype)}
     else:
         inputs = {"input_ids": tokens}
     if getattr(config, "is_encoder_decoder", False):

@@ -24,9 +24,12 @@ class VerificationError(RuntimeError):
     """The converted model's outputs differ from the host's by more than the tolerance."""
 
 
-def verification_batch(config, tokenizer=None) -> dict:
-    """A fixed batch of two rows: the tokenized `VERIFY_TEXT` (or fixed ids), and its first half, right-padded."""
-    vocab = int(config.vocab_size)
+def verification_batch(config, tokenizer=None, main_input_name: str = "input_ids") -> dict:
+    """A fixed batch of two rows: the tokenized `VERIFY_TEXT` (or fixed ids), and its first half, right-padded; an
+    encoder-decoder reads them in its encoder and its decoder, a speech encoder-decoder (`main_input_name`
+    `"input_features"`) reads `speech_features` in its encoder."""
+    text_config = config.get_text_config(decoder=True)  # a composite model's text model reads the tokens
+    vocab = int(text_config.vocab_size)
     ids: list[int] = []
     if tokenizer is not None:
         try:
@@ -39,10 +42,11 @@ def verification_batch(config, tokenizer=None) -> dict:
             ids = []
     if len(ids) < 4:
         ids = [(5 + 37 * i) % vocab for i in range(VERIFY_LENGTH)]
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_positions, int) and max_positions > 0:
-        ids = ids[:max_positions]
-    pad = getattr(config, "pad_token_id", None)
+    for field in ("max_position_embeddings", "max_target_positions"):
+        max_positions = getattr(text_config, field, None)
+        if isinstance(max_positions, int) and max_positions > 0:
+            ids = ids[:max_positions]
+    pad = getattr(text_config, "pad_token_id", None)
     if not isinstance(pad, int) or not 0 <= pad < vocab:
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         pad = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
@@ -50,7 +54,23 @@ def verification_batch(config, tokenizer=None) -> dict:
     input_ids = torch.tensor([ids, ids[:half] + [pad] * (len(ids) - half)])
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, half:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if getattr(config, "is_encoder_decoder", False):
+        batch.update(decoder_input_ids=input_ids, decoder_attention_mask=attention_mask)
+    if main_input_name == "input_features":
+        batch.update(input_features=speech_features(config, batch=2))
+        del batch["input_ids"], batch["attention_mask"]
+    return batch
+
+
+def speech_features(config, batch: int = 1) -> torch.Tensor:
+    """A fixed log-mel input `(batch, num_mel_bins, 2 * max_source_positions)` (the frames Whisper's encoder takes):
+    slow waves across bins and frames, in the [-1, 1] range of Whisper's features."""
+    frames = 2 * config.max_source_positions
+    bins = torch.arange(config.num_mel_bins, dtype=torch.float32)[:, None]
+    time = torch.arange(frames, dtype=torch.float32)
+    waves = torch.stack([torch.sin(bins / 7 + time / (11 + row)) * torch.cos(time / 29) for row in range(batch)])
+    return waves * 0.8
 
 
 def _main_output(outputs):
@@ -66,7 +86,7 @@ def max_output_difference(host, hybrid, batch: dict) -> float:
     if expected.shape != actual.shape:
         raise VerificationError(f"output shapes differ: {tuple(expected.shape)} vs {tuple(actual.shape)}")
     difference = (actual - expected).abs()
-    mask = batch["attention_mask"]
+    mask = batch.get("decoder_attention_mask", batch.get("attention_mask"))
     if difference.dim() == 3 and difference.shape[:2] == mask.shape:
         difference = difference[mask.bool()]  # per-token outputs: padded positions are not outputs of the model
     if difference.numel() == 0:

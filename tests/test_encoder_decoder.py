@@ -209,3 +209,15 @@ def test_encoder_decoders_load_with_remote_code_without_the_package(tmp_path):
 def test_local_only_layers_are_refused_on_an_encoder_decoder():
     with pytest.raises(ValueError, match="local_layers"):
         convert(tiny_t5(), local_layers=[0], **SETTINGS)
+
+
+def test_hybrid_layers_count_the_encoder_first_then_the_decoder():
+    host = tiny_whisper()
+    hybrid = convert(host, hybrid_layers=[2, 3], **SETTINGS)  # the decoder's two layers only
+    assert hybrid_layers(hybrid) == [layer.self_attn for layer in hybrid.model.decoder.layers]
+    perturb(hybrid)
+    features = log_mel()
+    cached = hybrid.generate(features, **GREEDY)
+    assert torch.equal(cached, hybrid.generate(features, **GREEDY, use_cache=False))
+    with pytest.raises(ValueError, match=r"hybrid_layers.*\[0, 4\)"):
+        convert(host, hybrid_layers=[4], **SETTINGS)

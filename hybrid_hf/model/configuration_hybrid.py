@@ -35,7 +35,8 @@ class HybridSettings(PreTrainedConfig):
         ramp: width of the soft edge of the span mask, in tokens.
         tau_min, tau_max: temperature of the local softmax at the shortest and the longest span.
         span_per_head: one span per token and head (`True`) or one per token shared by its heads.
-        hybrid_layers: indices of the self-attention layers made hybrid; `None` for all.
+        hybrid_layers: indices of the self-attention layers made hybrid; `None` for all. An encoder-decoder counts its
+            encoder's layers first, then its decoder's.
         span_loss_coef: weight of the span penalty `mean(span) / max_span` added to the loss when labels are given.
         initial_span: span at initialisation, as a fraction of `max_span`, in (0, 1).
         global_attn_implementation: the attention implementation of the global branch (`"sdpa"`, `"eager"`,
@@ -94,6 +95,8 @@ class HybridSettings(PreTrainedConfig):
                 value = getattr(self, name)
                 raise ValueError(f"`{name}` must be at most the model's number of positions ({positions}): {value}")
         layers = getattr(self, "num_hidden_layers", None)
+        if getattr(self, "is_encoder_decoder", False) and isinstance(layers, int):  # the decoder's layers follow
+            layers += getattr(self, "decoder_layers", None) or getattr(self, "num_decoder_layers", None) or 0
         for name in ("hybrid_layers", "local_layers"):
             indices = getattr(self, name)
             if indices is None:
