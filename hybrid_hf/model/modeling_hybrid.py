@@ -28,6 +28,7 @@ import functools
 import inspect
 import math
 import sys
+import types
 
 import torch
 import transformers
@@ -690,8 +691,10 @@ class HybridModelMixin:
                 add_hybrid_parameters(module, settings, local_only=settings.is_local_layer(index))
         encoder = self.get_encoder() if getattr(config, "is_encoder_decoder", False) else None
         if isinstance(encoder, PreTrainedModel) and encoder is not self and hybrid_layers(encoder):
-            # generation runs the encoder on its own (`get_encoder()(...)`): it hands its layers their state itself
-            encoder.__class__ = _hybrid_encoder_class(type(encoder))
+            # Generation runs the encoder on its own (`get_encoder()(...)`): it hands its layers their state itself.
+            # Its class stays the host's (transformers keys what a class records, e.g. attentions, on it).
+            encoder.forward = types.MethodType(_hybrid_encoder_forward(type(encoder)), encoder)
+            encoder._hybrid_decoder, encoder._hybrid_causal_lm, encoder._hybrid_part = False, False, True
 
     @property
     def hybrid_settings(self) -> PreTrainedConfig:
@@ -978,16 +981,9 @@ def _model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:
 
 
 @functools.cache
-def _hybrid_encoder_class(encoder: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The class of an encoder-decoder's encoder when its hybrid layers may run without the outer model's forward."""
-    attributes = {
-        "forward": _hybrid_forward(encoder.forward),
-        "_hybrid_decoder": False,
-        "_hybrid_causal_lm": False,
-        "_hybrid_part": True,
-        "__module__": __name__,
-    }
-    return type(f"Hybrid{encoder.__name__}", (encoder,), attributes)
+def _hybrid_encoder_forward(encoder: type[PreTrainedModel]):
+    """The forward of an encoder-decoder's encoder, for when its hybrid layers run without the outer model's."""
+    return _hybrid_forward(encoder.forward)
 
 
 def hybrid_model_class(host: type[PreTrainedModel]) -> type[PreTrainedModel]:

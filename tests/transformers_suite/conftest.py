@@ -27,7 +27,7 @@ import transformers
 import hybrid_hf
 
 #: host model types whose hybrid classes the suite tests
-HOST_TYPES = ("llama", "gpt2", "bert")
+HOST_TYPES = ("llama", "gpt2", "bert", "bart", "t5")
 
 #: test name (a shell pattern, for parameterized tests) -> why it cannot pass on a hybrid model
 DESELECTED = {

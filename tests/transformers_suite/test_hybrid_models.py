@@ -1,4 +1,4 @@
-"""transformers' `ModelTesterMixin` and `GenerationTesterMixin` on the hybrid Llama, GPT-2 and BERT classes.
+"""transformers' `ModelTesterMixin` and `GenerationTesterMixin` on the hybrid Llama, GPT-2, BERT, BART and T5 classes.
 
 The testers follow transformers' own (`LlamaModelTester`, `GPT2ModelTester`, `BertModelTester`): tiny random
 configs, here of the hybrid config classes, with a local window (`max_span + ramp` = 6 keys) shorter than the
@@ -10,6 +10,7 @@ run the same tests with the local branch in use from the start (`a = (l + g) / 2
 
 from __future__ import annotations
 
+import contextlib
 import unittest
 from unittest import mock
 
@@ -177,6 +178,100 @@ class HybridBertTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase)
         return inputs_dict
 
 
+class HybridSeq2SeqModelTester(HybridModelTester):
+    """An encoder-decoder's tiny config and inputs, as `BartModelTester` and `T5ModelTester` make them: the encoder
+    reads `input_ids` (ending in `eos_token_id` where `eos_at_end`, as BART's heads need) with a random padding
+    mask, the decoder `decoder_input_ids` of as many tokens."""
+
+    def __init__(self, parent, config_class, config_fields, eos_at_end: bool = False):
+        super().__init__(parent, config_class, config_fields, causal_mask=False)
+        self.eos_at_end = eos_at_end
+        self.encoder_seq_length = self.seq_length
+        self.decoder_seq_length = self.decoder_key_length = self.seq_length
+
+    def prepare_config_and_inputs_for_common(self):
+        config, inputs = super().prepare_config_and_inputs_for_common()
+        input_ids = inputs["input_ids"].clamp(3)  # no special token inside the text
+        if self.eos_at_end:
+            input_ids[:, -1] = config.eos_token_id
+            inputs["attention_mask"][:, -1] = 1
+        inputs["input_ids"] = input_ids
+        inputs["decoder_input_ids"] = ids_tensor([self.batch_size, self.decoder_seq_length], self.vocab_size).clamp(3)
+        return config, inputs
+
+
+class Seq2SeqMixin:
+    """What transformers' own encoder-decoder tests adjust."""
+
+    is_encoder_decoder = True
+
+    def test_attention_outputs(self):
+        """transformers counts the fields of a seq2seq output; a hybrid model's output adds `span_loss`, which is
+        left out here (the hybrid forward returns the host's output as it is)."""
+        with contextlib.ExitStack() as stack:
+            for model_class in self.all_model_classes:
+                stack.enter_context(mock.patch.object(model_class, "_hybrid_part", True))
+            super().test_attention_outputs()
+
+    def test_inputs_embeds(self):
+        """As in transformers' BART-like tests: the sequence-classification head finds its <eos> tokens in
+        `input_ids`, so it takes no `inputs_embeds`."""
+        classes = tuple(c for c in self.all_model_classes if "SequenceClassification" not in c.__name__)
+        with mock.patch.object(self, "all_model_classes", classes):
+            super().test_inputs_embeds()
+
+
+class HybridBartTest(Seq2SeqMixin, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+    all_model_classes = (
+        hybrid_hf.HybridBartModel,
+        hybrid_hf.HybridBartForConditionalGeneration,
+        hybrid_hf.HybridBartForSequenceClassification,
+        hybrid_hf.HybridBartForQuestionAnswering,
+    )
+    all_generative_model_classes = (hybrid_hf.HybridBartForConditionalGeneration,)
+
+    def setUp(self):
+        fields = dict(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=512,
+            eos_token_id=2,
+            pad_token_id=1,
+            bos_token_id=0,
+            forced_eos_token_id=None,
+        )
+        self.model_tester = HybridSeq2SeqModelTester(self, hybrid_hf.HybridBartConfig, fields, eos_at_end=True)
+
+
+class HybridT5Test(Seq2SeqMixin, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+    all_model_classes = (hybrid_hf.HybridT5Model, hybrid_hf.HybridT5ForConditionalGeneration)
+    all_generative_model_classes = (hybrid_hf.HybridT5ForConditionalGeneration,)
+
+    def setUp(self):
+        fields = dict(
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            eos_token_id=1,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+        self.model_tester = HybridSeq2SeqModelTester(self, hybrid_hf.HybridT5Config, fields)
+
+    @unittest.skip(reason="T5ForConditionalGeneration has no base model (it builds its stacks itself), as the host")
+    def test_model_base_model_prefix(self):
+        pass
+
+
 @torch.no_grad()
 def blended_hybrid_parameters(module: torch.nn.Module) -> None:
     """Initial hybrid parameters that use the local branch: `a = (l + g) / 2`, spans that depend on the context.
@@ -209,4 +304,12 @@ class HybridGPT2BlendedTest(BlendedMixin, HybridGPT2Test):
 
 
 class HybridBertBlendedTest(BlendedMixin, HybridBertTest):
+    pass
+
+
+class HybridBartBlendedTest(BlendedMixin, HybridBartTest):
+    pass
+
+
+class HybridT5BlendedTest(BlendedMixin, HybridT5Test):
     pass
