@@ -11,7 +11,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
 
-from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class
+from .model.configuration_hybrid import HYBRID_PREFIX, HybridSettings, hybrid_config_class, text_config_class
+from .model.configuration_hybrid import register_model_type as register_model_type  # re-exported
 from .model.modeling_hybrid import (
     NEW_PARAMETER_MODULES as NEW_PARAMETER_MODULES,  # re-exported
 )
@@ -44,13 +45,14 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     config_class = hybrid_config_class(type(host_config))
     host_text = host_config.get_text_config()
     if host_text is not host_config:  # a composite model: the settings go on its text config
-        if not isinstance(host_text, type(host_config).sub_configs.get("text_config", ())):
+        text_class = text_config_class(type(host_config))
+        if text_class is not None and not isinstance(host_text, text_class):
             raise UnsupportedHostError(
-                f"{type(host_config).__name__}'s text config is a {type(host_text).__name__} that its class does not "
-                "name in `sub_configs`, so a saved hybrid model could not rebuild it"
+                f"{type(host_config).__name__}'s text config is a {type(host_text).__name__}, not the "
+                f"{text_class.__name__} its class names, so a saved hybrid model could not rebuild it"
             )
         text_fields = {k: v for k, v in fields["text_config"].items() if k not in _NOT_SETTINGS}
-        text_config = config_class.sub_configs["text_config"](**text_fields, **settings)
+        text_config = hybrid_config_class(type(host_text))(**text_fields, **settings)
         config = config_class(**{**fields, "text_config": text_config})
     else:
         config = config_class(**{**fields, **settings})
@@ -80,50 +82,6 @@ def check_host_class(host_class: type[PreTrainedModel]) -> None:
 def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """The hybrid class of `host_class`, registered with `AutoConfig` and its Auto model class in this process."""
     return hybrid_model_class(host_class)
-
-
-def register_model_type(model_type: str) -> None:
-    """Register the hybrid classes of a host or hybrid `model_type` (`"llama"`, `"hybrid_llama"`) for every Auto
-    class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
-    code. `ValueError` if transformers does not know the type. (Importing hybrid_hf makes `AutoConfig` do this for
-    every `hybrid_*` type it is asked for; see `_HybridModelTypes`.)"""
-    host_type = model_type.removeprefix(HYBRID_PREFIX)
-    if host_type not in auto.configuration_auto.CONFIG_MAPPING_NAMES:
-        raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
-    hybrid_config_class(auto.CONFIG_MAPPING[host_type])
-
-
-def _is_hybrid_type(model_type) -> bool:
-    """Whether `model_type` is `hybrid_<a model type of the installed transformers>`."""
-    return (
-        isinstance(model_type, str)
-        and model_type.startswith(HYBRID_PREFIX)
-        and model_type.removeprefix(HYBRID_PREFIX) in auto.configuration_auto.CONFIG_MAPPING_NAMES
-    )
-
-
-class _HybridModelTypes(dict):
-    """The model types registered with `AutoConfig` (transformers keeps them in `CONFIG_MAPPING._extra_content`),
-    answering for every `hybrid_<host>` type too: its classes are made and registered on first lookup, so a saved
-    hybrid folder loads with the Auto classes, without its shipped code, once hybrid_hf is imported."""
-
-    def __contains__(self, model_type) -> bool:
-        return super().__contains__(model_type) or _is_hybrid_type(model_type)
-
-    def __missing__(self, model_type):
-        if not _is_hybrid_type(model_type):
-            raise KeyError(model_type)
-        register_model_type(model_type)
-        return super().__getitem__(model_type)
-
-
-def _answer_for_hybrid_types() -> None:
-    registered = getattr(auto.CONFIG_MAPPING, "_extra_content", None)
-    if isinstance(registered, dict) and not isinstance(registered, _HybridModelTypes):
-        auto.CONFIG_MAPPING._extra_content = _HybridModelTypes(registered)
-
-
-_answer_for_hybrid_types()
 
 
 def _probe(hybrid: PreTrainedModel) -> None:

@@ -205,3 +205,18 @@ def test_register_model_type_names_unknown_types():
 
     with pytest.raises(ValueError, match="not_a_model"):
         register_model_type("hybrid_not_a_model")
+
+
+def test_auto_config_answers_for_every_hybrid_type_and_registers_it_on_first_lookup():
+    """transformers' private table of registered types (`CONFIG_MAPPING._extra_content`) answers for `hybrid_<host>`
+    types, registering their classes on first lookup (how a composite model's `text_config` resolves)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from hybrid_hf.model.configuration_hybrid import is_registered
+
+    families = ("olmo", "opt", "biogpt", "phi", "persimmon", "helium", "glm", "exaone")
+    model_type = next(f"hybrid_{t}" for t in families if not is_registered(f"hybrid_{t}"))
+    assert model_type in CONFIG_MAPPING and not is_registered(model_type)
+    config_class = CONFIG_MAPPING[model_type]
+    assert config_class.model_type == model_type and is_registered(model_type)
+    assert "hybrid_not_a_model" not in CONFIG_MAPPING

@@ -12,6 +12,7 @@ import functools
 
 import transformers
 from transformers import PreTrainedConfig
+from transformers.models import auto
 
 from .hybrid_attention import TAU_LIMIT, validate_span_settings
 
@@ -164,11 +165,12 @@ def _config_class(host: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
         "__module__": __name__,
         "__qualname__": name,
     }
-    text_config = text_config_class(host)
-    if text_config is not None:  # a composite model: the settings go on its text config
-        # transformers builds sub-configs from `sub_configs_defaults` where it has them (before: from `sub_configs`)
-        table = "sub_configs_defaults" if getattr(host, "sub_configs_defaults", None) else "sub_configs"
-        attributes[table] = {**getattr(host, table), "text_config": _config_class(text_config)}
+    if "text_config" in (getattr(host, "sub_configs", None) or {}):  # a composite model: settings on its text config
+        text_config = text_config_class(host)
+        if text_config is not None:  # else the text config's class follows its `model_type` ("hybrid_llama")
+            # transformers builds sub-configs from `sub_configs_defaults` where it has them (before: `sub_configs`)
+            table = "sub_configs_defaults" if getattr(host, "sub_configs_defaults", None) else "sub_configs"
+            attributes[table] = {**getattr(host, table), "text_config": _config_class(text_config)}
         attributes["__doc__"] = f"`{host.__name__}` whose text model has hybrid attention (see its `text_config`)."
         cls = type(name, (host,), attributes)
     else:  # the host comes first so its field defaults win; `HybridSettings` adds the hybrid fields and validation
@@ -218,6 +220,65 @@ def host_class(name: str, base: type) -> type | None:
     if isinstance(host, type) and issubclass(host, base) and not host.__name__.startswith("Hybrid"):
         return host
     return None
+
+
+def register_model_type(model_type: str) -> None:
+    """Register the hybrid classes of a host or hybrid `model_type` (`"llama"`, `"hybrid_llama"`) for every Auto
+    class that builds the host, so that `AutoModelFor*.from_pretrained` loads a saved hybrid folder without remote
+    code. `ValueError` if transformers does not know the type. (Once this module is imported, `AutoConfig` does this
+    for every `hybrid_*` type it is asked for; see `_HybridModelTypes`.)"""
+    host_type = model_type.removeprefix(HYBRID_PREFIX)
+    if host_type not in auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        raise ValueError(f"model_type {model_type!r} is not a model type of the installed transformers")
+    hybrid_config_class(auto.CONFIG_MAPPING[host_type])
+
+
+def _is_hybrid_type(model_type) -> bool:
+    """Whether `model_type` is `hybrid_<a model type of the installed transformers>`."""
+    return (
+        isinstance(model_type, str)
+        and model_type.startswith(HYBRID_PREFIX)
+        and model_type.removeprefix(HYBRID_PREFIX) in auto.configuration_auto.CONFIG_MAPPING_NAMES
+    )
+
+
+class _HybridModelTypes(dict):
+    """The model types registered with `AutoConfig` (transformers keeps them in `CONFIG_MAPPING._extra_content`),
+    answering for every `hybrid_<host>` type too: its classes are made and registered on first lookup. So a saved
+    hybrid folder loads with the Auto classes once this module is imported (by hybrid_hf, or as a checkpoint's own
+    code), and a composite model's `text_config` of type `hybrid_<host>` resolves."""
+
+    def __contains__(self, model_type) -> bool:
+        return super().__contains__(model_type) or _is_hybrid_type(model_type)
+
+    def __missing__(self, model_type):
+        if not _is_hybrid_type(model_type):
+            raise KeyError(model_type)
+        register_model_type(model_type)
+        if not super().__contains__(model_type):  # a checkpoint's own code that left a registered type in place
+            raise KeyError(model_type)
+        return super().__getitem__(model_type)
+
+
+def _registered_types() -> dict:
+    """transformers' table of the model types registered with `AutoConfig` (`CONFIG_MAPPING._extra_content`)."""
+    return getattr(auto.CONFIG_MAPPING, "_extra_content", None)
+
+
+def is_registered(model_type: str) -> bool:
+    """Whether `model_type` is registered with `AutoConfig` (not merely answerable by `_HybridModelTypes`)."""
+    registered = _registered_types()
+    return isinstance(registered, dict) and dict.__contains__(registered, model_type)
+
+
+def _answer_for_hybrid_types() -> None:
+    registered = _registered_types()
+    # by name: hybrid_hf's own module or a checkpoint's copy of it may have answered first; the first one stays
+    if isinstance(registered, dict) and type(registered).__name__ != _HybridModelTypes.__name__:
+        auto.CONFIG_MAPPING._extra_content = _HybridModelTypes(registered)
+
+
+_answer_for_hybrid_types()
 
 
 def __getattr__(name: str):

@@ -50,7 +50,6 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.auto import modeling_auto
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_hybrid import (
     HYBRID_ATTENTION,
@@ -59,6 +58,8 @@ from .configuration_hybrid import (
     attention_implementations,
     check_attention_implementation,
     host_class,
+    is_registered,
+    text_config_class,
 )
 from .hybrid_attention import (
     SpanPredictor,
@@ -552,12 +553,16 @@ def _attention_of(module: nn.Module) -> nn.Module:
 
 def _attention_owners(model: PreTrainedModel) -> list[PreTrainedModel]:
     """The outermost models within `model` (itself first) whose classes name their attention modules: `model`, or
-    its encoder and decoder when only those name theirs."""
+    its encoder and decoder when only those name theirs, or a composite model's language model (not its towers)."""
     attention_specs(type(model))  # refuses a model whose attention is written inside it
+    text_config = model.config.get_text_config()
     owners: list[tuple[str, PreTrainedModel]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{owner}.") or not owner for owner, _ in owners)
-        if isinstance(module, PreTrainedModel) and not inside and _recorded_attentions(type(module)) is not None:
+        if not isinstance(module, PreTrainedModel) or inside or _recorded_attentions(type(module)) is None:
+            continue
+        tower = text_config is not model.config and not isinstance(module.config, type(text_config))
+        if not (name and tower):
             owners.append((name, module))
     if not owners:
         raise UnsupportedHostError(
@@ -1004,11 +1009,11 @@ def register_hybrid_family(config_class: type[PreTrainedConfig]) -> None:
     if config_class in _REGISTERED_FAMILIES:
         return
     _REGISTERED_FAMILIES.add(config_class)
-    text_config = config_class.sub_configs.get("text_config")
+    text_config = text_config_class(config_class)
     if text_config is not None and text_config.model_type.startswith(HYBRID_PREFIX):
         register_hybrid_family(text_config)  # a composite model builds its text model with `AutoModel.from_config`
     shipped = config_class.__module__.startswith("transformers_modules")
-    if not (shipped and config_class.model_type in CONFIG_MAPPING):
+    if not (shipped and is_registered(config_class.model_type)):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     host_type = config_class.model_type.removeprefix(HYBRID_PREFIX)
     for auto_name, table in AUTO_CLASSES.items():
