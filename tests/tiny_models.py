@@ -197,6 +197,8 @@ _FAMILY = {
         ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "mbart", "mvp", "pegasus", "plbart"),
         _SEQ2SEQ,
     ),
+    # T5 and kin: `num_hidden_layers` sets the encoder's layers, the decoder's are apart
+    **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), dict(num_decoder_layers=2)),
     # special token ids of their own, inside the tiny vocabulary
     "marian": dict(_SEQ2SEQ, decoder_start_token_id=0),
     "whisper": dict(
