@@ -27,7 +27,7 @@ TINY = dict(
     eos_token_id=2,
 )
 #: a `_FAMILY` value that leaves a `TINY` field out, for configs that refuse it (Funnel's layers come in blocks)
-OMIT = "omit"
+OMIT = object()
 #: multi-head latent attention (DeepSeek-V2/V3 and kin): the rotary embedding reads `head_dim`, the query's rope part;
 #: as many key-value heads as query heads (the latent is expanded to every head)
 _MLA = dict(head_dim=4, num_key_value_heads=4)
@@ -70,6 +70,9 @@ _FAMILY = {
     "glm_moe_dsa": _MLA,
     "longcat_flash": dict(_MLA, moe_topk=2),
     "youtu": _MLA,
+    # linear-attention hybrids whose attention layers are latent attention
+    "bailing_hybrid": dict(num_key_value_heads=4),
+    "kimi_linear": dict(num_key_value_heads=4),
     # mixtures of experts whose routing sizes have no default or exceed `_shrink`'s
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
     "ernie4_5_moe": dict(moe_k=2),
@@ -97,7 +100,7 @@ _FAMILY = {
         hidden_size_per_layer_input=8,
         laurel_rank=8,
     ),
-    # Command A Vision's text model: rotary sliding layers (three M-RoPE sections), full layers without positions
+    # Cohere Compass's text model: rotary sliding layers (three M-RoPE sections), full layers without positions
     "cohere_compass_text": dict(
         layer_types=["sliding_attention", "full_attention"],
         sliding_window=8,
