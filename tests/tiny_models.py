@@ -26,9 +26,201 @@ TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+#: a `_FAMILY` value that leaves a `TINY` field out, for configs that refuse it (Funnel's layers come in blocks)
+OMIT = object()
+#: multi-head latent attention (DeepSeek-V2/V3 and kin): the rotary embedding reads `head_dim`, the query's rope part;
+#: as many key-value heads as query heads (the latent is expanded to every head)
+_MLA = dict(head_dim=4, num_key_value_heads=4)
+#: Mamba-2 mixers (Bamba, GraniteMoeHybrid): heads times their width equal to `mamba_expand` times `hidden_size`
+_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16)
+#: each of BLT's four transformers
+_BLT_PART = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    hidden_size_global=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+#: encoder-decoders of the BART kind: both stacks small, with heads that divide `d_model`
+_SEQ2SEQ = dict(
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+)
+
+#: per-family sizes beside `TINY`, after transformers' own model tests (their `ModelTester`s) or the family's config
+#: defaults scaled down: layer kinds that make one tiny layer of each, sub-sizes that must agree with `TINY`'s
 _FAMILY = {
     "gpt2": dict(bos_token_id=0, eos_token_id=0),
     "roberta": dict(pad_token_id=1),
+    # multi-head latent attention
+    "axk1": dict(_MLA, n_group=1, topk_group=1),
+    "axk2": _MLA,
+    "deepseek_v2": dict(_MLA, n_routed_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": _MLA,
+    "deepseek_v32": _MLA,
+    "glm4_moe_lite": _MLA,
+    "glm_moe_dsa": _MLA,
+    "longcat_flash": dict(_MLA, moe_topk=2),
+    "youtu": _MLA,
+    # linear-attention hybrids whose attention layers are latent attention
+    "bailing_hybrid": dict(num_key_value_heads=4),
+    "kimi_linear": dict(num_key_value_heads=4),
+    # mixtures of experts whose routing sizes have no default or exceed `_shrink`'s
+    "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    "ernie4_5_moe": dict(moe_k=2),
+    # DBRX: its attention and experts configured apart (the experts' width copied from `d_model` before `hidden_size`
+    # is mapped onto it); its attention reads `rope_theta` and clips query/key/value
+    "dbrx": dict(
+        d_model=32,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
+    ),
+    # attention interleaved with other layers: one tiny layer of each kind, attention included
+    "bamba": dict(_MAMBA2, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(_MAMBA2, layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=32),
+    # Zamba shares one attention block between its hybrid layers: two of them
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], mamba_d_state=16),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid"], mamba_d_state=16, adapter_rank=8),
+    "gemma3n_text": dict(
+        layer_types=["sliding_attention", "full_attention"],
+        num_kv_shared_layers=0,
+        activation_sparsity_pattern=[0.0, 0.0],
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8,
+        laurel_rank=8,
+    ),
+    # Cohere Compass's text model: rotary sliding layers (three M-RoPE sections), full layers without positions
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        rope_parameters={
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]),
+            "full_attention": None,
+        },
+    ),
+    "qwen4_exp_text": dict(
+        layer_types=["linear_attention", "indexed_attention"],
+        linear_conv_kernel_dim=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        hc_count=2,
+        hc_lowrank=8,
+        ple_embed_dim=16,
+        ple_conv_kernel_size=2,
+        heads_per_ngram=2,
+        ngram_vocab_size_base=31,
+        make_ngram_vocab_size_divisible_by=8,
+        split_ngram_parts=4,
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=8,
+        indexer_budget=4,
+        indexer_compress_ratio=2,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=8,
+    ),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
+    # pure state-space models
+    "mamba2": dict(num_heads=8, n_groups=1, state_size=16, chunk_size=16),
+    # xLSTM rounds its query/key width up to a multiple of 64, which must also be `hidden_size * qk_dim_factor`
+    "xlstm": dict(hidden_size=128, embedding_dim=128, num_heads=4, chunk_size=8),
+    # heads that must all be key-value heads
+    "esmc": dict(num_key_value_heads=4),
+    "dots3_note_text": dict(num_key_value_heads=4),
+    # embeddings beside the token embedding, small
+    "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
+    "luke": dict(entity_vocab_size=10, entity_emb_size=16),
+    "roc_bert": dict(
+        pronunciation_vocab_size=VOCAB, shape_vocab_size=VOCAB, pronunciation_embed_dim=16, shape_embed_dim=16
+    ),
+    "mobilebert": dict(embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16),
+    "squeezebert": dict(embedding_size=32),
+    "xmod": dict(default_language="en_XX"),
+    "neomme": dict(head_dim=16),  # a quarter of it rotated on the full-attention layers: a multiple of 4
+    "funnel": dict(num_hidden_layers=OMIT, block_sizes=[1, 1], d_head=8, n_head=4, d_inner=64),
+    "xlnet": dict(max_position_embeddings=OMIT, d_head=8),
+    "reformer": dict(
+        attn_layers=["local", "lsh"],
+        attention_head_size=8,
+        axial_pos_shape=[4, 8],
+        axial_pos_embds_dim=[16, 16],
+        feed_forward_size=64,
+        local_attn_chunk_length=4,
+        lsh_attn_chunk_length=4,
+        num_buckets=2,
+    ),
+    "perceiver": dict(
+        d_latents=32,
+        d_model=32,
+        num_latents=8,
+        num_self_attends_per_block=2,
+        num_self_attention_heads=4,
+        num_cross_attention_heads=4,
+        max_position_embeddings=SEQ,
+    ),
+    # composite models: facts of their parts (`text_config` and `TOWER`-sized towers) where the defaults do not fit
+    "gemma4_unified_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
+    "gemma4_assistant": dict(
+        text_config=dict(model_type="gemma4_text", hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
+    ),
+    "dots3_note": dict(
+        vision_config=dict(mlp_layer_types=["dense", "dense"], adapter_in_dim=32, adapter_out_dim=32),
+        audio_config=dict(adapter_input_size=32, adapter_out_dim=32, downsample_hidden_size=16, conv_output_size=64),
+    ),
+    "emu3": dict(
+        vocabulary_map={"<image>": 97, "<|extra_200|>": 98},
+        vq_config=dict(
+            codebook_size=16, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[]
+        ),
+    ),
+    "gemma4_unified": dict(
+        vision_config=dict(mm_embed_dim=32, mm_posemb_size=8, output_proj_dims=32),
+    ),
+    # BLT: a byte-level model of four small transformers (patcher, local encoder and decoder, global)
+    "blt": dict(
+        encoder_hash_byte_group_size=[3, 4],
+        encoder_hash_byte_group_vocab=VOCAB,
+        **dict.fromkeys(("patcher_config", "encoder_config", "decoder_config", "global_config"), _BLT_PART),
+    ),
+    # encoder-decoders
+    **dict.fromkeys(
+        ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "mbart", "mvp", "pegasus", "plbart"),
+        _SEQ2SEQ,
+    ),
+    # T5 and kin: `num_hidden_layers` sets the encoder's layers, the decoder's are apart
+    **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), dict(num_decoder_layers=2)),
+    # special token ids of their own, inside the tiny vocabulary
+    "marian": dict(_SEQ2SEQ, decoder_start_token_id=0),
+    "whisper": dict(
+        _SEQ2SEQ,
+        num_mel_bins=8,
+        max_source_positions=SEQ,
+        max_target_positions=256,
+        decoder_start_token_id=3,
+        begin_suppress_tokens=None,
+    ),
+    "prophetnet": dict(
+        num_hidden_layers=OMIT,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        num_encoder_attention_heads=4,
+        num_decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    ),
 }
 
 #: the families the detailed tests run on: (model_type, tasks)
@@ -46,6 +238,54 @@ DECODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" in tasks]
 ENCODERS = [name for name, tasks in FAMILIES.items() if "causal_lm" not in tasks]
 
 
+#: the parts of a composite model beside its text model, built small: the text-only checks never run them
+TOWER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    depth=2,
+    num_attention_heads=4,
+    num_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    embed_dim=32,
+    out_hidden_size=32,
+    image_size=32,
+    patch_size=8,
+)
+#: the sub-configs `TOWER` sizes: a composite's vision tower, audio tower, image tokenizer
+_TOWERS = ("vision_config", "audio_config", "vq_config")
+
+
+def _tiny_parts(config_class, fields: dict) -> dict:
+    """The sub-configs of a composite family, tiny: its text config from the text family's own tiny config (with the
+    family's `text_config` facts), its towers from `TOWER` (with the family's facts for each)."""
+    parts = {}
+    for name in getattr(config_class, "sub_configs", None) or {}:
+        given = fields.get(name)
+        if given is not None and not isinstance(given, dict):
+            continue  # a config object, used as it is
+        if name == "text_config":
+            given = dict(given or {})
+            parts[name] = tiny_config(given.pop("model_type", None) or _text_model_type(config_class), **given)
+        elif name in _TOWERS:
+            parts[name] = {**TOWER, **(given or {})}
+    return parts
+
+
+def _defaults(config_class) -> dict:
+    """The family's default config as a dict; empty for a config that does not build from its defaults alone."""
+    try:
+        return config_class().to_dict()
+    except Exception:  # an assistant model's config wants its target's text config
+        return {}
+
+
+def _text_model_type(config_class) -> str:
+    spec = config_class.sub_configs["text_config"]
+    return getattr(spec, "model_type", "") or config_class().text_config.model_type
+
+
 #: multi-head latent attention (DeepSeek-V2/V3 and kin): query/key halves and the value width, small and consistent
 _LATENT = dict(qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16)
 
@@ -56,9 +296,13 @@ def _is_attention_kind(layer_type) -> bool:
 
 
 def tiny_config(model_type: str, **overrides):
+    """The family's config at the `TINY` sizes, with its `_FAMILY` facts and `overrides`; a composite model's text
+    config is the tiny config of its text family and its other parts (vision, audio) are `TOWER`-sized."""
     config_class = CONFIG_MAPPING[model_type]
     fields = {**TINY, **_FAMILY.get(model_type, {}), **overrides}
-    if "qk_rope_head_dim" in config_class().to_dict():
+    fields = {name: value for name, value in fields.items() if value is not OMIT}
+    fields.update(_tiny_parts(config_class, fields))
+    if "qk_rope_head_dim" in _defaults(config_class):
         fields = {**_LATENT, **fields}
     try:
         config = config_class(**fields)
