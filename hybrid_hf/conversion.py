@@ -85,14 +85,18 @@ def register_hybrid_class(host_class: type[PreTrainedModel]) -> type[PreTrainedM
 
 
 def _probe(hybrid: PreTrainedModel) -> None:
-    """Run two tokens through the model (with its cache, as generation does): a host whose attention never reaches
-    the hybrid backend, or reaches it in a way the hybrid layers cannot follow, fails here."""
+    """Run two tokens through the model (with its cache, as generation does), and an encoder-decoder's encoder on
+    its own (as generation runs it): a host whose attention never reaches the hybrid backend, or reaches it in a way
+    the hybrid layers cannot follow, fails here."""
     device = next(hybrid.parameters()).device
     if device.type == "meta":
         return
+    inputs = _probe_inputs(hybrid, device)
     try:
         with torch.no_grad():
-            hybrid(**_probe_inputs(hybrid, device))
+            hybrid(**inputs)
+            if getattr(hybrid.config, "is_encoder_decoder", False) and hybrid_layers(hybrid.get_encoder()):
+                hybrid.get_encoder()(**{k: v for k, v in inputs.items() if not k.startswith("decoder_")})
     except UnsupportedHostError:
         raise
     except Exception as error:  # the host itself refuses what the hybrid forward does (e.g. a cache of its own)

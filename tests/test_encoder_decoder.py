@@ -221,3 +221,18 @@ def test_hybrid_layers_count_the_encoder_first_then_the_decoder():
     assert torch.equal(cached, hybrid.generate(features, **GREEDY, use_cache=False))
     with pytest.raises(ValueError, match=r"hybrid_layers.*\[0, 4\)"):
         convert(host, hybrid_layers=[4], **SETTINGS)
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_the_decoder_never_reads_later_tokens(family):
+    hybrid = convert(SEQ2SEQ[family](), **SETTINGS)
+    perturb(hybrid)
+    inputs = text_inputs(hybrid.config.pad_token_id)
+    decoder_input_ids = torch.full((2, 12), 3)
+    changed = decoder_input_ids.clone()
+    changed[:, -1] = 4
+    with torch.no_grad():
+        before = hybrid(**inputs, decoder_input_ids=decoder_input_ids).logits
+        after = hybrid(**inputs, decoder_input_ids=changed).logits
+    torch.testing.assert_close(after[:, :-1], before[:, :-1], atol=1e-6, rtol=0)
+    assert (after[:, -1] - before[:, -1]).abs().max() > 1e-4

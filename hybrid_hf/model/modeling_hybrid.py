@@ -201,7 +201,7 @@ def hybrid_attention_forward(
             f"{module.mix.out_features} features in all (num_attention_heads x head_dim), which sized the hybrid layer"
         )
     causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
+    causal = _is_causal(module) if causal is None else causal
     window = kwargs.get("sliding_window")  # the host layer's own sliding window, if any
     sink_mask = state.sink_mask if local_only and window is None else None  # sinks beyond a host window: unreadable
     layer = None
@@ -256,6 +256,12 @@ def hybrid_attention_forward(
     global_flat = global_output.reshape(batch, length, heads * value_dim)
     mixed = module.mix(torch.cat([local_flat.to(global_flat.dtype), global_flat], dim=-1))  # (B, N, H * D)
     return mixed.view(batch, length, heads, value_dim), weights
+
+
+def _is_causal(module: nn.Module) -> bool:
+    """Whether a self-attention module attends causally: as its encoder-decoder's side says (`hybrid_causal`, set
+    for an encoder's and a decoder's layers), else as its `is_causal` says (True by default, as transformers reads)."""
+    return getattr(module, "hybrid_causal", getattr(module, "is_causal", True))
 
 
 def hybrid_mask_function(*args, config: PreTrainedConfig, **kwargs):
@@ -595,6 +601,7 @@ def attention_sizes(config: PreTrainedConfig, module: nn.Module) -> tuple[int, i
     head_dim = (
         getattr(config, "v_head_dim", None)
         or getattr(module, "head_dim", None)
+        or getattr(module, "key_value_proj_dim", None)  # T5 and kin
         or getattr(config, "head_dim", None)
         or config.hidden_size // heads
     )
@@ -689,7 +696,11 @@ class HybridModelMixin:
                 "`local_layers` are for decoder-only and encoder models: an encoder-decoder's layers are all hybrid "
                 f"(or those `hybrid_layers` lists), got local_layers={settings.local_layers}"
             )
-        self._hybrid_decoder = any(getattr(module, "is_causal", True) for module in modules)  # keeps a cache
+        if getattr(config, "is_encoder_decoder", False):  # the decoder's self-attention is causal, whatever its class
+            in_decoder = {id(module) for module in self.get_decoder().modules()}
+            for module in modules:
+                module.hybrid_causal = id(module) in in_decoder
+        self._hybrid_decoder = any(map(_is_causal, modules))  # keeps a cache
         for index, module in enumerate(modules):
             made = hasattr(module, "mix")  # by a hybrid text model that a composite model built as its part
             if not made and (settings.is_hybrid_layer(index) or settings.is_local_layer(index)):
