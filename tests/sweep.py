@@ -52,6 +52,12 @@ REQUIRED = (
     "modernbert",
     "distilbert",
     "electra",
+    "t5",
+    "bart",
+    "whisper",
+    "gemma3",
+    "qwen3_next",
+    "qwen3_5_text",
 )
 
 

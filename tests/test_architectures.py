@@ -1,4 +1,4 @@
-"""The sweep over every text model type of the installed transformers (see `sweep.py`): at least 100 families pass,
+"""The sweep over every text model type of the installed transformers (see `sweep.py`): at least 160 families pass,
 the widely used ones among them, and no family fails a check; refused families say why."""
 
 import pytest
@@ -17,9 +17,9 @@ def test_no_family_fails_a_check(results):
     assert not failed
 
 
-def test_at_least_100_families_pass_including_the_common_ones(results):
+def test_at_least_160_families_pass_including_the_common_ones(results):
     passing = {name for name, result in results.items() if result["status"] == "pass"}
-    assert len(passing) >= 100, len(passing)
+    assert len(passing) >= 160, len(passing)
     assert set(REQUIRED) <= passing, set(REQUIRED) - passing
 
 
@@ -32,6 +32,11 @@ CAUSES = (
     "features in all",
     "fails its first forward",
 )
+
+
+def test_at_most_15_families_are_not_swept(results):
+    skipped = {name: result["reason"] for name, result in results.items() if result["status"] == "skipped"}
+    assert len(skipped) <= 15, skipped
 
 
 def test_refused_families_say_why(results):

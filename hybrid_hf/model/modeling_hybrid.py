@@ -206,6 +206,12 @@ def hybrid_attention_forward(
     sink_mask = state.sink_mask if local_only and window is None else None  # sinks beyond a host window: unreadable
     layer = None
     if causal and state.cache is not None:
+        if getattr(module, "layer_idx", None) is None:  # Zamba's one attention module shared by several layers
+            raise UnsupportedHostError(
+                f"{type(module).__name__} calls its attention more than once a forward (one module serves several "
+                "layers, with no `layer_idx` of its own); the context state a hybrid layer keeps in the cache needs "
+                "one call per layer"
+            )
         sinks = None if sink_mask is None else sink_mask.shape[1]
         layer = hybrid_cache_layer(state.cache, module.layer_idx, config, sinks)
     padding = state.decoder_key_mask if causal else state.key_mask
