@@ -68,10 +68,12 @@ UNSWEPT = {
 
 
 def model_types() -> list[str]:
-    """The families with a causal-LM or masked-LM class, and the text-to-text encoder-decoders (T5, LED, ...)."""
+    """The families with a causal-LM or masked-LM class, the text-to-text encoder-decoders (T5, LED, ...) and the
+    image-text-to-text families (LLaVA, Qwen2-VL, PaliGemma, ...)."""
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     masked = modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    return sorted(set(causal) | set(masked) | set(filter(_text_to_text, _SEQ2SEQ)))
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return sorted(set(causal) | set(masked) | set(filter(_text_to_text, _SEQ2SEQ)) | set(image_text))
 
 
 def _text_to_text(model_type: str) -> bool:
@@ -89,16 +91,18 @@ def kind(config) -> str:
 
 
 def _host(model_type: str, seed: int = 0):
-    """`(model, kind, decoder)`: an encoder-decoder's sequence-to-sequence LM; a composite's image-text-to-text
-    class (else its own LM class); otherwise the family's masked LM (an encoder) if it has one, else its causal LM."""
+    """`(model, kind, decoder)`: an encoder-decoder's sequence-to-sequence LM (else its image-text class); a
+    composite's image-text-to-text class (else its own LM class); otherwise the family's masked LM (an encoder) if it
+    has one, else its causal LM, else its image-text class (Chameleon: one transformer over text and image tokens)."""
     masked = modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(model_type)
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
     config = tiny_config(model_type)
     family_kind = kind(config)
     name = {
-        "encoder-decoder": _SEQ2SEQ.get(model_type) or _SPEECH2TEXT.get(model_type),
-        "composite": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) or masked or causal,
-    }.get(family_kind, masked or causal)
+        "encoder-decoder": _SEQ2SEQ.get(model_type) or _SPEECH2TEXT.get(model_type) or image_text,
+        "composite": image_text or masked or causal,
+    }.get(family_kind, masked or causal or image_text)
     torch.manual_seed(seed)
     model = getattr(transformers, name)(config).eval()
     _randomize_zero_weights(model)

@@ -189,6 +189,33 @@ _FAMILY = {
     "gemma4_unified": dict(
         vision_config=dict(mm_embed_dim=32, mm_posemb_size=8, output_proj_dims=32),
     ),
+    "chameleon": dict(
+        vocabulary_map={"<image>": 97},
+        vq_config=dict(
+            num_embeddings=16, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[]
+        ),
+    ),
+    # Evolla: a protein encoder (a `TOWER`) read through a small resampler and aligner
+    "evolla": dict(
+        aligner_num_add_layers=1,
+        resampler_depth=1,
+        resampler_dim_head=8,
+        resampler_heads=4,
+        resampler_num_latents=4,
+    ),
+    # GLM-4V and kin: three M-RoPE sections (temporal, height, width) over half the rotated head
+    **dict.fromkeys(
+        ("glm4v", "glm46v", "glm_ocr", "glmga"),
+        dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
+    ),
+    "glm4v_moe": dict(
+        text_config=dict(
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
+            ),
+        )
+    ),
     # BLT: a byte-level model of four small transformers (patcher, local encoder and decoder, global)
     "blt": dict(
         encoder_hash_byte_group_size=[3, 4],
@@ -253,8 +280,8 @@ TOWER = dict(
     image_size=32,
     patch_size=8,
 )
-#: the sub-configs `TOWER` sizes: a composite's vision tower, audio tower, image tokenizer
-_TOWERS = ("vision_config", "audio_config", "vq_config")
+#: the sub-configs `TOWER` sizes: a composite's vision tower, audio tower, image tokenizer, protein encoder
+_TOWERS = ("vision_config", "audio_config", "vq_config", "protein_encoder_config")
 
 
 def _tiny_parts(config_class, fields: dict) -> dict:
