@@ -203,6 +203,23 @@ _FAMILY = {
         resampler_heads=4,
         resampler_num_latents=4,
     ),
+    # sizes of a tower or text model that must agree with the other parts
+    "apertus1p5": dict(audio_config=dict(codebook_dim=32)),  # its WavTokenizer has no projection around the codes
+    **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4)),
+    "granite4_vision": dict(
+        downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1]
+    ),
+    # M-RoPE sections (temporal, height, width) over half the tiny rotated head
+    **dict.fromkeys(
+        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl"),
+        dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
+    ),
+    "hy_v4_vl": dict(
+        text_config=dict(
+            qk_rope_head_dim=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
+        )
+    ),
     # GLM-4V and kin: three M-RoPE sections (temporal, height, width) over half the rotated head
     **dict.fromkeys(
         ("glm4v", "glm46v", "glm_ocr", "glmga"),
