@@ -205,9 +205,10 @@ def _verify(host, hybrid, decoder: bool, ids, expected) -> str:
             host.generate(padded, attention_mask=mask, max_new_tokens=1, **greedy)
         except Exception as error:
             return f"{checked}; left padding not checked: the host fails ({_line(error)[:80]})"
-        together = hybrid.generate(padded, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **greedy)
-        alone = hybrid.generate(padded[1:, 4:], max_new_tokens=8, min_new_tokens=8, **greedy)
-        assert torch.equal(together[1, 10:], alone[0, 6:]), "a left-padded row differs from the row alone"
+        if not _same_left_padded(hybrid, padded, mask, greedy):
+            # a host whose own left-padded row differs (Kosmos-2.5): the hybrid cannot be held to it
+            assert not _same_left_padded(host, padded, mask, greedy), "a left-padded row differs from the row alone"
+            return f"{checked}; left padding not checked: the host's own left-padded row differs from the row alone"
         return f"{checked}; left padding"
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0
@@ -251,6 +252,13 @@ def _verify_seq2seq(host, hybrid, inputs: dict, expected) -> str:
     difference = (together - alone).abs().max().item()
     assert difference <= 1e-4, f"right padding of the source changes the logits by {difference:.2g}"
     return f"{checked}; encoder padding"
+
+
+def _same_left_padded(model, padded, mask, greedy: dict) -> bool:
+    """Whether the second row of `padded` (left-padded by 4 tokens) decodes greedily as the same row alone."""
+    together = model.generate(padded, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **greedy)
+    alone = model.generate(padded[1:, 4:], max_new_tokens=8, min_new_tokens=8, **greedy)
+    return torch.equal(together[1, 10:], alone[0, 6:])
 
 
 def _reads_later(model, inputs: dict, key: str) -> bool:

@@ -212,7 +212,7 @@ _FAMILY = {
     ),
     # M-RoPE sections (temporal, height, width) over half the tiny rotated head
     **dict.fromkeys(
-        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl"),
+        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"),
         dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
     ),
     "hy_v4_vl": dict(
