@@ -210,13 +210,17 @@ _FAMILY = {
     "granite4_vision": dict(
         downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1]
     ),
-    # the Omni thinkers' generation reads the vision start token, which their configs leave unset
-    **dict.fromkeys(("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"), dict(vision_start_token_id=96)),
     # M-RoPE sections (temporal, height, width) over half the tiny rotated head
     **dict.fromkeys(
-        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"),
+        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl", "qwen2_vl", "qwen2_5_vl"),
         dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
     ),
+    # the Omni thinkers' generation reads the vision start token, which their configs leave unset
+    "qwen2_5_omni_thinker": dict(
+        vision_start_token_id=96,
+        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+    ),
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=96),
     "hy_v4_vl": dict(
         text_config=dict(
             qk_rope_head_dim=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
