@@ -203,10 +203,44 @@ _FAMILY = {
         resampler_heads=4,
         resampler_num_latents=4,
     ),
+    # BLIP-2 and InstructBLIP: a `TOWER`-sized Q-Former with a tiny vocabulary of its own
+    **dict.fromkeys(
+        ("blip-2", "instructblip", "instructblipvideo"),
+        dict(num_query_tokens=4, qformer_config=dict(vocab_size=VOCAB)),
+    ),
+    "janus": dict(
+        vision_config=dict(projection_dim=32),
+        vq_config=dict(
+            num_embeddings=16,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            latent_channels=32,
+            projection_dim=32,
+            image_token_embed_dim=32,
+        ),
+    ),
+    "muse_glimmer": dict(out_hidden_size=32, projector_hidden_size=32),
     # sizes of a tower or text model that must agree with the other parts
-    "apertus1p5": dict(audio_config=dict(codebook_dim=32)),  # its WavTokenizer has no projection around the codes
+    # Apertus 1.5: image and audio codes follow each other inside the tiny vocabulary; its WavTokenizer has no
+    # projection around the codes
+    "apertus1p5": dict(
+        image_token_offset=60,
+        audio_token_offset=76,
+        vision_config=dict(codebook_size=16),
+        audio_config=dict(codebook_dim=32, codebook_size=16),
+    ),
     **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
-    "glm5_next": dict(text_config=dict(num_key_value_heads=4)),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0)),  # DSA layers: no rotary part
+    "diffusion_gemma": dict(text_config=dict(num_experts=4)),
+    "molmo2": dict(vision_config=dict(image_size=[32, 32])),
+    "muse_spark": dict(audio_config=dict(num_hidden_layers=4)),  # one layer per stage of its patch sizes
+    "nemotron_h_omni": dict(vision_config=dict(video_temporal_patch_size=2)),
+    "step3p7": dict(text_config=dict(sliding_window=8)),
+    # ERNIE 4.5 VL: M-RoPE sections (height, width, temporal) over half the tiny head
+    "ernie4_5_vl_moe": dict(
+        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2]))
+    ),
     "granite4_vision": dict(
         downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1]
     ),
@@ -303,8 +337,15 @@ TOWER = dict(
     image_size=32,
     patch_size=8,
 )
-#: the sub-configs `TOWER` sizes: a composite's vision tower, audio tower, image tokenizer, protein encoder
-_TOWERS = ("vision_config", "audio_config", "vq_config", "protein_encoder_config")
+#: the sub-configs `TOWER` sizes: a composite's vision towers, audio tower, image tokenizer, protein encoder, Q-Former
+_TOWERS = (
+    "vision_config",
+    "high_res_vision_config",
+    "audio_config",
+    "vq_config",
+    "protein_encoder_config",
+    "qformer_config",
+)
 
 
 def _tiny_parts(config_class, fields: dict) -> dict:
