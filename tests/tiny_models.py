@@ -227,19 +227,36 @@ _FAMILY = {
     "apertus1p5": dict(
         image_token_offset=60,
         audio_token_offset=76,
-        vision_config=dict(codebook_size=16),
+        vision_config=dict(
+            codebook_size=16,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            spatial_scale_factor=2,
+        ),
         audio_config=dict(codebook_dim=32, codebook_size=16),
     ),
     **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
     "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0)),  # DSA layers: no rotary part
     "diffusion_gemma": dict(text_config=dict(num_experts=4)),
-    "molmo2": dict(vision_config=dict(image_size=[32, 32])),
-    "muse_spark": dict(audio_config=dict(num_hidden_layers=4)),  # one layer per stage of its patch sizes
-    "nemotron_h_omni": dict(vision_config=dict(video_temporal_patch_size=2)),
+    "muse_spark": dict(
+        out_hidden_size=32,
+        projector_hidden_size=32,
+        text_config=dict(moe_hidden_size=64),
+        audio_config=dict(num_hidden_layers=4),  # one layer per stage of its patch sizes
+    ),
+    "molmo2": dict(vision_config=dict(image_size=[32, 32]), adapter_config=dict(vision_feature_layer=[-1, -2])),
+    "nemotron_h_omni": dict(
+        vision_config=dict(video_temporal_patch_size=2), audio_config=dict(projection_hidden_size=32)
+    ),
     "step3p7": dict(text_config=dict(sliding_window=8)),
     # ERNIE 4.5 VL: M-RoPE sections (height, width, temporal) over half the tiny head
     "ernie4_5_vl_moe": dict(
-        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2]))
+        text_config=dict(
+            moe_k=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])
+        )
     ),
     "granite4_vision": dict(
         downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1]
