@@ -56,12 +56,25 @@ REQUIRED = (
 
 
 _DRAFT = "a draft model: it runs only inside its target model, on the target's key-value states"
+_NEEDS_IMAGE = (
+    "its image-text class requires an image with every input (`pixel_values`): it does not run on text alone"
+)
+_IMAGE_ENCODER = "an encoder-decoder whose encoder reads images, not text input_ids"
 #: families whose host no tiny config can make run on text, and why
 UNSWEPT = {
     "musicgen": "a music model: its decoder reads audio codebooks, not text",
     "musicgen_melody": "a music model: its decoder reads audio codebooks, not text",
     "gemma4_assistant": _DRAFT,
     "gemma4_unified_assistant": _DRAFT,
+    **dict.fromkeys(("blip", "blip-2", "idefics", "kosmos-2"), _NEEDS_IMAGE),
+    **dict.fromkeys(
+        ("instructblip", "instructblipvideo"),
+        "its image-text class requires an image and the Q-Former's own text with every input (`pixel_values`, "
+        "`qformer_input_ids`): it does not run on text alone",
+    ),
+    **dict.fromkeys(("vision-encoder-decoder", "pp_formulanet"), _IMAGE_ENCODER),
+    "pix2struct": "an encoder-decoder whose encoder reads image patches (`flattened_patches`), not text input_ids",
+    "udop": "a document model: its encoder requires each token's bounding box (`bbox`) beside the text",
     "llama4": "transformers' Llama4ForConditionalGeneration fails on any input (its language model's output has no "
     "`image_outputs`); its text model is swept as llama4_text",
 }
