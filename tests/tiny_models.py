@@ -245,11 +245,23 @@ _FAMILY = {
         out_hidden_size=32,
         projector_hidden_size=32,
         text_config=dict(moe_hidden_size=64),
-        audio_config=dict(num_hidden_layers=4),  # one layer per stage of its patch sizes
+        audio_config=dict(num_hidden_layers=4, hidden_sizes=[8, 16, 32, 32], depths=[1, 1, 1, 1]),  # one per stage
     ),
-    "molmo2": dict(vision_config=dict(image_size=[32, 32]), adapter_config=dict(vision_feature_layer=[-1, -2])),
+    "molmo2": dict(
+        vision_config=dict(image_size=[32, 32]),
+        adapter_config=dict(
+            vision_feature_layer=[-1, -2],
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            intermediate_size=64,
+            text_hidden_size=32,
+        ),
+    ),
     "nemotron_h_omni": dict(
-        vision_config=dict(video_temporal_patch_size=2), audio_config=dict(projection_hidden_size=32)
+        vision_config=dict(video_temporal_patch_size=2),
+        audio_config=dict(projection_hidden_size=32, projection_bias=False),
     ),
     "step3p7": dict(text_config=dict(sliding_window=8)),
     # ERNIE 4.5 VL: M-RoPE sections (height, width, temporal) over half the tiny head
