@@ -260,7 +260,9 @@ _FAMILY = {
         ),
     ),
     "nemotron_h_omni": dict(
-        vision_config=dict(video_temporal_patch_size=2),
+        projector_hidden_size=32,
+        vision_hidden_size=32,
+        vision_config=dict(video_temporal_patch_size=2, max_img_size=64),
         audio_config=dict(projection_hidden_size=32, projection_bias=False),
     ),
     "step3p7": dict(text_config=dict(sliding_window=8)),
