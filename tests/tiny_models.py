@@ -240,7 +240,7 @@ _FAMILY = {
     ),
     **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
     "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0)),  # DSA layers: no rotary part
-    "diffusion_gemma": dict(text_config=dict(num_experts=4)),
+    "diffusion_gemma": dict(text_config=dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16)),
     "muse_spark": dict(
         out_hidden_size=32,
         projector_hidden_size=32,
@@ -273,7 +273,10 @@ _FAMILY = {
         )
     ),
     "granite4_vision": dict(
-        downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1]
+        downsample_rate="1/2",
+        deepstack_layer_map=[[0, 0], [1, 1]],
+        spatial_target_layers=[0, 1, 0, 1],
+        vision_config=dict(hidden_size=64),  # its Q-Former has one head per 64 of the tower's width
     ),
     # M-RoPE sections (temporal, height, width) over half the tiny rotated head
     **dict.fromkeys(
