@@ -26,7 +26,8 @@ TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-#: a `_FAMILY` value that leaves a `TINY` field out, for configs that refuse it (Funnel's layers come in blocks)
+#: a `_FAMILY` value that leaves a `TINY` (or `TOWER`) field out, for configs that refuse it (Funnel's layers come in
+#: blocks)
 OMIT = object()
 #: multi-head latent attention (DeepSeek-V2/V3 and kin): the rotary embedding reads `head_dim`, the query's rope part;
 #: as many key-value heads as query heads (the latent is expanded to every head)
@@ -221,6 +222,24 @@ _FAMILY = {
         ),
     ),
     "muse_glimmer": dict(out_hidden_size=32, projector_hidden_size=32),
+    # Florence-2: a DaViT tower of two stages, its sizes one per stage
+    "florence2": dict(
+        vision_config=dict(
+            depths=[1, 1],
+            patch_size=[7, 3],
+            patch_stride=[4, 2],
+            patch_padding=[3, 1],
+            patch_prenorm=[False, True],
+            embed_dim=[16, 32],
+            num_heads=[2, 4],
+            num_groups=[2, 4],
+            num_attention_heads=OMIT,  # heads per stage in `num_heads`
+            hidden_size=OMIT,
+            head_dim=OMIT,
+            projection_dim=32,
+            window_size=4,
+        )
+    ),
     # sizes of a tower or text model that must agree with the other parts
     # Apertus 1.5: image and audio codes follow each other inside the tiny vocabulary; its WavTokenizer has no
     # projection around the codes
@@ -394,7 +413,7 @@ def _tiny_parts(config_class, fields: dict) -> dict:
             given = dict(given or {})
             parts[name] = tiny_config(given.pop("model_type", None) or _text_model_type(config_class), **given)
         elif name in _TOWERS:
-            parts[name] = {**TOWER, **(given or {})}
+            parts[name] = {key: value for key, value in {**TOWER, **(given or {})}.items() if value is not OMIT}
     return parts
 
 
