@@ -240,6 +240,8 @@ _FAMILY = {
             window_size=4,
         )
     ),
+    # T5Gemma 2: an encoder (a Gemma 3 text model with a vision tower) and a decoder, each a tiny model of its own
+    "t5gemma2": dict(encoder=dict(model_type="t5gemma2_encoder"), decoder=dict(model_type="t5gemma2_decoder")),
     # sizes of a tower or text model that must agree with the other parts
     # Apertus 1.5: image and audio codes follow each other inside the tiny vocabulary; its WavTokenizer has no
     # projection around the codes
@@ -403,7 +405,8 @@ _TOWERS = (
 
 def _tiny_parts(config_class, fields: dict) -> dict:
     """The sub-configs of a composite family, tiny: its text config from the text family's own tiny config (with the
-    family's `text_config` facts), its towers from `TOWER` (with the family's facts for each)."""
+    family's `text_config` facts), a part the family names with a `model_type` from that family's tiny config, its
+    towers from `TOWER` (with the family's facts for each)."""
     parts = {}
     for name in getattr(config_class, "sub_configs", None) or {}:
         given = fields.get(name)
@@ -412,6 +415,9 @@ def _tiny_parts(config_class, fields: dict) -> dict:
         if name == "text_config":
             given = dict(given or {})
             parts[name] = tiny_config(given.pop("model_type", None) or _text_model_type(config_class), **given)
+        elif given is not None and "model_type" in given:  # a whole model of its own (T5Gemma 2's encoder and decoder)
+            given = dict(given)
+            parts[name] = tiny_config(given.pop("model_type"), **given)
         elif name in _TOWERS:
             parts[name] = {key: value for key, value in {**TOWER, **(given or {})}.items() if value is not OMIT}
     return parts
