@@ -240,6 +240,34 @@ _FAMILY = {
             window_size=4,
         )
     ),
+    # DeepSeek-OCR 2: a SAM image encoder read by a small language-model encoder
+    "deepseek_ocr2": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=32,
+                output_channels=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=64,
+                patch_size=16,
+                window_size=2,
+                global_attn_indexes=[1],
+                mlp_dim=64,
+                downsample_channels=[32, 32],
+            ),
+            encoder_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=256,
+                layer_types=["full_attention", "full_attention"],
+            ),
+        ),
+    ),
     # T5Gemma 2: an encoder (a Gemma 3 text model with a vision tower) and a decoder, each a tiny model of its own
     "t5gemma2": dict(encoder=dict(model_type="t5gemma2_encoder"), decoder=dict(model_type="t5gemma2_decoder")),
     # sizes of a tower or text model that must agree with the other parts
