@@ -56,6 +56,20 @@ _SEQ2SEQ = dict(
     decoder_ffn_dim=64,
 )
 
+#: a tiny SAM image encoder (DeepSeek-OCR 2, Unlimited-OCR)
+_SAM = dict(
+    hidden_size=32,
+    output_channels=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=16,
+    window_size=2,
+    global_attn_indexes=[1],
+    mlp_dim=64,
+    downsample_channels=[32, 32],
+)
+
 #: per-family sizes beside `TINY`, after transformers' own model tests (their `ModelTester`s) or the family's config
 #: defaults scaled down: layer kinds that make one tiny layer of each, sub-sizes that must agree with `TINY`'s
 _FAMILY = {
@@ -240,22 +254,26 @@ _FAMILY = {
             window_size=4,
         )
     ),
+    # Unlimited-OCR: a SAM image encoder beside a CLIP-like one
+    "unlimited_ocr": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
+        vision_config=dict(
+            sam_config=_SAM,
+            encoder_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+        ),
+    ),
     # DeepSeek-OCR 2: a SAM image encoder read by a small language-model encoder
     "deepseek_ocr2": dict(
         text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
         vision_config=dict(
-            sam_config=dict(
-                hidden_size=32,
-                output_channels=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=64,
-                patch_size=16,
-                window_size=2,
-                global_attn_indexes=[1],
-                mlp_dim=64,
-                downsample_channels=[32, 32],
-            ),
+            sam_config=_SAM,
             encoder_config=dict(
                 vocab_size=VOCAB,
                 hidden_size=32,
