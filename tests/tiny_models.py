@@ -254,6 +254,9 @@ _FAMILY = {
             window_size=4,
         )
     ),
+    # Mistral 4 and Mistral Large 4's text model: multi-head latent attention
+    "mistral4": _MLA,
+    "mistral_large4": dict(text_config=_MLA),
     # Unlimited-OCR: a SAM image encoder beside a CLIP-like one
     "unlimited_ocr": dict(
         text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
