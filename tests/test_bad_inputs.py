@@ -586,13 +586,21 @@ def _trust_loading_world(root: Path, paths: dict[str, Path], host, tokenizer) ->
     edited("unknown_hybrid_type", hybrid, model_type="hybrid_nosuchmodel")
     edited("bogus_attention", hybrid, global_attn_implementation="bogus_attention")
     edited("flash_attention", hybrid, global_attn_implementation="flash_attention_2")
-    sizes = (("many_layers", "num_hidden_layers", 100000), ("huge_vocab", "vocab_size", 2**31 - 1),
-             ("huge_hidden", "hidden_size", 2**20), ("huge_intermediate", "intermediate_size", 2**34))
+    sizes = (
+        ("many_layers", "num_hidden_layers", 100000),
+        ("huge_vocab", "vocab_size", 2**31 - 1),
+        ("huge_hidden", "hidden_size", 2**20),
+        ("huge_intermediate", "intermediate_size", 2**34),
+    )
     for name, field, value in sizes:
         edited(name, host, **{field: value})
         edited(f"hybrid_{name}", hybrid, **{field: value})  # fmt: skip
-    shards = (("index_bin_shard", "pytorch_model-00001-of-00001.bin"), ("index_parent", "../../../../etc/passwd"),
-              ("index_absolute", "/etc/passwd"), ("index_empty", None))
+    shards = (
+        ("index_bin_shard", "pytorch_model-00001-of-00001.bin"),
+        ("index_parent", "../../../../etc/passwd"),
+        ("index_absolute", "/etc/passwd"),
+        ("index_empty", None),
+    )
     for name, shard in shards:
         folder = edited(name, host)
         (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
@@ -781,6 +789,8 @@ TRUST_OUTPUT_API_CASES += [
     pytest.param(lambda: _lora_twice(True), ValueError, "merge_and_unload", id="get_lora_model on injected LoRA"),
 ]
 API_CASES += TRUST_OUTPUT_API_CASES
+
+
 def _with_adapters(inject: bool):
     from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 

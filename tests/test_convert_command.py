@@ -210,9 +210,7 @@ def test_local_layers_chosen_on_calibration_text(sources, tmp_path, capsys) -> N
 
 def test_bert_without_tokenizer_converts_with_settings(sources, tmp_path) -> None:
     out = tmp_path / "hybrid-bert"
-    report = convert_checkpoint(
-        sources["bert"], out, max_span=4, ramp=2, span_per_head=False, hybrid_layers=[1]
-    )
+    report = convert_checkpoint(sources["bert"], out, max_span=4, ramp=2, span_per_head=False, hybrid_layers=[1])
     assert isinstance(report, ConversionReport)
     assert (report.architecture, report.source_class, report.model_class) == ("bert", "BertModel", "HybridBertModel")
     assert (report.task, report.layers_converted, report.layers_total) == ("base", 1, 2)
@@ -495,7 +493,9 @@ BAD_SOURCES = {
     "calibration without local layers auto": ("llama", ["--calibration", "text.txt"], "--local-layers auto"),
     "calibration file missing": ("llama", ["--local-layers", "auto", "--calibration", "no.txt"], "is not a file"),
     "local fraction out of range": (
-        "llama", ["--local-layers", "auto", "--calibration", "no.txt", "--local-fraction", "1.5"], "local_fraction"
+        "llama",
+        ["--local-layers", "auto", "--calibration", "no.txt", "--local-fraction", "1.5"],
+        "local_fraction",
     ),
     "local layer out of range": ("llama", ["--local-layers", "7"], "local_layers"),
     "local layers not a list": ("llama", ["--local-layers", "half"], "--local-layers"),

@@ -113,8 +113,17 @@ def test_finetune_takes_training_arguments(tmp_path):
                                                       gradient_accumulation_steps=2, save_strategy="no"))  # fmt: skip
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert result.steps == 3 and len(losses) == 3
-    again = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True, steps=1,
-                     settings={"max_span": 8, "ramp": 4}, training_args=HybridTrainingArguments(max_steps=3))
+    again = finetune(
+        tiny_llama(),
+        None,
+        tokenizer=word_tokenizer(),
+        texts=[TEXT],
+        seq_len=16,
+        quiet=True,
+        steps=1,
+        settings={"max_span": 8, "ramp": 4},
+        training_args=HybridTrainingArguments(max_steps=3),
+    )
     assert again.steps == 1
 
 
@@ -149,8 +158,10 @@ def test_gradient_accumulation_equals_the_whole_batch():
     whole = _sgd_step(per_device_train_batch_size=4)
     accumulated = _sgd_step(per_device_train_batch_size=2, gradient_accumulation_steps=2)
     _assert_same(accumulated, whole)
-    assert not torch.equal(whole[0]["model.layers.0.self_attn.mix.weight"],
-                           _sgd_step(per_device_train_batch_size=2)[0]["model.layers.0.self_attn.mix.weight"])
+    assert not torch.equal(
+        whole[0]["model.layers.0.self_attn.mix.weight"],
+        _sgd_step(per_device_train_batch_size=2)[0]["model.layers.0.self_attn.mix.weight"],
+    )
 
 
 def test_gradient_checkpointing_changes_nothing():
@@ -188,9 +199,16 @@ def test_checkpointed_span_loss_is_counted_once_per_layer():
 
 
 def test_bf16_on_cpu():
-    result = finetune(tiny_llama(), None, tokenizer=word_tokenizer(), texts=[TEXT], seq_len=16, quiet=True,
-                      settings={"max_span": 8, "ramp": 4},
-                      training_args=HybridTrainingArguments(max_steps=2, bf16=True, use_cpu=True, logging_steps=1))
+    result = finetune(
+        tiny_llama(),
+        None,
+        tokenizer=word_tokenizer(),
+        texts=[TEXT],
+        seq_len=16,
+        quiet=True,
+        settings={"max_span": 8, "ramp": 4},
+        training_args=HybridTrainingArguments(max_steps=2, bf16=True, use_cpu=True, logging_steps=1),
+    )
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]  # fmt: skip
     assert result.steps == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 

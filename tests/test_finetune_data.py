@@ -158,10 +158,37 @@ def test_cli_trains_on_conversations_with_the_trainers_flags(tmp_path, host_fold
     tokenizer.save_pretrained(folder)
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(8)))
-    argv = [str(folder), str(tmp_path / "out"), "--train_file", str(path), "--validation_file", str(path), "--bf16",
-            "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "--warmup_ratio", "0.1",
-            "--lr_scheduler_type", "cosine", "--eval_strategy", "steps", "--eval_steps", "2", "--max_steps", "4",
-            "--per_device_train_batch_size", "1", "--seq_len", "32", "--use_cpu", "--max_span", "8", "--ramp", "4"]
+    argv = [
+        str(folder),
+        str(tmp_path / "out"),
+        "--train_file",
+        str(path),
+        "--validation_file",
+        str(path),
+        "--bf16",
+        "--gradient_accumulation_steps",
+        "4",
+        "--gradient_checkpointing",
+        "--warmup_ratio",
+        "0.1",
+        "--lr_scheduler_type",
+        "cosine",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "1",
+        "--seq_len",
+        "32",
+        "--use_cpu",
+        "--max_span",
+        "8",
+        "--ramp",
+        "4",
+    ]
     assert commands.main(["finetune", *argv]) == 0
     written, host = load_file(tmp_path / "out" / "model.safetensors"), load_file(folder / "model.safetensors")
     assert not torch.equal(written["model.embed_tokens.weight"], host["model.embed_tokens.weight"])  # it trained

@@ -16,8 +16,11 @@ GREEDY = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_i
 
 
 def local_model(model_type="llama", layers=3, local=(1,), seed=0, **settings):
-    hybrid = convert(tiny_host(model_type, num_hidden_layers=layers, seed=seed), local_layers=list(local),
-                     **{**SETTINGS, **settings})
+    hybrid = convert(
+        tiny_host(model_type, num_hidden_layers=layers, seed=seed),
+        local_layers=list(local),
+        **{**SETTINGS, **settings},
+    )
     perturb(hybrid)
     return hybrid.eval()
 
@@ -42,9 +45,16 @@ def dense_local_layer(module, query, key, value, attention_mask, scaling=None, *
     sinks = mask.bool() & (rank <= config.sink_tokens)  # (B, S)
     sinks = sinks[:, : int((sinks * torch.arange(1, sinks.shape[1] + 1)).max())]  # the leading slots that hold them
     out = reference_local_attention(
-        query, key, value, span_scale * config.max_span,
+        query,
+        key,
+        value,
+        span_scale * config.max_span,
         span_temperature(span_scale, config.tau_min, config.tau_max),
-        max_span=config.max_span, ramp=config.ramp, causal=causal, scaling=scaling, key_mask=mask,
+        max_span=config.max_span,
+        ramp=config.ramp,
+        causal=causal,
+        scaling=scaling,
+        key_mask=mask,
         sink_mask=sinks,
     )  # (B, H, S, D)
     out = out.transpose(1, 2).reshape(batch_size, length, heads * head_dim)
@@ -62,7 +72,8 @@ def test_local_only_layer_equals_its_dense_definition(model_type, padding):
     dense.load_state_dict(hybrid.state_dict(), strict=False)
     for host_module, module in zip(
         [m for m in dense.modules() if type(m).__name__ == type(hybrid_layers(hybrid)[0]).__name__],
-        hybrid_layers(hybrid), strict=True,
+        hybrid_layers(hybrid),
+        strict=True,
     ):
         host_module.span_predictor, host_module.mix = module.span_predictor, module.mix
         host_module.hybrid_settings = hybrid.config
@@ -195,14 +206,16 @@ def test_saved_local_layers_load_with_remote_code_without_the_package(tmp_path):
     hybrid.save_pretrained(tmp_path / "model")
     input_ids, mask = batch("llama", length=30, padding="left")
     torch.save({"input_ids": input_ids, "attention_mask": mask}, tmp_path / "model" / "inputs.pt")
-    result = run_remote([{"folder": str(tmp_path / "model"), "auto": "AutoModelForCausalLM", "generate": True}],
-                        tmp_path)
+    result = run_remote(
+        [{"folder": str(tmp_path / "model"), "auto": "AutoModelForCausalLM", "generate": True}], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "model" / "remote.pt")
     with torch.no_grad():
         torch.testing.assert_close(remote["output"], hybrid(input_ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
-    expected = hybrid.generate(input_ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                               pad_token_id=0)
+    expected = hybrid.generate(
+        input_ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(remote["generated"], expected)
 
 

@@ -75,7 +75,9 @@ def test_saved_models_load_with_remote_code_without_the_package(tmp_path):
                 input_ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
             )
         assert {p.name for p in folder.glob("*.py")} == {
-            "modeling_hybrid.py", "configuration_hybrid.py", "hybrid_attention.py"
+            "modeling_hybrid.py",
+            "configuration_hybrid.py",
+            "hybrid_attention.py",
         }
         config = json.loads((folder / "config.json").read_text())
         assert config["auto_map"][AUTO_CLASS[task]] == f"modeling_hybrid.{type(hybrid).__name__}"

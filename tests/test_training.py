@@ -723,8 +723,9 @@ def test_recovery_by_distillation_keeps_the_host_predictions(tmp_path, tokenizer
             return distillation_loss(model(eval_ids).logits, host(eval_ids).logits).item()
 
     model = local()
-    trainer = DistillationTrainer(model=model, args=training_args(tmp_path, max_steps=1), teacher=host,
-                                  distill_weight=0.5)
+    trainer = DistillationTrainer(
+        model=model, args=training_args(tmp_path, max_steps=1), teacher=host, distill_weight=0.5
+    )
     inputs = {"input_ids": eval_ids, "labels": eval_ids}
     with torch.no_grad():
         expected = model(**inputs).loss + 0.5 * distillation_loss(model(eval_ids).logits, host(eval_ids).logits)

@@ -26,7 +26,8 @@ TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-#: a `_FAMILY` value that leaves a `TINY` field out, for configs that refuse it (Funnel's layers come in blocks)
+#: a `_FAMILY` value that leaves a `TINY` (or `TOWER`) field out, for configs that refuse it (Funnel's layers come in
+#: blocks)
 OMIT = object()
 #: multi-head latent attention (DeepSeek-V2/V3 and kin): the rotary embedding reads `head_dim`, the query's rope part;
 #: as many key-value heads as query heads (the latent is expanded to every head)
@@ -53,6 +54,20 @@ _SEQ2SEQ = dict(
     decoder_attention_heads=4,
     encoder_ffn_dim=64,
     decoder_ffn_dim=64,
+)
+
+#: a tiny SAM image encoder (DeepSeek-OCR 2, Unlimited-OCR)
+_SAM = dict(
+    hidden_size=32,
+    output_channels=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=16,
+    window_size=2,
+    global_attn_indexes=[1],
+    mlp_dim=64,
+    downsample_channels=[32, 32],
 )
 
 #: per-family sizes beside `TINY`, after transformers' own model tests (their `ModelTester`s) or the family's config
@@ -189,6 +204,179 @@ _FAMILY = {
     "gemma4_unified": dict(
         vision_config=dict(mm_embed_dim=32, mm_posemb_size=8, output_proj_dims=32),
     ),
+    "chameleon": dict(
+        vocabulary_map={"<image>": 97},
+        vq_config=dict(
+            num_embeddings=16, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[]
+        ),
+    ),
+    # Evolla: a protein encoder (a `TOWER`) read through a small resampler and aligner
+    "evolla": dict(
+        aligner_num_add_layers=1,
+        resampler_depth=1,
+        resampler_dim_head=8,
+        resampler_heads=4,
+        resampler_num_latents=4,
+    ),
+    # BLIP-2 and InstructBLIP: a `TOWER`-sized Q-Former with a tiny vocabulary of its own
+    **dict.fromkeys(
+        ("blip-2", "instructblip", "instructblipvideo"),
+        dict(num_query_tokens=4, qformer_config=dict(vocab_size=VOCAB)),
+    ),
+    "janus": dict(
+        vision_config=dict(projection_dim=32),
+        vq_config=dict(
+            num_embeddings=16,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            latent_channels=32,
+            projection_dim=32,
+            image_token_embed_dim=32,
+        ),
+    ),
+    "muse_glimmer": dict(out_hidden_size=32, projector_hidden_size=32),
+    # Florence-2: a DaViT tower of two stages, its sizes one per stage
+    "florence2": dict(
+        vision_config=dict(
+            depths=[1, 1],
+            patch_size=[7, 3],
+            patch_stride=[4, 2],
+            patch_padding=[3, 1],
+            patch_prenorm=[False, True],
+            embed_dim=[16, 32],
+            num_heads=[2, 4],
+            num_groups=[2, 4],
+            num_attention_heads=OMIT,  # heads per stage in `num_heads`
+            hidden_size=OMIT,
+            head_dim=OMIT,
+            projection_dim=32,
+            window_size=4,
+        )
+    ),
+    # Mistral 4 and Mistral Large 4's text model: multi-head latent attention
+    "mistral4": _MLA,
+    "mistral_large4": dict(text_config=_MLA),
+    # Unlimited-OCR: a SAM image encoder beside a CLIP-like one
+    "unlimited_ocr": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
+        vision_config=dict(
+            sam_config=_SAM,
+            encoder_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+        ),
+    ),
+    # DeepSeek-OCR 2: a SAM image encoder read by a small language-model encoder
+    "deepseek_ocr2": dict(
+        text_config=dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2),
+        vision_config=dict(
+            sam_config=_SAM,
+            encoder_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=256,
+                layer_types=["full_attention", "full_attention"],
+            ),
+        ),
+    ),
+    # T5Gemma 2: an encoder (a Gemma 3 text model with a vision tower) and a decoder, each a tiny model of its own
+    "t5gemma2": dict(encoder=dict(model_type="t5gemma2_encoder"), decoder=dict(model_type="t5gemma2_decoder")),
+    # sizes of a tower or text model that must agree with the other parts
+    # Apertus 1.5: image and audio codes follow each other inside the tiny vocabulary; its WavTokenizer has no
+    # projection around the codes
+    "apertus1p5": dict(
+        image_token_offset=60,
+        audio_token_offset=76,
+        vision_config=dict(
+            codebook_size=16,
+            latent_channels=32,
+            base_channels=32,
+            channel_multiplier=[1, 1],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            spatial_scale_factor=2,
+        ),
+        audio_config=dict(codebook_dim=32, codebook_size=16),
+    ),
+    **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0)),  # DSA layers: no rotary part
+    "diffusion_gemma": dict(text_config=dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16)),
+    "muse_spark": dict(
+        out_hidden_size=32,
+        projector_hidden_size=32,
+        text_config=dict(moe_hidden_size=64),
+        audio_config=dict(num_hidden_layers=4, hidden_sizes=[8, 16, 32, 32], depths=[1, 1, 1, 1]),  # one per stage
+    ),
+    "molmo2": dict(
+        vision_config=dict(image_size=[32, 32]),
+        adapter_config=dict(
+            vision_feature_layer=[-1, -2],
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            intermediate_size=64,
+            text_hidden_size=32,
+        ),
+    ),
+    "nemotron_h_omni": dict(
+        projector_hidden_size=32,
+        vision_hidden_size=32,
+        vision_config=dict(video_temporal_patch_size=2, max_img_size=64),
+        audio_config=dict(projection_hidden_size=32, projection_bias=False),
+    ),
+    "step3p7": dict(text_config=dict(sliding_window=8)),
+    # ERNIE 4.5 VL: M-RoPE sections (height, width, temporal) over half the tiny head
+    "ernie4_5_vl_moe": dict(
+        text_config=dict(
+            moe_k=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])
+        )
+    ),
+    "granite4_vision": dict(
+        downsample_rate="1/2",
+        deepstack_layer_map=[[0, 0], [1, 1]],
+        spatial_target_layers=[0, 1, 0, 1],
+        vision_config=dict(hidden_size=64),  # its Q-Former has one head per 64 of the tower's width
+    ),
+    # M-RoPE sections (temporal, height, width) over half the tiny rotated head
+    **dict.fromkeys(
+        ("cosmos3_edge", "paddleocr_vl", "hunyuan_vl", "qwen2_vl", "qwen2_5_vl"),
+        dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
+    ),
+    # the Omni thinkers' generation reads the vision start token, which their configs leave unset
+    "qwen2_5_omni_thinker": dict(
+        vision_start_token_id=96,
+        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+    ),
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=96),
+    "hy_v4_vl": dict(
+        text_config=dict(
+            qk_rope_head_dim=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
+        )
+    ),
+    # GLM-4V and kin: three M-RoPE sections (temporal, height, width) over half the rotated head
+    **dict.fromkeys(
+        ("glm4v", "glm46v", "glm_ocr", "glmga"),
+        dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))),
+    ),
+    "glm4v_moe": dict(
+        text_config=dict(
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
+            ),
+        )
+    ),
     # BLT: a byte-level model of four small transformers (patcher, local encoder and decoder, global)
     "blt": dict(
         encoder_hash_byte_group_size=[3, 4],
@@ -253,13 +441,21 @@ TOWER = dict(
     image_size=32,
     patch_size=8,
 )
-#: the sub-configs `TOWER` sizes: a composite's vision tower, audio tower, image tokenizer
-_TOWERS = ("vision_config", "audio_config", "vq_config")
+#: the sub-configs `TOWER` sizes: a composite's vision towers, audio tower, image tokenizer, protein encoder, Q-Former
+_TOWERS = (
+    "vision_config",
+    "high_res_vision_config",
+    "audio_config",
+    "vq_config",
+    "protein_encoder_config",
+    "qformer_config",
+)
 
 
 def _tiny_parts(config_class, fields: dict) -> dict:
     """The sub-configs of a composite family, tiny: its text config from the text family's own tiny config (with the
-    family's `text_config` facts), its towers from `TOWER` (with the family's facts for each)."""
+    family's `text_config` facts), a part the family names with a `model_type` from that family's tiny config, its
+    towers from `TOWER` (with the family's facts for each)."""
     parts = {}
     for name in getattr(config_class, "sub_configs", None) or {}:
         given = fields.get(name)
@@ -268,8 +464,11 @@ def _tiny_parts(config_class, fields: dict) -> dict:
         if name == "text_config":
             given = dict(given or {})
             parts[name] = tiny_config(given.pop("model_type", None) or _text_model_type(config_class), **given)
+        elif given is not None and "model_type" in given:  # a whole model of its own (T5Gemma 2's encoder and decoder)
+            given = dict(given)
+            parts[name] = tiny_config(given.pop("model_type"), **given)
         elif name in _TOWERS:
-            parts[name] = {**TOWER, **(given or {})}
+            parts[name] = {key: value for key, value in {**TOWER, **(given or {})}.items() if value is not OMIT}
     return parts
 
 
