@@ -45,6 +45,11 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
     config_class = hybrid_config_class(type(host_config))
     host_text = host_config.get_text_config()
     if host_text is not host_config:  # a composite model: the settings go on its text config
+        if "text_config" not in fields:
+            raise UnsupportedHostError(
+                f"{type(host_config).__name__} keeps its text model's config somewhere other than `text_config` "
+                f"(a {type(host_text).__name__}), where a composite model's hybrid settings are kept"
+            )
         text_class = text_config_class(type(host_config))
         if text_class is not None and not isinstance(host_text, text_class):
             raise UnsupportedHostError(
@@ -155,7 +160,14 @@ def convert(model: PreTrainedModel, **settings) -> PreTrainedModel:
     not_new = [key for key in missing if not is_new_parameter(key)]
     if unexpected or not_new:
         raise RuntimeError(f"conversion left host weights unmatched: missing {not_new}, unexpected {unexpected}")
-    hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)
+    try:
+        hybrid.tie_weights()  # `no_init_weights` skips tying: share what the host shares (e.g. tied embeddings)
+    except ValueError as error:  # ties by pattern that the new parameters of one side only break (Diffusion Gemma)
+        message = str(error).strip().splitlines()[0][:160]
+        raise UnsupportedHostError(
+            f"{type(model).__name__} ties the weights of two of its parts by name, which the hybrid layers' new "
+            f"weights break ({message})"
+        ) from error
     for layer in hybrid_layers(hybrid):
         reset_hybrid_parameters(layer)
     hybrid.to(model.device)

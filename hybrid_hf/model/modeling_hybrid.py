@@ -564,14 +564,15 @@ def _attention_of(module: nn.Module) -> nn.Module:
 
 
 def _attention_owners(model: PreTrainedModel) -> list[PreTrainedModel]:
-    """The outermost models within `model` (itself first) whose classes name their attention modules: `model`, or
-    its encoder and decoder when only those name theirs, or a composite model's language model (not its towers)."""
+    """The outermost models within `model` (itself first) whose classes name their attention modules, and name
+    modules they hold: `model`, or its encoder and decoder when only those name theirs, or a composite model's
+    language model (not its towers; LLaVA-OneVision names "LlamaAttention" whatever its language model is)."""
     attention_specs(type(model))  # refuses a model whose attention is written inside it
     text_config = model.config.get_text_config()
     owners: list[tuple[str, PreTrainedModel]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{owner}.") or not owner for owner, _ in owners)
-        if not isinstance(module, PreTrainedModel) or inside or _recorded_attentions(type(module)) is None:
+        if not isinstance(module, PreTrainedModel) or inside or not _named_attentions(module):
             continue
         tower = text_config is not model.config and not isinstance(module.config, type(text_config))
         if not (name and tower):
@@ -584,15 +585,16 @@ def _attention_owners(model: PreTrainedModel) -> list[PreTrainedModel]:
     return [module for _, module in owners]
 
 
+def _named_attentions(model: PreTrainedModel) -> list[nn.Module]:
+    """The modules of `model` that its class's `_can_record_outputs["attentions"]` names, in order."""
+    specs = _recorded_attentions(type(model)) or []
+    return [module for name, module in model.named_modules() if any(_spec_matches(s, name, module) for s in specs)]
+
+
 def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     """The host's self-attention modules in order (an encoder's before its decoder's), as the `_can_record_outputs
     ["attentions"]` of the model, or of its encoder and decoder, names them. Cross-attention is not among them."""
-    found = []
-    for owner in _attention_owners(model):
-        specs = _recorded_attentions(type(owner))
-        for name, module in owner.named_modules():
-            if any(_spec_matches(spec, name, module) for spec in specs):
-                found.append(_attention_of(module))
+    found = [_attention_of(module) for owner in _attention_owners(model) for module in _named_attentions(owner)]
     if not found:
         raise UnsupportedHostError(f"{type(model).__name__} has no self-attention modules to make hybrid")
     return found
