@@ -102,6 +102,14 @@ _FAMILY = {
     "bamba": dict(_MAMBA2, attn_layer_indices=[1]),
     "granitemoehybrid": dict(_MAMBA2, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    # transformers 5.25: NVFP4 key/value rounding needs head_dim % 16 == 0; a sliding and an indexed layer
+    "kolibri1_1": dict(
+        head_dim=16, num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+        layer_types=["sliding_attention", "indexed_attention"], index_layers=[1], kv_source_layers=[0, 1],
+        mlp_only_layers=[0], mlp_only_intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, index_num_heads=2, index_topk=8, index_pool_size=64,
+        index_num_local_tokens=4, index_num_sink_tokens=2, index_compression=4,
+    ),  # fmt: skip
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=32),
     # Zamba shares one attention block between its hybrid layers: two of them
