@@ -7,6 +7,7 @@ import copy
 import difflib
 
 import torch
+import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models import auto
@@ -51,6 +52,13 @@ def hybrid_config_from(host_config: PreTrainedConfig, **settings) -> PreTrainedC
                 f"(a {type(host_text).__name__}), where a composite model's hybrid settings are kept"
             )
         text_class = text_config_class(type(host_config))
+        if text_class is not None and getattr(type(host_config), "sub_configs_defaults", None) is None:
+            raise UnsupportedHostError(
+                f"{type(host_config).__name__} builds its {text_class.__name__} itself in transformers "
+                f"{transformers.__version__}, so a saved hybrid model would lose its hybrid text config; converting "
+                "this image-text model needs a transformers whose configs build their parts from "
+                "`sub_configs_defaults` (5.24 has them)"
+            )
         if text_class is not None and not isinstance(host_text, text_class):
             raise UnsupportedHostError(
                 f"{type(host_config).__name__}'s text config is a {type(host_text).__name__}, not the "

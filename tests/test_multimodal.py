@@ -122,3 +122,14 @@ def test_saved_image_text_models_load_with_remote_code_without_the_package(tmp_p
         assert remote["class"].startswith("transformers_modules.")
         assert all(torch.equal(remote["state"][name], tensor) for name, tensor in state.items())
         torch.testing.assert_close(remote["output"], logits, atol=1e-6, rtol=0)
+
+
+def test_a_named_text_config_class_needs_transformers_to_build_parts_from_their_defaults():
+    """Gemma 3's config names its text config class; a transformers whose configs build their parts themselves (no
+    `sub_configs_defaults`) would load a saved model's text config without its hybrid settings: refused there."""
+    host = tiny_gemma3()
+    if getattr(Gemma3Config, "sub_configs_defaults", None) is None:
+        with pytest.raises(ValueError, match="sub_configs_defaults"):
+            convert(host, **SETTINGS)
+    else:
+        assert type(convert(host, **SETTINGS).config.text_config).__name__ == "HybridGemma3TextConfig"
