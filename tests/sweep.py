@@ -81,7 +81,10 @@ UNSWEPT = {
     ),
     **dict.fromkeys(("vision-encoder-decoder", "pp_formulanet"), _IMAGE_ENCODER),
     "pix2struct": "an encoder-decoder whose encoder reads image patches (`flattened_patches`), not text input_ids",
-    "pi0": "a robot action model: its forward requires the robot's `state` (and images), it does not run on text",
+    **dict.fromkeys(
+        ("pi0", "pi05"),  # pi05: transformers 5.25
+        "a robot action model: its forward requires the robot's `state` (and images), it does not run on text",
+    ),
     "udop": "a document model: its encoder requires each token's bounding box (`bbox`) beside the text",
     "llama4": "transformers' Llama4ForConditionalGeneration fails on any input (its language model's output has no "
     "`image_outputs`); its text model is swept as llama4_text",

@@ -2,7 +2,7 @@
 the widely used ones among them, and no family fails a check; refused families say why."""
 
 import pytest
-from sweep import REQUIRED, sweep
+from sweep import REQUIRED, UNSWEPT, sweep
 
 pytestmark = pytest.mark.sweep
 
@@ -37,12 +37,18 @@ CAUSES = (
 )
 
 
-def test_few_families_are_not_swept(results):
-    """Each row not swept says why: 6 of the text and encoder-decoder families (draft and music models, a missing
-    package, a host transformers cannot run), and 14 image-text families that need more than text to run (an image
-    on every input, boxes, a robot's state) or a package that is not installed."""
+def test_families_are_not_swept_only_for_a_stated_reason(results):
+    """A family is not swept only for a reason of its own, stated in `UNSWEPT` (a draft, music or robot model, an
+    image-text class that needs more than text, a host transformers cannot run) or a package that is not installed:
+    never because the sweep's tiny config does not build or run it."""
     skipped = {name: result["reason"] for name, result in results.items() if result["status"] == "skipped"}
-    assert len(skipped) <= 20, skipped
+    unstated = {
+        name: reason
+        for name, reason in skipped.items()
+        if reason not in UNSWEPT.values() and not reason.startswith("needs a package that is not installed")
+    }
+    assert not unstated
+    assert len(skipped) <= 25, skipped  # 20 on transformers 5.24, 21 on 5.25 (pi05)
 
 
 def test_refused_families_say_why(results):

@@ -317,6 +317,7 @@ _FAMILY = {
         audio_config=dict(codebook_dim=32, codebook_size=16),
     ),
     **dict.fromkeys(("inkling2", "inkling2_loop"), dict(vision_config=dict(text_hidden_size=32))),
+    "ovis2_5": dict(vision_config=dict(vocab_size=256)),  # its visual vocabulary (transformers 5.25)
     "glm5_next": dict(text_config=dict(num_key_value_heads=4, qk_rope_head_dim=0)),  # DSA layers: no rotary part
     "diffusion_gemma": dict(text_config=dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16)),
     "muse_spark": dict(
