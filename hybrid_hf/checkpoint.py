@@ -46,7 +46,7 @@ from .publishing import check_output, output_lock, save_model
 from .settings import SETTINGS, check_settings
 from .streaming import NotStreamable, convert_streamed, streaming_refusal
 from .tasks import TASKS, choose_task, model_classes
-from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, verification_batch
+from .verification import VERIFY_TOLERANCE, VerificationError, max_output_difference, output_mask, verification_batch
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,8 @@ def _verified_report(source, output, config, task, model, hybrid, tokenizer, ver
         verification_tokens=tokens,
         tokenizer_saved=tokenizer is not None,
         output=output.absolute(),
-        local_layers=hybrid.config.get_text_config().local_layers,
-        layer_scores=hybrid.config.get_text_config().layer_scores,
+        local_layers=hybrid.hybrid_settings.local_layers,
+        layer_scores=hybrid.hybrid_settings.layer_scores,
         dtype=_name(dtype),
     )
 
@@ -287,10 +287,10 @@ def _verify(model, hybrid, config, tokenizer) -> tuple[float, int]:
     """`(max |difference|, tokens)` of the outputs of the host and the hybrid model on `verification_batch`; a
     `VerificationError` past `VERIFY_TOLERANCE` (not with local-only layers, which change the outputs)."""
     batch = verification_batch(config, tokenizer, model.main_input_name)
-    tokens = int(batch.get("decoder_attention_mask", batch.get("attention_mask")).sum())
+    tokens = int(output_mask(batch).sum())
     max_difference = max_output_difference(model, hybrid, batch)
     logger.info("Verification: max |difference| %.3g over %d tokens", max_difference, tokens)
-    if not max_difference <= VERIFY_TOLERANCE and not hybrid.config.get_text_config().local_layers:  # also nan
+    if not max_difference <= VERIFY_TOLERANCE and not hybrid.hybrid_settings.local_layers:  # also catches nan
         raise VerificationError(
             f"the converted model's outputs differ from the source's by {max_difference:.3g} "
             f"(tolerance {VERIFY_TOLERANCE:g}); nothing was written"

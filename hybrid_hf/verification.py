@@ -73,6 +73,11 @@ def speech_features(config, batch: int = 1) -> torch.Tensor:
     return waves * 0.8
 
 
+def output_mask(batch: dict) -> torch.Tensor:
+    """`(B, N)` 1 at the real tokens whose outputs a batch compares: the decoder's, for an encoder-decoder."""
+    return batch.get("decoder_attention_mask", batch.get("attention_mask"))
+
+
 def _main_output(outputs):
     logits = getattr(outputs, "logits", None)
     return logits if logits is not None else outputs.last_hidden_state
@@ -86,7 +91,7 @@ def max_output_difference(host, hybrid, batch: dict) -> float:
     if expected.shape != actual.shape:
         raise VerificationError(f"output shapes differ: {tuple(expected.shape)} vs {tuple(actual.shape)}")
     difference = (actual - expected).abs()
-    mask = batch.get("decoder_attention_mask", batch.get("attention_mask"))
+    mask = output_mask(batch)
     if difference.dim() == 3 and difference.shape[:2] == mask.shape:
         difference = difference[mask.bool()]  # per-token outputs: padded positions are not outputs of the model
     if difference.numel() == 0:

@@ -31,7 +31,6 @@ CAUSES = (
     "calls its attention more than once a forward",
     "features in all",
     "fails its first forward",
-    "has no self-attention modules",
     "somewhere other than `text_config`",
     "ties the weights of two of its parts",
 )

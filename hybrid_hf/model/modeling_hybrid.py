@@ -563,28 +563,6 @@ def _attention_of(module: nn.Module) -> nn.Module:
     return inner[0] if len(inner) == 1 else module
 
 
-def _attention_owners(model: PreTrainedModel) -> list[PreTrainedModel]:
-    """The outermost models within `model` (itself first) whose classes name their attention modules, and name
-    modules they hold: `model`, or its encoder and decoder when only those name theirs, or a composite model's
-    language model (not its towers; LLaVA-OneVision names "LlamaAttention" whatever its language model is)."""
-    attention_specs(type(model))  # refuses a model whose attention is written inside it
-    text_config = model.config.get_text_config()
-    owners: list[tuple[str, PreTrainedModel]] = []
-    for name, module in model.named_modules():
-        inside = any(name.startswith(f"{owner}.") or not owner for owner, _ in owners)
-        if not isinstance(module, PreTrainedModel) or inside or not _named_attentions(module):
-            continue
-        tower = text_config is not model.config and not isinstance(module.config, type(text_config))
-        if not (name and tower):
-            owners.append((name, module))
-    if not owners:
-        raise UnsupportedHostError(
-            f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
-            "so its self-attention cannot be found"
-        )
-    return [module for _, module in owners]
-
-
 def _named_attentions(model: PreTrainedModel) -> list[nn.Module]:
     """The modules of `model` that its class's `_can_record_outputs["attentions"]` names, in order."""
     specs = _recorded_attentions(type(model)) or []
@@ -592,11 +570,30 @@ def _named_attentions(model: PreTrainedModel) -> list[nn.Module]:
 
 
 def self_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The host's self-attention modules in order (an encoder's before its decoder's), as the `_can_record_outputs
-    ["attentions"]` of the model, or of its encoder and decoder, names them. Cross-attention is not among them."""
-    found = [_attention_of(module) for owner in _attention_owners(model) for module in _named_attentions(owner)]
+    """The host's self-attention modules in order (an encoder's before its decoder's), as named by the
+    `_can_record_outputs["attentions"]` of the outermost models within `model` whose names match modules they hold:
+    `model`, or its encoder and decoder when only those name theirs, or a composite model's language model (not its
+    towers; LLaVA-OneVision names "LlamaAttention" whatever its language model is). Cross-attention is not among
+    them."""
+    attention_specs(type(model))  # refuses a model whose attention is written inside it
+    text_config = model.config.get_text_config()
+    owners: list[str] = []
+    found: list[nn.Module] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{owner}.") or not owner for owner in owners)
+        if not isinstance(module, PreTrainedModel) or inside:
+            continue
+        if name and text_config is not model.config and not isinstance(module.config, type(text_config)):
+            continue  # a composite model's tower
+        named = _named_attentions(module)
+        if named:
+            owners.append(name)
+            found.extend(map(_attention_of, named))
     if not found:
-        raise UnsupportedHostError(f"{type(model).__name__} has no self-attention modules to make hybrid")
+        raise UnsupportedHostError(
+            f"{type(model).__name__} does not name its attention modules (`_can_record_outputs['attentions']`), "
+            "so its self-attention cannot be found"
+        )
     return found
 
 
